@@ -1,0 +1,9 @@
+"""gdn: the output stage of chunked Gated DeltaNet (chunk_fwd_o) in Triton (gdn.triton) and Pallas (gdn.pallas).
+
+Import the backend you use: ``gdn.triton`` imports torch and triton only, ``gdn.pallas`` jax only.
+"""
+
+from gdn.common.spec import CHUNK_SIZE
+
+__version__ = "0.1.0"
+__all__ = ["CHUNK_SIZE"]

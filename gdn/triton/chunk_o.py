@@ -1,0 +1,139 @@
+"""chunk_fwd_o for PyTorch: one Triton kernel, tile height CHUNK_SIZE, tiling from gdn.common.spec.
+
+Glossary (FLA's naming): i_ program ids, o_ offsets, m_ masks, b_ register tiles; BT = CHUNK_SIZE rows of a
+chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts: gdn.common.spec.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from gdn.common import spec
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.int32: "int32", torch.int64: "int64"}
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_fwd_o_kernel(
+    q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (chunk, value head, V tile), V tile fastest, then value head: the programs that read
+    # the same q/k chunk run side by side and share it through L2.
+    i_flat = tl.program_id(0)
+    i_v = i_flat % NV
+    i_hv = (i_flat // NV) % HV
+    i_tg = i_flat // (NV * HV)  # global chunk number = row of h
+    i_h = i_hv // (HV // H)  # the q/k head this value head reads
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_tg * 2)
+        i_t = tl.load(chunk_indices + i_tg * 2 + 1)
+        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0)).to(tl.int64)
+        # a PAD_CHUNK row (i_n < 0) gets an empty token range: every load and store below is masked off
+        eos = tl.where(i_n < 0, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1).to(tl.int64))
+        i_t = tl.maximum(i_t, 0)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_b = i_tg // NT
+        i_t = i_tg % NT
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+
+    o_t = bos + i_t * BT + tl.arange(0, BT)  # [BT] token rows of the packed T axis (int64)
+    m_t = o_t < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_qk_rows = (o_t * H + i_h) * K  # [BT] row starts in q and k
+    p_h = h + (i_tg.to(tl.int64) * HV + i_hv) * (K * V)
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        m_qk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + p_qk_rows[:, None] + o_k[None, :], mask=m_qk, other=0)  # [BT, BK]
+        b_k = tl.load(k + p_qk_rows[:, None] + o_k[None, :], mask=m_qk, other=0)  # [BT, BK]
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
+        # [BT, BK] @ [BK, BV] -> [BT, BV]: the inter-chunk part q_c h[c]
+        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION)
+        # [BT, BK] @ [BK, BT] -> [BT, BT]: the intra-chunk scores q_c k_cᵀ
+        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+
+    o_i = tl.arange(0, BT)
+    m_causal = o_i[:, None] >= o_i[None, :]
+    if USE_G:
+        b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0)  # [BT]
+        # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_A = b_A * tl.exp(tl.where(m_causal, b_g[:, None] - b_g[None, :], float("-inf")))
+    else:
+        b_A = tl.where(m_causal, b_A, 0)
+
+    p_v_rows = (o_t * HV + i_hv) * V  # [BT] row starts in v and o
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv, other=0)  # [BT, BV]
+    # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
+    b_o = b_o * scale + tl.dot((b_A * scale).to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    tl.store(o + p_v_rows[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+def _info(name: str, x: torch.Tensor | None) -> spec.ArrayInfo | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"chunk_fwd_o: {name}: expected a torch.Tensor; got {type(x).__name__}")
+    if not x.is_contiguous():
+        raise ValueError(f"chunk_fwd_o: {name}: expected a contiguous tensor (call .contiguous()); "
+                         f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+    return spec.ArrayInfo(tuple(x.shape), _DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch.")),
+                          str(x.device))
+
+
+def chunk_fwd_o(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
+
+    q, k [B, T, H, K]; v [B, T, HV, V]; h [B, NT, HV, K, V]; g [B, T, HV] float32 chunk-local cumulative
+    log-gate or None; scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] int32/int64 on q's
+    device, chunk_indices [NT, 2] from gdn.common.spec.prepare_chunk_indices on q's device. Without
+    chunk_indices, cu_seqlens is copied to the host once (a device sync) to build them and check its values;
+    pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
+    """
+    cu_values = None
+    if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor) and (
+            chunk_indices is None or cu_seqlens.device.type == "cpu"):
+        cu_values = cu_seqlens.cpu().numpy()
+    problem = spec.validate_chunk_o_inputs(
+        _info("q", q), _info("k", k), _info("v", v), _info("h", h), _info("g", g),
+        _info("cu_seqlens", cu_seqlens), _info("chunk_indices", chunk_indices), cu_values)
+    if cu_seqlens is not None and chunk_indices is None:
+        chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
+    o = torch.empty_like(v)
+    if problem.num_programs == 0:
+        return o
+    tiling = problem.tiling
+    chunk_fwd_o_kernel[(problem.num_programs,)](
+        q, k, v, h, g, o, cu_seqlens, chunk_indices,
+        spec.default_scale(problem.K) if scale is None else float(scale), problem.T,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
+        USE_G=problem.gated, IS_VARLEN=problem.varlen,
+        DOT_PRECISION="ieee" if problem.dtype == "float32" else "tf32",
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    return o

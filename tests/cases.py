@@ -1,0 +1,107 @@
+"""The shared case list of gdn's tests (and the CI subset of the benchmarks): readable ids, numpy inputs.
+
+Inputs are drawn once in numpy, rounded to the case's dtype and kept as float32 arrays, so every backend
+sees the same values and the float64 reference is computed from exactly what the kernels read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import zlib
+
+import numpy as np
+
+from gdn.common import spec
+from gdn.common.example import random_inputs
+
+TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+"""max |o − o_ref| / max |o_ref| per input dtype: float32 dots run in IEEE fp32; 16-bit runs cast h and the
+decayed score matrix to the input dtype before the tensor-core dots (as FLA does) and round o once."""
+
+
+def seed_of(text: str) -> int:
+    """A stable seed from a case id (Python's str hash changes between processes)."""
+    return zlib.crc32(text.encode())
+
+
+@dataclasses.dataclass
+class OpInputs:
+    """Arguments of chunk_fwd_o as numpy arrays, with the dtype each is to have in the backend."""
+
+    arrays: dict[str, np.ndarray | None]
+    dtypes: dict[str, str]
+    scale: float | None = None
+
+    def replace(self, **arrays: np.ndarray | None) -> "OpInputs":
+        return OpInputs({**self.arrays, **arrays}, dict(self.dtypes), self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One chunk_fwd_o problem. seqlens set → varlen (B = 1, packed along T)."""
+
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    B: int = 1
+    gated: bool = True
+    seqlens: tuple[int, ...] | None = None
+
+    @property
+    def id(self) -> str:
+        lengths = f"varlen{list(self.seqlens)}".replace(" ", "") if self.seqlens else f"B{self.B}-T{self.T}"
+        return f"{lengths}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}-{'g' if self.gated else 'nog'}"
+
+    @property
+    def cu_seqlens(self) -> np.ndarray | None:
+        return None if self.seqlens is None else np.cumsum((0,) + self.seqlens).astype(np.int32)
+
+    @property
+    def state_rows(self) -> int:
+        cu = self.cu_seqlens
+        return spec.num_chunks(self.T) if cu is None else len(spec.prepare_chunk_indices(cu))
+
+    def inputs(self, dtype: str, seed: int = 0, gate_scale: float = 1.0) -> OpInputs:
+        """Random inputs from gdn.common.example.random_inputs, with the dtype each argument has."""
+        arrays = random_inputs(self.B, self.T, self.H, self.HV, self.K, self.V, dtype, self.gated,
+                               self.cu_seqlens, seed, gate_scale)
+        dtypes = {"q": dtype, "k": dtype, "v": dtype, "h": dtype, "g": "float32", "cu_seqlens": "int32",
+                  "chunk_indices": "int32"}
+        return OpInputs({**arrays, "chunk_indices": None}, dtypes)
+
+
+def _case(T: int, H: int, HV: int, K: int, V: int, B: int = 1, gated: bool = True) -> Case:
+    return Case(T=T, H=H, HV=HV, K=K, V=V, B=B, gated=gated)
+
+
+def _varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, gated: bool = True) -> Case:
+    return Case(T=sum(seqlens), H=H, HV=HV, K=K, V=V, gated=gated, seqlens=seqlens)
+
+
+CASES: list[Case] = [
+    # every T of the edge list; B, grouping m = HV / H, K/V (non-powers of two included) and gating rotate
+    _case(1, 2, 2, 16, 16),
+    _case(2, 4, 8, 48, 64, B=2, gated=False),  # T < H
+    _case(4, 2, 4, 64, 48),
+    _case(63, 2, 2, 64, 64, B=2),
+    _case(64, 1, 2, 128, 128, gated=False),
+    _case(65, 2, 4, 48, 48, B=2),
+    _case(127, 2, 2, 16, 128),
+    _case(128, 1, 2, 64, 16, B=2, gated=False),
+    _case(130, 2, 4, 48, 64, B=2),
+    _case(300, 2, 2, 128, 48),
+    _case(300, 1, 1, 128, 128, gated=False),
+    # varlen: empty and 1-token sequences, chunk-boundary lengths, grouped heads
+    _varlen((1, 0, 64, 135), 2, 4, 64, 64),
+    _varlen((0, 5, 63, 65, 1), 1, 2, 48, 16, gated=False),
+    _varlen((130, 1, 0), 2, 2, 16, 48),
+]
+
+LARGE_CASES: list[Case] = [
+    # the issue's headline shape: compiled GPU runs only
+    _case(8192, 16, 16, 128, 128),
+    _varlen((1, 4000, 63, 2500, 0, 1537), 4, 8, 128, 128),
+]

@@ -1,0 +1,126 @@
+"""chunk_fwd_o, one test body for every backend: the float64 reference, determinism, the input contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gdn.common import reference, spec
+from tests.cases import CASES, LARGE_CASES, TOLERANCE, Case, OpInputs, seed_of
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def reference_output(inputs: OpInputs) -> np.ndarray:
+    a = inputs.arrays
+    return reference.chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], inputs.scale, a["cu_seqlens"])
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference") -> None:
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all(), f"{what}: {np.count_nonzero(~np.isfinite(out))} non-finite outputs"
+    rel_err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert rel_err <= TOLERANCE[dtype], f"{what}: max abs err / max |ref| = {rel_err:.3g} > {TOLERANCE[dtype]}"
+
+
+def skip_unsupported(backend, dtype: str) -> None:
+    if not backend.supports(dtype):
+        pytest.skip(f"{backend.name} does not run {dtype} on this machine (see tests/backends.py)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(backend, case: Case, dtype: str) -> None:
+    skip_unsupported(backend, dtype)
+    inputs = case.inputs(dtype, seed=seed_of(case.id))
+    assert_close(backend.run(inputs), reference_output(inputs), dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.seqlens], ids=lambda c: c.id)
+def test_varlen_with_given_and_padded_chunk_indices(backend, case: Case) -> None:
+    """chunk_indices passed by the caller, and padded to a static length with PAD_CHUNK rows (h padded too)."""
+    inputs = case.inputs("float32", seed=1)
+    ref = reference_output(inputs)
+    given = inputs.replace(chunk_indices=spec.prepare_chunk_indices(case.cu_seqlens))
+    assert_close(backend.run(given), ref, "float32", "given chunk_indices")
+    extra = 3
+    h = inputs.arrays["h"]
+    padded = inputs.replace(
+        chunk_indices=spec.prepare_chunk_indices(case.cu_seqlens, num_rows=case.state_rows + extra),
+        h=np.concatenate([h, np.full((1, extra) + h.shape[2:], np.nan, np.float32)], axis=1))
+    assert_close(backend.run(padded), ref, "float32", "padded chunk_indices")
+
+
+def test_explicit_scale(backend) -> None:
+    inputs = CASES[8].inputs("float32", seed=2)
+    inputs.scale = 0.37
+    assert_close(backend.run(inputs), reference_output(inputs), "float32")
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[11]], ids=lambda c: c.id)
+def test_deterministic(backend, case: Case) -> None:
+    inputs = case.inputs("float16", seed=3)
+    first = backend.run(inputs)
+    assert np.array_equal(first, backend.run(inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
+def test_large_bf16_matches_reference(backend, case: Case) -> None:
+    inputs = case.inputs("bfloat16", seed=4)
+    out, ref = backend.run(inputs), reference_output(inputs)
+    assert_close(out, ref, "bfloat16")
+    print(f"{backend.name} {case.id} bf16: max abs err {np.abs(out - ref).max():.3g}, "
+          f"rel {np.abs(out - ref).max() / np.abs(ref).max():.3g}, "
+          f"rel-l2 {np.linalg.norm(out - ref) / np.linalg.norm(ref):.3g}")
+
+
+# The input contract: each mutation of a valid call, the error type and the argument the message must name.
+_BASE = Case(T=70, H=2, HV=4, K=16, V=16)
+_VARLEN_BASE = Case(T=70, H=2, HV=4, K=16, V=16, seqlens=(30, 40))
+
+
+def _mutations() -> list[tuple[str, Case, dict, dict, type[Exception], str]]:
+    """(id, base case, array replacements, dtype replacements, error, message regex)."""
+    a = _BASE.inputs("float32").arrays
+    va = _VARLEN_BASE.inputs("float32").arrays
+    return [
+        ("q-rank", _BASE, {"q": a["q"][0]}, {}, ValueError, r"q: expected a rank-4"),
+        ("k-shape", _BASE, {"k": a["k"][:, :69]}, {}, ValueError, r"k: expected the shape of q"),
+        ("v-T", _BASE, {"v": a["v"][:, :69]}, {}, ValueError, r"v: expected v.shape\[:2\]"),
+        ("HV-not-multiple", _BASE, {"v": a["v"][:, :, :3], "h": a["h"][:, :, :3], "g": a["g"][:, :, :3]}, {},
+         ValueError, r"v: expected HV = v.shape\[2\] a positive multiple of H = q.shape\[2\] = 2; got HV = 3"),
+        ("K-too-small", _BASE, {"q": a["q"][..., :8], "k": a["k"][..., :8], "h": a["h"][:, :, :, :8]}, {},
+         ValueError, r"K \(q.shape\[3\]\): expected a head size in \[16, 256\]; got 8"),
+        ("V-too-large", _BASE, {"v": np.zeros((1, 70, 4, 320), np.float32),
+                                "h": np.zeros((1, 2, 4, 16, 320), np.float32)}, {},
+         ValueError, r"V \(v.shape\[3\]\): expected a head size in \[16, 256\]; got 320"),
+        ("q-int", _BASE, {}, {"q": "int32"}, TypeError, r"q: expected dtype in"),
+        ("v-dtype-mismatch", _BASE, {}, {"v": "float16"}, TypeError, r"v: expected the dtype of q \(float32\)"),
+        ("g-not-fp32", _BASE, {}, {"g": "float16"}, TypeError, r"g: expected dtype in \('float32',\)"),
+        ("g-shape", _BASE, {"g": a["g"][:, :, :2]}, {}, ValueError, r"g: expected g.shape"),
+        ("h-chunks", _BASE, {"h": a["h"][:, :1]}, {}, ValueError, r"h: expected h.shape\[1\] \(NT\) = 2"),
+        ("h-heads", _BASE, {"h": a["h"][:, :, :2]}, {}, ValueError, r"h: expected h.shape\[2:\]"),
+        ("cu-float", _VARLEN_BASE, {}, {"cu_seqlens": "float32"}, TypeError, r"cu_seqlens: expected dtype"),
+        ("cu-start", _VARLEN_BASE, {"cu_seqlens": np.array([5, 30, 70], np.int32)}, {}, ValueError,
+         r"cu_seqlens: expected cu_seqlens\[0\] = 0; got cu_seqlens\[0\] = 5"),
+        ("cu-decreasing", _VARLEN_BASE, {"cu_seqlens": np.array([0, 40, 30, 70], np.int32)}, {}, ValueError,
+         r"cu_seqlens: expected non-decreasing values; got cu_seqlens\[1\] = 40 > cu_seqlens\[2\] = 30"),
+        ("cu-end", _VARLEN_BASE, {"cu_seqlens": np.array([0, 30, 60], np.int32)}, {}, ValueError,
+         r"cu_seqlens: expected cu_seqlens\[-1\] = T = 70; got cu_seqlens\[-1\] = 60"),
+        ("cu-with-B2", _VARLEN_BASE, {n: np.concatenate([va[n]] * 2) for n in ("q", "k", "v", "g", "h")}, {},
+         ValueError, r"q: expected B = 1 when cu_seqlens is given"),
+        ("chunk-indices-without-cu", _BASE, {"chunk_indices": np.zeros((2, 2), np.int32)}, {}, ValueError,
+         r"chunk_indices: expected None when cu_seqlens is None"),
+        ("chunk-indices-shape", _VARLEN_BASE, {"chunk_indices": np.zeros((2, 3), np.int32)}, {}, ValueError,
+         r"chunk_indices: expected shape \[NT, 2\]"),
+    ]
+
+
+@pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
+def test_contract_errors(backend, mutation) -> None:
+    _, case, arrays, dtypes, error, message = mutation
+    inputs = case.inputs("float32").replace(**arrays)
+    inputs.dtypes.update(dtypes)
+    with pytest.raises(error, match=f"^chunk_fwd_o: {message}"):
+        backend.run(inputs)

@@ -1,0 +1,39 @@
+"""The spec: chunk counting, chunk indices, tiling table."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from gdn.common import spec
+
+
+@pytest.mark.parametrize("T, expected", [(0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (128, 2), (130, 3)])
+def test_num_chunks(T: int, expected: int) -> None:
+    assert spec.num_chunks(T) == expected
+
+
+def test_prepare_chunk_indices() -> None:
+    C = spec.CHUNK_SIZE
+    cu = np.array([0, 1, 1, 1 + C, 1 + 3 * C + 5])  # lengths 1, 0, C, 2C + 5
+    indices = spec.prepare_chunk_indices(cu)
+    assert indices.dtype == np.int32
+    np.testing.assert_array_equal(indices, [[0, 0], [2, 0], [3, 0], [3, 1], [3, 2]])
+    padded = spec.prepare_chunk_indices(cu, num_rows=7)
+    np.testing.assert_array_equal(padded[:5], indices)
+    np.testing.assert_array_equal(padded[5:], [spec.PAD_CHUNK] * 2)
+    assert spec.prepare_chunk_indices(np.array([0, 0])).shape == (0, 2)
+    with pytest.raises(ValueError, match="num_rows: expected at least the 5 chunks"):
+        spec.prepare_chunk_indices(cu, num_rows=4)
+
+
+def test_tiling_never_depends_on_sequence_length() -> None:
+    assert list(inspect.signature(spec.tiling_for).parameters) == ["K", "V", "dtype"]
+    for K in (16, 48, 64, 100, 128, 256):
+        for dtype in spec.INPUT_DTYPES:
+            tiling = spec.tiling_for(K, K, dtype)
+            for block in (tiling.block_k, tiling.block_v):
+                assert block >= 16 and block & (block - 1) == 0
+            assert tiling.block_k >= min(K, 128) and tiling.block_v >= min(K, 128)
