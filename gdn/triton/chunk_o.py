@@ -6,6 +6,8 @@ chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts: gd
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -84,7 +86,12 @@ def chunk_fwd_o_kernel(
     tl.store(o + p_v_rows[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-def _info(name: str, x: torch.Tensor | None) -> spec.ArrayInfo | None:
+_ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
+TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
+
+
+def _tensor_key(name: str, x: torch.Tensor | None) -> TensorKey:
+    """(shape, dtype, device) of an argument, after the per-call checks that the key cannot carry."""
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
@@ -92,8 +99,17 @@ def _info(name: str, x: torch.Tensor | None) -> spec.ArrayInfo | None:
     if not x.is_contiguous():
         raise ValueError(f"chunk_fwd_o: {name}: expected a contiguous tensor (call .contiguous()); "
                          f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
-    return spec.ArrayInfo(tuple(x.shape), _DTYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch.")),
-                          str(x.device))
+    return x.shape, x.dtype, x.device
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None) -> spec.ChunkOProblem:
+    """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
+    infos = [None if key is None else spec.ArrayInfo(
+        tuple(key[0]), _DTYPE_NAMES.get(key[1], str(key[1]).removeprefix("torch.")), str(key[2]))
+        for key in keys]
+    values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
+    return spec.validate_chunk_o_inputs(*infos, cu_seqlens_values=values)
 
 
 def chunk_fwd_o(
@@ -114,13 +130,12 @@ def chunk_fwd_o(
     chunk_indices, cu_seqlens is copied to the host once (a device sync) to build them and check its values;
     pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
     """
+    args = (q, k, v, h, g, cu_seqlens, chunk_indices)
+    keys = tuple(_tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
     cu_values = None
-    if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor) and (
-            chunk_indices is None or cu_seqlens.device.type == "cpu"):
-        cu_values = cu_seqlens.cpu().numpy()
-    problem = spec.validate_chunk_o_inputs(
-        _info("q", q), _info("k", k), _info("v", v), _info("h", h), _info("g", g),
-        _info("cu_seqlens", cu_seqlens), _info("chunk_indices", chunk_indices), cu_values)
+    if cu_seqlens is not None and (chunk_indices is None or cu_seqlens.device.type == "cpu"):
+        cu_values = tuple(cu_seqlens.tolist()) if cu_seqlens.dim() == 1 else None
+    problem = _validated(keys, cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)
