@@ -1,5 +1,5 @@
 """gdn for PyTorch: Triton kernels. Importing this never imports jax."""
 
-from gdn.triton.chunk_o import chunk_fwd_o
+from gdn.triton.chunk_o import chunk_fwd_o, compiled_variants, warmup
 
-__all__ = ["chunk_fwd_o"]
+__all__ = ["chunk_fwd_o", "compiled_variants", "warmup"]

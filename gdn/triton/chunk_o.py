@@ -69,14 +69,14 @@ def chunk_fwd_o_kernel(
         b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
 
     o_i = tl.arange(0, BT)
-    m_causal = o_i[:, None] >= o_i[None, :]
+    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
     if USE_G:
         b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0)  # [BT]
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * tl.exp(b_g)[:, None]
-        b_A = b_A * tl.exp(tl.where(m_causal, b_g[:, None] - b_g[None, :], float("-inf")))
+        b_A = b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], float("-inf")))
     else:
-        b_A = tl.where(m_causal, b_A, 0)
+        b_A = tl.where(m_A, b_A, 0)
 
     p_v_rows = (o_t * HV + i_hv) * V  # [BT] row starts in v and o
     m_tv = m_t[:, None] & m_v[None, :]
@@ -152,3 +152,43 @@ def chunk_fwd_o(
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return o
+
+
+def warmup(
+    dtype: torch.dtype,
+    K: int,
+    V: int,
+    *,
+    HV: int,
+    H: int,
+    gated: bool = True,
+    varlen: bool = False,
+    state_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cuda",
+) -> None:
+    """Compile everything a later chunk_fwd_o call with these dtypes, sizes and flags needs, for any T.
+
+    One call at T = CHUNK_SIZE with exactly the dtypes and flags of real calls (state_dtype defaults to
+    dtype: pass h's dtype if it differs, e.g. float32 states). The tiling comes from the static table in
+    gdn.common.spec, never from timing this shape, so a warmup at T = CHUNK_SIZE serves T = 1 and T = 64k alike.
+    """
+    T = spec.CHUNK_SIZE
+    q = torch.zeros(1, T, H, K, dtype=dtype, device=device)
+    v = torch.zeros(1, T, HV, V, dtype=dtype, device=device)
+    h = torch.zeros(1, spec.num_chunks(T), HV, K, V, dtype=state_dtype or dtype, device=device)
+    g = torch.zeros(1, T, HV, dtype=torch.float32, device=device) if gated else None
+    cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device) if varlen else None
+    chunk_indices = (torch.from_numpy(spec.prepare_chunk_indices([0, T])).to(device) if varlen else None)
+    chunk_fwd_o(q, q, v, h, g, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+
+
+def compiled_variants() -> int:
+    """Number of compiled variants of the chunk_fwd_o kernel in this process (all devices).
+
+    Reads Triton's JIT cache (``device_caches``: per device, a tuple whose first entry maps specialization
+    keys to compiled kernels, on Triton 3.6 through 3.9). Under TRITON_INTERPRET=1 nothing is compiled.
+    """
+    caches = getattr(chunk_fwd_o_kernel, "device_caches", None)
+    if caches is None:
+        raise RuntimeError("compiled_variants: the Triton interpreter (TRITON_INTERPRET=1) compiles nothing")
+    return sum(len(entry[0]) for entry in caches.values())

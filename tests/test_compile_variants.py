@@ -1,0 +1,76 @@
+"""One compiled variant per (dtype, K, V, flags): nothing derived from T reaches a specialization key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gdn.common import example, spec
+
+T_VALUES = [1, 17, 63, 64, 65, 1000, 8192]
+VARLEN_BATCHES = [(5, 0, 64, 130), (1,), (1000, 3, 4000)]
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _call(T: int | None, seqlens: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float16):
+    from gdn.triton import chunk_fwd_o
+
+    H, HV, K, V = 2, 4, 64, 48
+    cu = None if seqlens is None else np.cumsum((0,) + seqlens)
+    T = T if seqlens is None else int(cu[-1])
+    arrays = example.random_inputs(1, T, H, HV, K, V, "float16", True, cu, seed=T)
+    t = {n: None if a is None else torch.from_numpy(a).to(_device()) for n, a in arrays.items()}
+    to = lambda x: x.to(dtype)  # noqa: E731
+    return chunk_fwd_o(to(t["q"]), to(t["k"]), to(t["v"]), to(t["h"]), t["g"], cu_seqlens=t["cu_seqlens"])
+
+
+def test_kernel_never_specializes_on_sequence_length() -> None:
+    """Record every launch over many T and varlen batches: the constexprs are identical within each mode,
+    and the only scalar argument that changes with T is T itself, which the kernel does not specialize on."""
+    from gdn.triton import chunk_o
+
+    kernel = chunk_o.chunk_fwd_o_kernel
+    launches: list[tuple[tuple, dict]] = []
+
+    def record(*args, **kwargs) -> None:
+        launches.append((args, kwargs))
+
+    kernel.add_pre_run_hook(record)
+    try:
+        small = [t for t in T_VALUES if t <= 1000] if not torch.cuda.is_available() else T_VALUES
+        for T in small:
+            _call(T)
+        for seqlens in VARLEN_BATCHES[:2]:
+            _call(None, seqlens)
+    finally:
+        kernel.pre_run_hooks.remove(record)
+    dense, varlen = launches[:-2], launches[-2:]
+    for group in (dense, varlen):
+        constexprs = {tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("debug",)
+                                   and not isinstance(v, torch.Tensor))) for _, kwargs in group}
+        assert len(constexprs) == 1, constexprs
+    names = kernel.arg_names
+    scalars = {names[i] for args, _ in launches for i, a in enumerate(args)
+               if isinstance(a, int) and not isinstance(a, bool)}
+    assert scalars == {"T"}
+    do_not_specialize = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+    assert "T" in do_not_specialize
+
+
+@pytest.mark.gpu
+def test_warmup_compiles_everything_later_calls_need() -> None:
+    from gdn.triton import compiled_variants, warmup
+
+    for varlen in (False, True):
+        warmup(torch.bfloat16, 64, 48, HV=4, H=2, gated=True, varlen=varlen, device="cuda")
+    before = compiled_variants()
+    for T in T_VALUES:
+        _call(T, dtype=torch.bfloat16)
+    for seqlens in VARLEN_BATCHES:
+        _call(None, seqlens, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    assert compiled_variants() == before

@@ -1,0 +1,153 @@
+"""The edge matrix users hit: extreme gates and magnitudes, poisoned memory, bit-exact invariances,
+layout mistakes, grid and index limits. One body per property, parametrized over backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gdn.common import spec
+from tests.backends import BACKENDS
+from tests.cases import Case, OpInputs
+from tests.test_chunk_o import assert_close, reference_output, skip_unsupported
+
+_GATE_CASE = Case(T=130, H=2, HV=4, K=48, V=64, seqlens=(70, 60))
+
+
+def _with_gates(inputs: OpInputs, log_gates: np.ndarray) -> OpInputs:
+    from gdn.common.example import chunk_local_cumsum
+
+    return inputs.replace(g=chunk_local_cumsum(log_gates.astype(np.float64), _GATE_CASE.cu_seqlens)
+                          .astype(np.float32))
+
+
+def _gate_patterns() -> dict[str, np.ndarray]:
+    shape = (1, _GATE_CASE.T, _GATE_CASE.HV)
+    steep = np.full(shape, -200.0 / spec.CHUNK_SIZE)  # cumulative g reaches −200 within a chunk
+    alternating = np.zeros(shape)
+    alternating[:, 1::2] = -80.0  # neighbours alternate between a gate of 1 and one of e^−80
+    return {"cumulative-to-minus-200": steep, "all-zero": np.zeros(shape), "alternating-0-and-80": alternating,
+            "one-token-minus-1e4": np.where(np.arange(_GATE_CASE.T)[None, :, None] == 3, -1e4, -0.01) + 0 * steep}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("pattern", sorted(_gate_patterns()))
+def test_extreme_gates(backend, pattern: str, dtype: str) -> None:
+    skip_unsupported(backend, dtype)
+    inputs = _with_gates(_GATE_CASE.inputs(dtype, seed=5), _gate_patterns()[pattern])
+    assert_close(backend.run(inputs), reference_output(inputs), dtype)
+
+
+def test_large_magnitudes_fp32(backend) -> None:
+    """|q|, |k|, |v| up to 1e2 (and h to 1e2) with float32 inputs: finite and within tolerance."""
+    inputs = _GATE_CASE.inputs("float32", seed=6)
+    rng = np.random.default_rng(6)
+    big = {name: (inputs.arrays[name] * 100.0 / np.abs(inputs.arrays[name]).max()).astype(np.float32)
+           for name in ("q", "k", "v", "h")}
+    big["g"] = inputs.arrays["g"] * rng.uniform(0.0, 1.0)
+    scaled = inputs.replace(**big)
+    assert_close(backend.run(scaled), reference_output(scaled), "float32")
+
+
+# Bit-exact invariances, each backend on its own.
+_SEQUENCE = Case(T=100, H=2, HV=4, K=48, V=32)
+
+
+@pytest.mark.parametrize("prefix", [1, 63, 64, 65, 100])
+def test_prefix_invariance(backend, prefix: int) -> None:
+    """o of the first t positions == o computed on that prefix alone (same states for the shared chunks)."""
+    full = _SEQUENCE.inputs("float32", seed=7)
+    a = full.arrays
+    alone = full.replace(q=a["q"][:, :prefix], k=a["k"][:, :prefix], v=a["v"][:, :prefix],
+                         g=a["g"][:, :prefix], h=a["h"][:, :spec.num_chunks(prefix)])
+    assert np.array_equal(backend.run(alone), backend.run(full)[:, :prefix])
+
+
+def test_batch_invariance(backend) -> None:
+    """A sequence's output is the same alone, inside a B = 3 batch, and packed anywhere in a varlen batch."""
+    alone = _SEQUENCE.inputs("float16", seed=8)
+    others = [Case(T=_SEQUENCE.T, H=2, HV=4, K=48, V=32).inputs("float16", seed=s) for s in (9, 10)]
+    reference_bits = backend.run(alone)
+    stacked = {n: np.concatenate([others[0].arrays[n], alone.arrays[n], others[1].arrays[n]])
+               for n in ("q", "k", "v", "g", "h")}
+    assert np.array_equal(backend.run(alone.replace(**stacked))[1:2], reference_bits)
+    short = Case(T=37, H=2, HV=4, K=48, V=32).inputs("float16", seed=11).arrays
+    for position in range(3):
+        parts = [short, short, short]
+        parts[position] = alone.arrays
+        lengths = [p["q"].shape[1] for p in parts]
+        packed = {n: np.concatenate([p[n] for p in parts], axis=1) for n in ("q", "k", "v", "g", "h")}
+        cu = np.cumsum([0] + lengths).astype(np.int32)
+        out = backend.run(alone.replace(cu_seqlens=cu, **packed))
+        assert np.array_equal(out[:, cu[position]:cu[position + 1]], reference_bits), f"position {position}"
+
+
+def test_repeated_calls_identical(backend) -> None:
+    inputs = _GATE_CASE.inputs("float32", seed=12)
+    outputs = [backend.run(inputs) for _ in range(3)]
+    assert all(np.array_equal(outputs[0], out) for out in outputs[1:])
+
+
+# Triton-only: torch can hand the kernel a view into a larger NaN-poisoned buffer, and non-contiguous views.
+def _torch_inputs(inputs: OpInputs, tail: int = 0):
+    torch = BACKENDS["triton"].torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name, array in inputs.arrays.items():
+        if array is None:
+            out[name] = None
+            continue
+        dtype = getattr(torch, inputs.dtypes[name])
+        if name in ("q", "k", "v", "g") and tail:
+            buffer = torch.full((array.shape[0], array.shape[1] + tail) + array.shape[2:], float("nan"),
+                                dtype=dtype, device=device)
+            buffer[:, :array.shape[1]] = torch.from_numpy(array).to(dtype)
+            out[name] = buffer[:, :array.shape[1]]
+        else:
+            out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("case", [Case(T=70, H=2, HV=4, K=48, V=64), Case(T=3, H=1, HV=2, K=16, V=16)],
+                         ids=lambda c: c.id)
+def test_nan_poisoned_memory_beyond_T_is_never_read(case: Case) -> None:
+    from gdn.triton import chunk_fwd_o
+
+    inputs = case.inputs("float32", seed=13)
+    t = _torch_inputs(inputs, tail=spec.CHUNK_SIZE)
+    assert t["q"].is_contiguous()
+    out = chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"])
+    assert_close(out.double().cpu().numpy(), reference_output(inputs), "float32")
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "h", "g"])
+def test_non_contiguous_input_is_refused(name: str) -> None:
+    from gdn.triton import chunk_fwd_o
+
+    t = _torch_inputs(Case(T=70, H=2, HV=2, K=16, V=16).inputs("float32", seed=14))
+    x = t[name]
+    strided = x.new_empty(x.shape[:-1] + (2 * x.shape[-1],))[..., ::2]  # every other element of a buffer
+    strided.copy_(x)
+    t[name] = strided
+    assert not t[name].is_contiguous()
+    with pytest.raises(ValueError, match=f"^chunk_fwd_o: {name}: expected a contiguous tensor"):
+        chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"])
+
+
+@pytest.mark.gpu
+def test_inputs_on_different_devices_are_refused() -> None:
+    from gdn.triton import chunk_fwd_o
+
+    t = _torch_inputs(Case(T=70, H=2, HV=2, K=16, V=16).inputs("float32", seed=15))
+    with pytest.raises(ValueError, match=r"^chunk_fwd_o: h: expected the device of q \(cuda:0\); got cpu"):
+        chunk_fwd_o(t["q"], t["k"], t["v"], t["h"].cpu(), t["g"])
+
+
+def test_too_many_programs_are_refused_before_launch() -> None:
+    """The 1-D grid holds 2³¹ − 1 programs: a larger problem is refused by the contract, with nothing allocated."""
+    T = spec.CHUNK_SIZE * (2**31 // 128 + 1)  # chunks × 64 value heads × 2 V tiles (V = 256) > 2³¹ − 1
+    info = lambda shape, dtype="bfloat16": spec.ArrayInfo(shape, dtype, "cuda:0")  # noqa: E731
+    NT = spec.num_chunks(T)
+    with pytest.raises(ValueError, match=r"q: expected at most 2147483647 \(chunk, value head, V tile\) programs"):
+        spec.validate_chunk_o_inputs(info((1, T, 64, 128)), info((1, T, 64, 128)), info((1, T, 64, 256)),
+                                     info((1, NT, 64, 128, 256)), None, None, None)
