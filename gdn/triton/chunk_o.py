@@ -139,19 +139,26 @@ def chunk_fwd_o(
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)
+    scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    launch(problem, problem.tiling, q, k, v, h, g, o, scale, cu_seqlens, chunk_indices)
+    return o
+
+
+def launch(problem: spec.ChunkOProblem, tiling: spec.ChunkOTiling, q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None, o: torch.Tensor, scale: float,
+           cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> None:
+    """Launch the kernel for a validated problem with the given tiling, writing o (benchmarks pass others)."""
     if problem.num_programs == 0:
-        return o
-    tiling = problem.tiling
-    chunk_fwd_o_kernel[(problem.num_programs,)](
-        q, k, v, h, g, o, cu_seqlens, chunk_indices,
-        spec.default_scale(problem.K) if scale is None else float(scale), problem.T,
+        return
+    num_v_tiles = -(-problem.V // tiling.block_v)
+    chunk_fwd_o_kernel[(problem.num_chunks_total * problem.HV * num_v_tiles,)](
+        q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
-        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
         DOT_PRECISION="ieee" if problem.dtype == "float32" else "tf32",
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
-    return o
 
 
 def warmup(

@@ -1,0 +1,219 @@
+"""chunk_fwd_o for JAX: one Pallas kernel (Triton lowering on GPU), the same algorithm as gdn.triton.chunk_o.
+
+Glossary (FLA's naming, as in the Triton kernel): i_ program ids, o_ offsets, m_ masks, b_ register tiles;
+BT = CHUNK_SIZE rows of a chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts:
+gdn.common.spec.
+
+The refs are whole arrays (no BlockSpec tiling: varlen chunks start at arbitrary rows), viewed with the
+token axis flattened: q, k [B·T, H, K]; v, o [B·T, HV, V]; h [B·NT, HV, K, V]; g [B·T, HV]. A tile is read
+by indexing a ref with integer offset arrays under a mask, ``plgpu.load(q.at[rows, head, cols], mask=,
+other=)``: the Pallas spelling of Triton's ``tl.load(q + offsets, mask=, other=)``. The Triton lowering turns
+it into the same pointer arithmetic, in 64-bit only where an array exceeds 4 GiB; the offsets themselves are
+int32, so B·T must stay below 2**31 − CHUNK_SIZE (checked in the wrapper).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from gdn.common import spec
+
+# Triton launch parameters: jax.experimental.pallas.triton.CompilerParams (older releases:
+# TritonCompilerParams). The one place that knows both names.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+_MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
+"""B·T bound of the int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1) must
+not wrap negative, or a masked-off row would pass the mask o_t < eos."""
+
+
+def chunk_fwd_o_kernel(
+    q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
+    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, NV: int,
+    USE_G: bool, IS_VARLEN: bool, DOT_PRECISION: jax.lax.Precision | None,
+):
+    # The Triton kernel's arguments, o last (Pallas passes outputs after inputs); scale is a [1] ref, a runtime
+    # value like Triton's scalar argument, so a new scale compiles nothing.
+    # One program per (chunk, value head, V tile), V tile fastest, then value head: the programs that read
+    # the same q/k chunk run side by side and share it through L2.
+    i_flat = pl.program_id(0)
+    i_v = i_flat % NV
+    i_hv = (i_flat // NV) % HV
+    i_tg = i_flat // (NV * HV)  # global chunk number = row of h
+    i_h = i_hv // (HV // H)  # the q/k head this value head reads
+    if IS_VARLEN:
+        i_n = chunk_indices[i_tg, 0]
+        i_t = chunk_indices[i_tg, 1]
+        bos = cu_seqlens[jnp.maximum(i_n, 0)]
+        # a PAD_CHUNK row (i_n < 0) gets an empty token range: every load and store below is masked off
+        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
+        i_t = jnp.maximum(i_t, 0)
+    else:
+        NT = pl.cdiv(T, BT)
+        i_b = i_tg // NT
+        i_t = i_tg % NT
+        bos = i_b * T
+        eos = bos + T
+
+    o_t = bos + i_t * BT + jnp.arange(BT, dtype=jnp.int32)  # [BT] token rows of the packed T axis
+    m_t = o_t < eos
+    o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
+    m_v = o_v < V
+    scale = scale[0]
+
+    b_o = jnp.zeros([BT, BV], dtype=jnp.float32)
+    b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
+        m_k = o_k < K
+        m_qk = m_t[:, None] & m_k[None, :]
+        b_q = plgpu.load(q.at[o_t[:, None], i_h, o_k[None, :]], mask=m_qk, other=0)  # [BT, BK]
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_qk, other=0)  # [BT, BK]
+        b_h = plgpu.load(h.at[i_tg, i_hv, o_k[:, None], o_v[None, :]], mask=m_k[:, None] & m_v[None, :],
+                         other=0)  # [BK, BV]
+        # [BT, BK] @ [BK, BV] -> [BT, BV]: the inter-chunk part q_c h[c]
+        b_o += jnp.dot(b_q, b_h.astype(b_q.dtype), precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+        # [BT, BK] @ [BK, BT] -> [BT, BT]: the intra-chunk scores q_c k_cᵀ
+        b_A += jnp.dot(b_q, b_k.T, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+
+    o_i = jnp.arange(BT, dtype=jnp.int32)
+    m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
+    if USE_G:
+        b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
+        # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
+        b_o = b_o * jnp.exp(b_g)[:, None]
+        b_A = b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf))
+    else:
+        b_A = jnp.where(m_A, b_A, 0)
+
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)  # [BT, BV]
+    # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
+    b_o = b_o * scale + jnp.dot((b_A * scale).astype(b_v.dtype), b_v, precision=DOT_PRECISION,
+                                preferred_element_type=jnp.float32)
+    plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "interpret"))
+def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool):
+    B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
+    tiling = problem.tiling
+    # Row-major views with the token axis flattened (free in XLA); absent optional inputs become 1-element
+    # placeholders that the kernel's static flags never read.
+    flat = (q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, HV, V),
+            h.reshape(B * h.shape[1], HV, K, V))
+    g = g.reshape(B * T, HV) if problem.gated else jnp.zeros((1, 1), jnp.float32)
+    cu_seqlens = cu_seqlens.astype(jnp.int32) if problem.varlen else jnp.zeros((2,), jnp.int32)
+    chunk_indices = chunk_indices.astype(jnp.int32) if problem.varlen else jnp.zeros((1, 2), jnp.int32)
+    scale = jnp.asarray(scale, jnp.float32).reshape(1)
+    kernel = functools.partial(
+        chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
+        USE_G=problem.gated, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=jax.lax.Precision.HIGHEST if problem.dtype == "float32" else None,
+    )
+    # Every o element of a real token is stored by exactly one program (chunks tile [0, T) of every batch
+    # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no
+    # initialization, like torch.empty_like in the Triton backend. (A traced cu_seqlens is not value-checked:
+    # one that ends before T leaves the rows after it unwritten, as in the Triton backend.)
+    o = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B * T, HV, V), v.dtype),
+        grid=(problem.num_programs,),
+        interpret=interpret,
+        name="chunk_fwd_o_kernel",
+        compiler_params=_CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )(*flat, g, cu_seqlens, chunk_indices, scale)
+    return o.reshape(B, T, HV, V)
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _device(x) -> str | None:
+    """Devices of a concrete jax array; None for a tracer or a host numpy array, which go wherever the call runs."""
+    if isinstance(x, jax.Array) and not _is_tracer(x):
+        return ",".join(sorted(str(d) for d in x.devices()))
+    return None
+
+
+def _info(name: str, x, device: str) -> spec.ArrayInfo | None:
+    if x is None:
+        return None
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        raise TypeError(f"chunk_fwd_o: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
+    return spec.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, _device(x) or device)
+
+
+def _host_values(x) -> np.ndarray | None:
+    """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
+    if isinstance(x, np.ndarray):
+        return x
+    if _is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
+        return None
+    return np.asarray(x)
+
+
+def _as_index(x) -> jax.Array | None:
+    """int32 device copy of an index array (numpy int64 included, which jnp would narrow anyway without x64)."""
+    return None if x is None else jnp.asarray(x, jnp.int32)
+
+
+def chunk_fwd_o(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    h: jax.Array,
+    g: jax.Array | None = None,
+    scale: float | jax.Array | None = None,
+    cu_seqlens: jax.Array | np.ndarray | None = None,
+    chunk_indices: jax.Array | np.ndarray | None = None,
+    *,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
+
+    q, k [B, T, H, K]; v [B, T, HV, V]; h [B, NT, HV, K, V]; g [B, T, HV] float32 chunk-local cumulative
+    log-gate or None; scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
+    cu_seqlens [N + 1] int32/int64, chunk_indices [NT, 2] from gdn.common.spec.prepare_chunk_indices.
+    Without chunk_indices, a concrete cu_seqlens is read on the host (a device→host copy for a device
+    array) to build them; under jax.jit (a traced cu_seqlens) chunk_indices must be passed. Every array
+    argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
+    """
+    # A tracer or a host numpy array has no device of its own: it takes the one the call runs on.
+    devices = [d for d in map(_device, (q, k, v, h, g, cu_seqlens, chunk_indices)) if d is not None]
+    device = devices[0] if devices else "traced"
+    cu_values = None
+    if cu_seqlens is not None and not _is_tracer(cu_seqlens):
+        cu_values = (_host_values(cu_seqlens) if chunk_indices is not None
+                     else np.asarray(cu_seqlens))  # no chunk_indices: read it anyway, as the Triton backend does
+    if cu_seqlens is not None and chunk_indices is None and cu_values is None:
+        raise ValueError(
+            "chunk_fwd_o: chunk_indices: expected chunk_indices when cu_seqlens is traced (under jax.jit); got "
+            "None. Build them on the host with gdn.common.spec.prepare_chunk_indices(cu_seqlens, "
+            "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length, and pass them with an h "
+            "of num_rows chunk rows")
+    problem = spec.validate_chunk_o_inputs(
+        _info("q", q, device), _info("k", k, device), _info("v", v, device), _info("h", h, device),
+        _info("g", g, device), _info("cu_seqlens", cu_seqlens, device),
+        _info("chunk_indices", chunk_indices, device), cu_values)
+    if problem.B * problem.T > _MAX_TOKEN_ROWS:
+        raise ValueError(f"chunk_fwd_o: q: expected B·T <= {_MAX_TOKEN_ROWS} (int32 token rows in the Pallas "
+                         f"kernel); got B·T = {problem.B * problem.T}")
+    if cu_seqlens is not None and chunk_indices is None:
+        chunk_indices = spec.prepare_chunk_indices(cu_values)
+    if problem.num_programs == 0:
+        return jnp.zeros(v.shape, v.dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if scale is None:
+        scale = spec.default_scale(problem.K)
+    return _launch(q, k, v, h, g, scale, _as_index(cu_seqlens), _as_index(chunk_indices),
+                   problem=problem, interpret=bool(interpret))
