@@ -1,0 +1,47 @@
+"""Property-based tests: random shapes, splits, dtypes and gating through every backend, against the
+float64 reference and against each other. GDN_HYPOTHESIS_PROFILE=large (e.g. on a GPU) draws many more."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.backends import BACKENDS
+from tests.cases import Case
+from tests.test_chunk_o import assert_close, reference_output
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("large", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("GDN_HYPOTHESIS_PROFILE", "ci"))
+
+HEAD_SIZES = [16, 24, 48, 64, 100, 128]
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[Case, str]:
+    H = draw(st.integers(1, 3))
+    HV = H * draw(st.integers(1, 3))
+    K, V = draw(st.sampled_from(HEAD_SIZES)), draw(st.sampled_from(HEAD_SIZES))
+    gated = draw(st.booleans())
+    if draw(st.booleans()):
+        seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=5)))
+        case = Case(T=sum(seqlens), H=H, HV=HV, K=K, V=V, gated=gated, seqlens=seqlens)
+    else:
+        case = Case(T=draw(st.integers(1, 200)), H=H, HV=HV, K=K, V=V, B=draw(st.integers(1, 2)), gated=gated)
+    return case, draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+
+
+@given(drawn=cases(), seed=st.integers(0, 2**31 - 1))
+def test_backends_agree_with_reference_and_each_other(drawn: tuple[Case, str], seed: int) -> None:
+    case, dtype = drawn
+    inputs = case.inputs(dtype, seed=seed)
+    ref = reference_output(inputs)
+    outputs = {name: b.run(inputs) for name, b in BACKENDS.items() if b.supports(dtype)}
+    for name, out in outputs.items():
+        assert_close(out, ref, dtype, f"{name} {case.id} {dtype}")
+    if len(outputs) == 2:
+        assert_close(outputs["pallas"], outputs["triton"], dtype, f"pallas vs triton {case.id} {dtype}")
