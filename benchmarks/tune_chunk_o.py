@@ -21,15 +21,12 @@ from gdn.triton import chunk_o
 Tiling = spec.ChunkOTiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
 BF16_CANDIDATES = [
-    Tiling(128, 128, 4, 1), Tiling(128, 128, 4, 2), Tiling(128, 128, 8, 1), Tiling(128, 64, 4, 1),
-    Tiling(128, 64, 2, 1), Tiling(128, 64, 8, 1), Tiling(64, 128, 4, 2), Tiling(64, 64, 4, 2),
-    Tiling(128, 32, 2, 1), Tiling(128, 32, 4, 1),
+    Tiling(64, 128, 4, 2), Tiling(64, 128, 4, 3), Tiling(32, 128, 4, 3), Tiling(32, 128, 4, 4),
+    Tiling(64, 128, 8, 2), Tiling(128, 128, 4, 1), Tiling(64, 64, 4, 3),
 ]
-FP32_CANDIDATES = [
-    Tiling(128, 128, 4, 1), Tiling(128, 128, 8, 1), Tiling(64, 64, 4, 2), Tiling(32, 64, 4, 2),
-    Tiling(32, 32, 4, 2), Tiling(64, 32, 4, 2), Tiling(32, 32, 2, 2), Tiling(16, 64, 4, 2), Tiling(64, 64, 8, 2),
-]
-SWEEPS = [("bfloat16", BF16_SHAPES, BF16_CANDIDATES), ("float16", [(1, 8192, 16, 16)], BF16_CANDIDATES[:6]),
+FP32_CANDIDATES = [Tiling(64, 128, 4, 2), Tiling(32, 128, 4, 2), Tiling(32, 64, 4, 2), Tiling(64, 64, 4, 2),
+                   Tiling(32, 128, 8, 2), Tiling(16, 128, 4, 3)]
+SWEEPS = [("bfloat16", BF16_SHAPES[:2] + BF16_SHAPES[3:], BF16_CANDIDATES),
           ("float32", [(1, 8192, 16, 16)], FP32_CANDIDATES)]
 
 

@@ -67,6 +67,12 @@ def chunk_fwd_o_kernel(
     m_v = o_v < V
     scale = scale[0]
 
+    # v and g first: every load of the program is in flight before the first dot waits on q, k and h
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)  # [BT, BV]
+    if USE_G:
+        b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
+
     b_o = jnp.zeros([BT, BV], dtype=jnp.float32)
     b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
     for k0 in range(0, K, BK):
@@ -85,19 +91,26 @@ def chunk_fwd_o_kernel(
     o_i = jnp.arange(BT, dtype=jnp.int32)
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
     if USE_G:
-        b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * jnp.exp(b_g)[:, None]
         b_A = b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf))
     else:
         b_A = jnp.where(m_A, b_A, 0)
 
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)  # [BT, BV]
     # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
     b_o = b_o * scale + jnp.dot((b_A * scale).astype(b_v.dtype), b_v, precision=DOT_PRECISION,
                                 preferred_element_type=jnp.float32)
     plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
+
+
+_FLOAT32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+                 "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32}
+
+
+def _float32_dot_precision(interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
+    """spec.FLOAT32_DOT_PRECISION as a JAX dot precision; XLA:CPU (interpret mode) has no TF32 presets and
+    runs the IEEE float32 dot instead."""
+    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.FLOAT32_DOT_PRECISION]
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
@@ -116,7 +129,7 @@ def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Ch
         chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=jax.lax.Precision.HIGHEST if problem.dtype == "float32" else None,
+        DOT_PRECISION=_float32_dot_precision(interpret) if problem.dtype == "float32" else None,
     )
     # Every o element of a real token is stored by exactly one program (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no

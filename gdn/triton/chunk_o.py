@@ -54,6 +54,13 @@ def chunk_fwd_o_kernel(
     p_qk_rows = (o_t * H + i_h) * K  # [BT] row starts in q and k
     p_h = h + (i_tg.to(tl.int64) * HV + i_hv) * (K * V)
 
+    # v and g first: every load of the program is in flight before the first dot waits on q, k and h
+    p_v_rows = (o_t * HV + i_hv) * V  # [BT] row starts in v and o
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv, other=0)  # [BT, BV]
+    if USE_G:
+        b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0)  # [BT]
+
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
@@ -71,16 +78,12 @@ def chunk_fwd_o_kernel(
     o_i = tl.arange(0, BT)
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
     if USE_G:
-        b_g = tl.load(g + o_t * HV + i_hv, mask=m_t, other=0)  # [BT]
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * tl.exp(b_g)[:, None]
         b_A = b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], float("-inf")))
     else:
         b_A = tl.where(m_A, b_A, 0)
 
-    p_v_rows = (o_t * HV + i_hv) * V  # [BT] row starts in v and o
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_v = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv, other=0)  # [BT, BV]
     # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
     b_o = b_o * scale + tl.dot((b_A * scale).to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     tl.store(o + p_v_rows[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
@@ -156,7 +159,7 @@ def launch(problem: spec.ChunkOProblem, tiling: spec.ChunkOTiling, q: torch.Tens
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION="ieee" if problem.dtype == "float32" else "tf32",
+        DOT_PRECISION=spec.FLOAT32_DOT_PRECISION if problem.dtype == "float32" else "tf32",
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
 
