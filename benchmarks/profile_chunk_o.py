@@ -1,0 +1,102 @@
+"""Launch each chunk_fwd_o kernel a few times at named shapes, for Nsight Compute, plus a host-time breakdown.
+
+    ncu --clock-control none --kernel-name regex:chunk_fwd_o --metrics gpu__time_duration.sum,... \\
+        python -m benchmarks.profile_chunk_o
+    python -m benchmarks.profile_chunk_o --host      # where the Triton call's CPU time goes
+
+Order of launches: per shape, triton (warm-up, profiled) then pallas (warm-up, profiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 8192, 2, 8)]
+
+
+def _inputs(B: int, T: int, H: int, HV: int) -> dict:
+    from gdn.common import example
+
+    return example.random_inputs(B, T, H, HV, 128, 128, "bfloat16", True, None, seed=0)
+
+
+def profile_launches() -> None:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import gdn.pallas
+    import gdn.triton
+
+    for B, T, H, HV in SHAPES:
+        a = _inputs(B, T, H, HV)
+        t = {n: torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh"}
+        g = torch.from_numpy(a["g"]).cuda()
+        for _ in range(2):
+            gdn.triton.chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], g)
+        torch.cuda.synchronize()
+        j = {n: jnp.asarray(a[n], jnp.bfloat16) for n in "qkvh"}
+        fn = jax.jit(gdn.pallas.chunk_fwd_o)
+        for _ in range(2):
+            fn(j["q"], j["k"], j["v"], j["h"], jnp.asarray(a["g"])).block_until_ready()
+        print(f"launched B{B}-T{T}-H{H}-HV{HV}", flush=True)
+
+
+def host_breakdown(calls: int = 2000) -> None:
+    """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop)."""
+    import torch
+
+    from gdn.common import spec
+    from gdn.triton import chunk_o
+
+    a = _inputs(1, 512, 16, 16)
+    q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
+    g = torch.from_numpy(a["g"]).cuda()
+    o = torch.empty_like(v)
+    keys = tuple(chunk_o._tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))
+    problem = chunk_o._validated(keys, None)
+    tiling = problem.tiling
+    grid = (problem.num_programs,)
+
+    def raw_launch() -> None:
+        chunk_o.chunk_fwd_o_kernel[grid](
+            q, k, v, h, g, o, None, None, 0.088, 512, H=16, HV=16, K=128, V=128, BT=spec.CHUNK_SIZE,
+            BK=tiling.block_k, BV=tiling.block_v, NV=1, USE_G=True, IS_VARLEN=False, DOT_PRECISION="tf32",
+            num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+
+    layers = {
+        "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
+        "contract check (cached)": lambda: chunk_o._validated(tuple(
+            chunk_o._tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))), None),
+        "torch.empty_like": lambda: torch.empty_like(v),
+        "triton kernel[grid](...)": raw_launch,
+    }
+    for name, fn in layers.items():
+        for _ in range(100):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            times.append((time.perf_counter() - start) / (calls // 5) * 1e6)
+            torch.cuda.synchronize()
+        print(f"host µs/call  {name:<28} {np.median(times):7.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", action="store_true", help="print the host-time breakdown instead")
+    args = parser.parse_args()
+    host_breakdown() if args.host else profile_launches()
+
+
+if __name__ == "__main__":
+    main()
