@@ -3,6 +3,7 @@
     ncu --clock-control none --kernel-name regex:chunk_fwd_o --metrics gpu__time_duration.sum,... \\
         python -m benchmarks.profile_chunk_o
     python -m benchmarks.profile_chunk_o --host      # where the Triton call's CPU time goes
+    python -m benchmarks.profile_chunk_o --cold      # first-call compile times from an empty Triton cache
 
 Order of launches: per shape, triton (warm-up, profiled) then pallas (warm-up, profiled).
 """
@@ -91,11 +92,48 @@ def host_breakdown(calls: int = 2000) -> None:
         print(f"host µs/call  {name:<28} {np.median(times):7.2f}", flush=True)
 
 
+def cold_compile() -> None:
+    """First-call times from an empty TRITON_CACHE_DIR: Triton's one-time start (driver utilities, launcher
+    build) through a trivial kernel, then gdn.triton.warmup for two new (dtype, K, V) in the same process."""
+    import tempfile
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdn-cold-")
+    import torch
+    import triton
+    import triton.language as tl
+
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+
+    @triton.jit
+    def touch(x):
+        tl.store(x, 1.0)
+
+    start = time.perf_counter()
+    touch[(1,)](torch.zeros(1, device="cuda"))
+    torch.cuda.synchronize()
+    print(f"cold  triton start-up + trivial kernel      {time.perf_counter() - start:6.3f} s", flush=True)
+    import gdn.triton
+
+    for dtype, K, V in ((torch.bfloat16, 128, 128), (torch.float16, 64, 64)):
+        start = time.perf_counter()
+        gdn.triton.warmup(dtype, K, V, HV=16, H=16)
+        torch.cuda.synchronize()
+        print(f"cold  gdn.triton first call {str(dtype):>15} K={K} V={V}  {time.perf_counter() - start:6.3f} s "
+              f"(variants {gdn.triton.compiled_variants()})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", action="store_true", help="print the host-time breakdown instead")
+    parser.add_argument("--cold", action="store_true", help="print cold first-call times (empty Triton cache)")
     args = parser.parse_args()
-    host_breakdown() if args.host else profile_launches()
+    if args.host:
+        host_breakdown()
+    elif args.cold:
+        cold_compile()
+    else:
+        profile_launches()
 
 
 if __name__ == "__main__":
