@@ -151,3 +151,60 @@ def test_too_many_programs_are_refused_before_launch() -> None:
     with pytest.raises(ValueError, match=r"q: expected at most 2147483647 \(chunk, value head, V tile\) programs"):
         spec.validate_chunk_o_inputs(info((1, T, 64, 128)), info((1, T, 64, 128)), info((1, T, 64, 256)),
                                      info((1, NT, 64, 128, 256)), None, None, None)
+
+
+def test_offsets_beyond_int32_elements() -> None:
+    """v and o with more than 2³¹ elements: the kernel's token-row offsets are int64, so the last chunk of a
+    1M-token sequence lands at the right address. One chunk is selected through chunk_indices (h holds that
+    chunk's state alone); the untouched rest of the 4 GiB buffers is never paged in on the CPU."""
+    from gdn.common import reference
+    from gdn.triton import chunk_fwd_o
+
+    torch = BACKENDS["triton"].torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    C, H, HV, K, V = spec.CHUNK_SIZE, 1, 16, 16, 128
+    T = (2**31 // (HV * V) // C + 2) * C  # T·HV·V > 2³¹
+    assert T * HV * V > 2**31
+    tail = Case(T=C, H=H, HV=HV, K=K, V=V).inputs("float16", seed=16)
+    big = {"q": torch.zeros(1, T, H, K, dtype=torch.float16, device=device),
+           "v": torch.empty(1, T, HV, V, dtype=torch.float16, device=device),
+           "g": torch.zeros(1, T, HV, dtype=torch.float32, device=device)}
+    big["k"] = torch.zeros_like(big["q"])
+    for name in ("q", "k", "v", "g"):
+        big[name][:, T - C:] = torch.from_numpy(tail.arrays[name]).to(big[name])
+    h = torch.from_numpy(tail.arrays["h"]).to(device=device, dtype=torch.float16)
+    cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device)
+    last_chunk = torch.tensor([[0, T // C - 1]], dtype=torch.int32, device=device)
+    o = chunk_fwd_o(big["q"], big["k"], big["v"], h, big["g"], cu_seqlens=cu_seqlens, chunk_indices=last_chunk)
+    assert_close(o[:, T - C:].double().cpu().numpy(), reference_output(tail), "float16")
+    del o, big
+
+
+def test_grid_is_one_dimensional_beyond_65535_sequence_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """70 000 one-token sequences × 2 value heads = 140 000 work items: launched on the grid's x axis
+    (2³¹ − 1 programs), never on y/z (65 535). The launch is recorded, not run (the interpreter would take
+    minutes); test_many_sequences_run_on_gpu runs it."""
+    from gdn.triton import chunk_fwd_o, chunk_o
+
+    grids: list[tuple] = []
+
+    class RecordingKernel:
+        def __getitem__(self, grid: tuple):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(chunk_o, "chunk_fwd_o_kernel", RecordingKernel())
+    inputs = _many_sequences(70_000)
+    t = _torch_inputs(inputs)
+    chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"], cu_seqlens=t["cu_seqlens"])
+    assert grids == [(70_000 * 2,)]
+
+
+def _many_sequences(count: int) -> OpInputs:
+    return Case(T=count, H=1, HV=2, K=16, V=16, seqlens=(1,) * count).inputs("float32", seed=17)
+
+
+@pytest.mark.gpu
+def test_many_sequences_run_on_gpu(backend) -> None:
+    inputs = _many_sequences(70_000)
+    assert_close(backend.run(inputs), reference_output(inputs), "float32")
