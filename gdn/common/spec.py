@@ -19,7 +19,9 @@ The decay matrix is formed as exp(where(i ≥ j, g_i − g_j, −∞)): for a re
 triangle, so no intermediate can overflow however negative g gets, and exp(−g) is never formed alone.
 
 Every kernel's tile height is CHUNK_SIZE. Nothing that varies with the sequence length (T, NT, cu_seqlens)
-selects a tiling or a compiled variant: one compiled kernel per (dtype, K, V, gated, varlen).
+selects a tiling or a compiled Triton variant: one compiled kernel per (dtypes, H, HV, K, V, gated, varlen).
+JAX specializes every program on its input shapes, so the Pallas backend compiles once per shape on top of
+that; gdn.pallas.bucketing pads T to a few buckets to bound it.
 """
 
 from __future__ import annotations
