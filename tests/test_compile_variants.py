@@ -74,3 +74,22 @@ def test_warmup_compiles_everything_later_calls_need() -> None:
         _call(None, seqlens, dtype=torch.bfloat16)
     torch.cuda.synchronize()
     assert compiled_variants() == before
+
+
+def test_pallas_warmup_covers_every_padded_length() -> None:
+    """After gdn.pallas.warmup over the buckets, calls at any T padded with pad_to_bucket compile nothing."""
+    import jax.numpy as jnp
+
+    import gdn.pallas
+
+    C = spec.CHUNK_SIZE
+    buckets = (C, 2 * C, 4 * C)
+    gdn.pallas.warmup("float16", 48, 32, HV=4, H=2, gated=True, lengths=buckets)
+    before = gdn.pallas.compiled_variants()
+    for T in (1, 17, C - 1, C, C + 1, 3 * C + 5):
+        a = example.random_inputs(1, T, 2, 4, 48, 32, "float16", True, None, seed=T)
+        q, k, v, h, g = gdn.pallas.pad_to_bucket(a["q"], a["k"], a["v"], a["h"], a["g"])
+        assert q.shape[1] in buckets
+        f16 = lambda x: jnp.asarray(x, jnp.float16)  # noqa: E731
+        gdn.pallas.chunk_fwd_o(f16(q), f16(k), f16(v), f16(h), jnp.asarray(g)).block_until_ready()
+    assert gdn.pallas.compiled_variants() == before

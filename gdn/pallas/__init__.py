@@ -1,6 +1,6 @@
 """gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch."""
 
 from gdn.pallas.bucketing import bucket_size, pad_to_bucket
-from gdn.pallas.chunk_o import chunk_fwd_o
+from gdn.pallas.chunk_o import chunk_fwd_o, compiled_variants, warmup
 
-__all__ = ["bucket_size", "chunk_fwd_o", "pad_to_bucket"]
+__all__ = ["bucket_size", "chunk_fwd_o", "compiled_variants", "pad_to_bucket", "warmup"]

@@ -230,3 +230,40 @@ def chunk_fwd_o(
         scale = spec.default_scale(problem.K)
     return _launch(q, k, v, h, g, scale, _as_index(cu_seqlens), _as_index(chunk_indices),
                    problem=problem, interpret=bool(interpret))
+
+
+def warmup(
+    dtype: str | jnp.dtype,
+    K: int,
+    V: int,
+    *,
+    HV: int,
+    H: int,
+    gated: bool = True,
+    varlen: bool = False,
+    state_dtype: str | jnp.dtype | None = None,
+    lengths: tuple[int, ...] = (spec.CHUNK_SIZE,),
+    interpret: bool | None = None,
+) -> None:
+    """Compile the programs that later chunk_fwd_o calls with these dtypes, sizes and flags need.
+
+    JAX compiles one program per input shape, so this compiles one per T in ``lengths`` (B = 1; varlen: one
+    sequence of T tokens); pad real inputs to those lengths with gdn.pallas.pad_to_bucket so every call hits
+    a warm program (e.g. lengths = the buckets CHUNK_SIZE·2^i up to the longest prefill). The tiling comes
+    from the static table in gdn.common.spec, never from timing these shapes. Warms calls made outside a
+    caller's own jax.jit; a caller's jitted function compiles once per shape on its first call.
+    """
+    for T in lengths:
+        q = jnp.zeros((1, T, H, K), dtype)
+        v = jnp.zeros((1, T, HV, V), dtype)
+        g = jnp.zeros((1, T, HV), jnp.float32) if gated else None
+        cu_seqlens = np.array([0, T], np.int32) if varlen else None
+        chunk_indices = spec.prepare_chunk_indices([0, T]) if varlen else None
+        h = jnp.zeros((1, spec.num_chunks(T), HV, K, V), state_dtype or dtype)
+        chunk_fwd_o(q, q, v, h, g, None, cu_seqlens, chunk_indices, interpret=interpret).block_until_ready()
+
+
+def compiled_variants() -> int:
+    """Number of chunk_fwd_o programs compiled in this process (entries of the internal jit cache: one per
+    input shape, dtype and flag combination)."""
+    return _launch._cache_size()
