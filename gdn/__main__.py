@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 GPU_SEQLENS = "4000,1,777,2048,63,1200,0,3000"
-CPU_SEQLENS = "100,1,37,0,64"
+CPU_SEQLENS = "100,1,37,0,70"
 
 
 def _has_cuda() -> bool:
@@ -40,8 +40,8 @@ def _parse(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
                         help="B > 0: a dense [B, T] batch of T = first of --seqlens instead of varlen")
     parser.add_argument("--heads", type=int, default=16 if on_gpu else 2, help="H, query/key heads")
     parser.add_argument("--value-heads", type=int, default=32 if on_gpu else 4, help="HV, a multiple of H")
-    parser.add_argument("--head-k", type=int, default=128 if on_gpu else 64, help="K")
-    parser.add_argument("--head-v", type=int, default=128 if on_gpu else 64, help="V")
+    parser.add_argument("--head-k", type=int, default=128 if on_gpu else 48, help="K")
+    parser.add_argument("--head-v", type=int, default=128 if on_gpu else 32, help="V")
     parser.add_argument("--no-gate", action="store_true", help="g = None")
     parser.add_argument("--repeats", type=int, default=50 if on_gpu else 2, help="timed calls per backend")
     parser.add_argument("--seed", type=int, default=0)

@@ -121,6 +121,17 @@ def prepare_chunk_indices(cu_seqlens: Sequence[int] | np.ndarray, num_rows: int 
     return np.concatenate([indices, padding])
 
 
+def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varlen: bool) -> dict:
+    """A one-sequence chunk_fwd_o call of T tokens for the backends' warmup: the shapes of q (also k), v, h
+    and g (None when not gated), and host cu_seqlens / chunk_indices (None when not varlen)."""
+    return {
+        "q": (1, T, H, K), "v": (1, T, HV, V), "h": (1, num_chunks(T), HV, K, V),
+        "g": (1, T, HV) if gated else None,
+        "cu_seqlens": np.array([0, T], np.int32) if varlen else None,
+        "chunk_indices": prepare_chunk_indices([0, T]) if varlen else None,
+    }
+
+
 def default_scale(K: int) -> float:
     """The default query scale, K**-0.5."""
     return float(K) ** -0.5

@@ -1,7 +1,7 @@
 """Shape bucketing for the JAX backend: JAX compiles one program per input shape, so a serving loop over
 T = 1..8192 would compile thousands. Pad T up to a bucket (CHUNK_SIZE·2^i), run, keep the first T rows.
 
-    T_bucket = bucket_size(T)                                  # 64, 128, 256, ... (at most log2(T_max/64)+1)
+    T_bucket = bucket_size(T)                                  # CHUNK_SIZE·2^i: log2(T_max/CHUNK_SIZE)+1 of them
     q_p, k_p, v_p, h_p, g_p = pad_to_bucket(q, k, v, h, g)     # host numpy in, host numpy out: no compile
     o = jax.jit(chunk_fwd_o)(q_p, k_p, v_p, h_p, g_p)[:, :T]    # one compile per bucket
 

@@ -254,13 +254,13 @@ def warmup(
     caller's own jax.jit; a caller's jitted function compiles once per shape on its first call.
     """
     for T in lengths:
-        q = jnp.zeros((1, T, H, K), dtype)
-        v = jnp.zeros((1, T, HV, V), dtype)
-        g = jnp.zeros((1, T, HV), jnp.float32) if gated else None
-        cu_seqlens = np.array([0, T], np.int32) if varlen else None
-        chunk_indices = spec.prepare_chunk_indices([0, T]) if varlen else None
-        h = jnp.zeros((1, spec.num_chunks(T), HV, K, V), state_dtype or dtype)
-        chunk_fwd_o(q, q, v, h, g, None, cu_seqlens, chunk_indices, interpret=interpret).block_until_ready()
+        call = spec.warmup_arguments(T, H, HV, K, V, gated, varlen)
+        q = jnp.zeros(call["q"], dtype)
+        v = jnp.zeros(call["v"], dtype)
+        h = jnp.zeros(call["h"], state_dtype or dtype)
+        g = jnp.zeros(call["g"], jnp.float32) if gated else None
+        chunk_fwd_o(q, q, v, h, g, None, call["cu_seqlens"], call["chunk_indices"],
+                    interpret=interpret).block_until_ready()
 
 
 def compiled_variants() -> int:

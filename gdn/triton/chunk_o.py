@@ -182,13 +182,13 @@ def warmup(
     dtype: pass h's dtype if it differs, e.g. float32 states). The tiling comes from the static table in
     gdn.common.spec, never from timing this shape, so a warmup at T = CHUNK_SIZE serves T = 1 and T = 64k alike.
     """
-    T = spec.CHUNK_SIZE
-    q = torch.zeros(1, T, H, K, dtype=dtype, device=device)
-    v = torch.zeros(1, T, HV, V, dtype=dtype, device=device)
-    h = torch.zeros(1, spec.num_chunks(T), HV, K, V, dtype=state_dtype or dtype, device=device)
-    g = torch.zeros(1, T, HV, dtype=torch.float32, device=device) if gated else None
-    cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device) if varlen else None
-    chunk_indices = (torch.from_numpy(spec.prepare_chunk_indices([0, T])).to(device) if varlen else None)
+    call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, gated, varlen)
+    q = torch.zeros(call["q"], dtype=dtype, device=device)
+    v = torch.zeros(call["v"], dtype=dtype, device=device)
+    h = torch.zeros(call["h"], dtype=state_dtype or dtype, device=device)
+    g = torch.zeros(call["g"], dtype=torch.float32, device=device) if gated else None
+    cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
+                                 for n in ("cu_seqlens", "chunk_indices"))
     chunk_fwd_o(q, q, v, h, g, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
 
 
