@@ -18,7 +18,7 @@ import triton
 from gdn.common import example, spec
 from gdn.triton import chunk_o
 
-Tiling = spec.ChunkOTiling
+Tiling = spec.Tiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
 BF16_CANDIDATES = [
     Tiling(64, 128, 4, 2), Tiling(64, 128, 4, 3), Tiling(32, 128, 4, 3), Tiling(32, 128, 4, 4),
@@ -38,7 +38,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.ChunkOTiling],
+def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.Tiling],
           bandwidth: float) -> list[dict]:
     """Time every candidate tiling at one shape; the default tiling's output is the check for the others."""
     K = V = 128

@@ -1,4 +1,5 @@
-"""gdn: the output stage of chunked Gated DeltaNet (chunk_fwd_o) in Triton (gdn.triton) and Pallas (gdn.pallas).
+"""gdn: Gated DeltaNet kernels — the output stage of the chunked forward (chunk_fwd_o) and the recurrent decode
+step (decode_step) — in Triton (gdn.triton) and Pallas (gdn.pallas).
 
 Import the backend you use: ``gdn.triton`` imports torch and triton only, ``gdn.pallas`` jax only.
 """

@@ -13,11 +13,12 @@ import zlib
 import numpy as np
 
 from gdn.common import spec
-from gdn.common.example import random_inputs
+from gdn.common.example import random_inputs, random_recurrent_inputs
 
 TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
-"""max |o − o_ref| / max |o_ref| per input dtype: float32 dots run as tf32x3 (~1e-6; exact in the interpreters); 16-bit runs cast h and the
-decayed score matrix to the input dtype before the tensor-core dots (as FLA does) and round o once."""
+"""max |o − o_ref| / max |o_ref| per input dtype: float32 dots run as tf32x3 (~1e-6; exact in the
+interpreters); 16-bit runs cast h and the decayed score matrix to the input dtype before the tensor-core dots
+(as FLA does) and round o once."""
 
 
 def seed_of(text: str) -> int:
@@ -104,4 +105,44 @@ LARGE_CASES: list[Case] = [
     # the issue's headline shape: compiled GPU runs only
     _case(8192, 16, 16, 128, 128),
     _varlen((1, 4000, 63, 2500, 0, 1537), 4, 8, 128, 128),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    """decode_step over N sequences, one token per call (the reference's B = N rows of T tokens)."""
+
+    N: int
+    H: int
+    HV: int
+    K: int
+    V: int
+
+    @property
+    def id(self) -> str:
+        return f"N{self.N}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}"
+
+    def tokens(self, dtype: str, T: int, seed: int = 0) -> OpInputs:
+        """T tokens per sequence in the reference's layout (q [N, T, H, K], …, initial_state [N, HV, K, V]),
+        from gdn.common.example.random_recurrent_inputs."""
+        arrays = random_recurrent_inputs(self.N, T, self.H, self.HV, self.K, self.V, dtype, seed)
+        dtypes = {"q": dtype, "k": dtype, "v": dtype, "g": "float32", "beta": "float32", "state": "float32"}
+        return OpInputs(arrays, dtypes)
+
+    @staticmethod
+    def step(tokens: OpInputs, t: int, state: np.ndarray) -> OpInputs:
+        """decode_step's arguments for token t of every sequence, from the given state [N, HV, K, V]."""
+        a = tokens.arrays
+        return OpInputs({**{n: a[n][:, t] for n in ("q", "k", "v", "g", "beta")}, "state": state},
+                        dict(tokens.dtypes), tokens.scale)
+
+
+DECODE_CASES: list[DecodeCase] = [
+    # N ∈ {1, 3}, grouping m = HV / H ∈ {1, 2}, K and V ∈ {16, 48, 128, 100} (V = 100: a masked last V tile)
+    DecodeCase(N=1, H=1, HV=1, K=16, V=16),
+    DecodeCase(N=3, H=2, HV=4, K=48, V=16),
+    DecodeCase(N=1, H=1, HV=2, K=128, V=48),
+    DecodeCase(N=3, H=2, HV=2, K=16, V=128),
+    DecodeCase(N=3, H=1, HV=2, K=48, V=100),
+    DecodeCase(N=1, H=2, HV=2, K=128, V=128),
 ]

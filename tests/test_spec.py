@@ -37,3 +37,13 @@ def test_tiling_never_depends_on_sequence_length() -> None:
             for block in (tiling.block_k, tiling.block_v):
                 assert block >= 16 and block & (block - 1) == 0
             assert tiling.block_k >= min(K, 64) and tiling.block_v >= min(K, 64)
+
+
+def test_decode_tiling_never_depends_on_batch_or_length() -> None:
+    assert list(inspect.signature(spec.decode_tiling).parameters) == ["K", "V", "dtype"]
+    tilings = {(K, V, dtype): spec.decode_tiling(K, V, dtype)
+               for K in (16, 48, 100, 128, 256) for V in (16, 100, 256) for dtype in spec.INPUT_DTYPES}
+    for (K, V, dtype), tiling in tilings.items():
+        # the whole K in one tile, padded to a power of two; V in power-of-two tiles
+        assert K <= tiling.block_k < 2 * K and tiling.block_k & (tiling.block_k - 1) == 0, (K, V, dtype)
+        assert tiling.block_v & (tiling.block_v - 1) == 0, (K, V, dtype)

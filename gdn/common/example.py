@@ -1,4 +1,4 @@
-"""Random chunk_fwd_o inputs shared by ``python -m gdn``, the tests and the benchmarks.
+"""Random inputs of gdn's ops shared by ``python -m gdn``, the tests and the benchmarks.
 
 Arrays are numpy float32 rounded to the requested dtype's precision, so every backend and the float64
 reference see exactly the same values whatever framework they are converted into.
@@ -34,6 +34,11 @@ def chunk_local_cumsum(log_gates: np.ndarray, cu_seqlens: np.ndarray | None) -> 
     return (total - before[:, start_index]).astype(log_gates.dtype)
 
 
+def log_sigmoid_gates(rng: np.random.Generator, shape: tuple[int, ...], gate_scale: float = 1.0) -> np.ndarray:
+    """Per-token log-gates as models make them, log σ(x) with x ~ N(2.5, 1): ≈ −0.08·gate_scale per token."""
+    return -gate_scale * np.log1p(np.exp(-rng.normal(2.5, 1.0, shape)))
+
+
 def random_inputs(
     B: int, T: int, H: int, HV: int, K: int, V: int, dtype: str, gated: bool = True,
     cu_seqlens: np.ndarray | None = None, seed: int = 0, gate_scale: float = 1.0,
@@ -45,7 +50,7 @@ def random_inputs(
     state_rows = spec.num_chunks(T) if cu_seqlens is None else len(spec.prepare_chunk_indices(cu_seqlens))
     g = None
     if gated:
-        log_gates = -gate_scale * np.log1p(np.exp(-rng.normal(2.5, 1.0, (B, T, HV))))
+        log_gates = log_sigmoid_gates(rng, (B, T, HV), gate_scale)
         g = chunk_local_cumsum(log_gates, cu_seqlens).astype(np.float32)
     return {
         "q": round_to(rng.standard_normal((B, T, H, K), dtype=np.float32), dtype),
@@ -54,4 +59,27 @@ def random_inputs(
         "h": round_to(rng.standard_normal((B, state_rows, HV, K, V), dtype=np.float32), dtype),
         "g": g,
         "cu_seqlens": None if cu_seqlens is None else np.asarray(cu_seqlens, dtype=np.int32),
+    }
+
+
+def random_recurrent_inputs(
+    B: int, T: int, H: int, HV: int, K: int, V: int, dtype: str, seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Inputs of the recurrent gated delta rule (gdn.common.reference.recurrent_gated_delta_rule) for B
+    sequences of T tokens: q, k [B, T, H, K] with unit-norm rows (models L2-normalize both before the rule),
+    v [B, T, HV, V] ~ N(0, 1), g [B, T, HV] per-token log-sigmoid gates (NOT cumulative), beta [B, T, HV]
+    sigmoids of N(0, 1), initial_state [B, HV, K, V] ~ N(0, 1) float32. q, k, v rounded to dtype."""
+    rng = np.random.default_rng(seed)
+
+    def unit_rows(shape: tuple[int, ...]) -> np.ndarray:
+        x = rng.standard_normal(shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    return {
+        "q": round_to(unit_rows((B, T, H, K)), dtype),
+        "k": round_to(unit_rows((B, T, H, K)), dtype),
+        "v": round_to(rng.standard_normal((B, T, HV, V)), dtype),
+        "g": log_sigmoid_gates(rng, (B, T, HV)).astype(np.float32),
+        "beta": (1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, HV))))).astype(np.float32),
+        "initial_state": rng.standard_normal((B, HV, K, V)).astype(np.float32),
     }

@@ -54,3 +54,50 @@ def chunk_fwd_o(
         if cu_seqlens is not None:
             first_chunk += -(-(end - start) // CHUNK_SIZE)
     return o
+
+
+def recurrent_gated_delta_rule(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    g: np.ndarray,
+    beta: np.ndarray,
+    scale: float | None = None,
+    initial_state: np.ndarray | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gated delta rule run token by token: (o [B, T, HV, V], final_state [N, HV, K, V] or None), float64.
+
+    q, k [B, T, H, K]; v [B, T, HV, V] (value head hv reads q/k head hv // (HV / H)); g [B, T, HV] per-token
+    log-gate in natural-log units (g ≤ 0; NOT the chunk-local cumsum that chunk_fwd_o takes); beta [B, T, HV];
+    scale defaults to K**-0.5. Sequences: the B rows, or with cu_seqlens [N + 1] (B = 1) the N packed spans of
+    T. initial_state [N, HV, K, V] is each sequence's S before its first token (zeros when None); the final
+    state, S after its last token, is returned when output_final_state. Per sequence and value head, for each
+    token t, S ∈ R^{K×V} (decode_step in gdn.common.spec is one such step):
+        S ← exp(g_t)·S
+        S ← S + k_t ⊗ (beta_t·(v_t − Sᵀk_t))
+        o_t = scale·Sᵀq_t
+    """
+    q, k, v, g, beta = (np.asarray(x, dtype=np.float64) for x in (q, k, v, g, beta))
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    group = HV // H
+    scale = default_scale(K) if scale is None else float(scale)
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]  # (batch row, start, end), one per sequence
+    else:
+        bounds = np.asarray(cu_seqlens, dtype=np.int64)
+        spans = [(0, int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
+    states = (np.zeros((len(spans), HV, K, V)) if initial_state is None
+              else np.array(initial_state, dtype=np.float64))  # a copy: updated in place below
+    o = np.zeros(v.shape, dtype=np.float64)
+    for n, (b, start, end) in enumerate(spans):
+        for hv in range(HV):
+            S = states[n, hv]  # [K, V], a view into states
+            for t in range(start, end):
+                q_t, k_t = q[b, t, hv // group], k[b, t, hv // group]  # [K]
+                S *= np.exp(g[b, t, hv])
+                S += np.outer(k_t, beta[b, t, hv] * (v[b, t, hv] - k_t @ S))
+                o[b, t, hv] = scale * (q_t @ S)
+    return o, (states if output_final_state else None)

@@ -22,6 +22,24 @@ Every kernel's tile height is CHUNK_SIZE. Nothing that varies with the sequence 
 selects a tiling or a compiled Triton variant: one compiled kernel per (dtypes, H, HV, K, V, gated, varlen).
 JAX specializes every program on its input shapes, so the Pallas backend compiles once per shape on top of
 that; gdn.pallas.bucketing pads T to a few buckets to bound it.
+
+Op: ``decode_step`` — one token of the gated delta rule recurrence for each of N sequences (decoding).
+
+Layouts:
+    q, k   [N, H, K]             the token's query / key, H query-key heads (k L2-normalized by the model)
+    v      [N, HV, V]            its values, HV = m·H value heads; value head hv reads q/k head hv // m
+    g      [N, HV] float32       per-token log-gate in natural-log units (g ≤ 0; NOT cumulative)
+    beta   [N, HV] float32       the delta rule's write strength (in [0, 1] for a sigmoid beta)
+    state  [N, HV, K, V] float32 S before the token; the step returns S after it as a new float32 array
+    o      [N, HV, V]            in v's dtype; accumulation in float32
+
+Math, per sequence and value head, S ∈ R^{K×V} (the same recurrence as gdn.common.reference
+.recurrent_gated_delta_rule over T tokens):
+    S ← exp(g)·S
+    S ← S + k ⊗ (beta·(v − Sᵀk))
+    o  = scale·Sᵀq                (scale defaults to K**-0.5)
+One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers: the V columns
+of S are independent in every line above, so the tiles never exchange data.
 """
 
 from __future__ import annotations
@@ -53,12 +71,14 @@ INDEX_DTYPES = ("int32", "int64")
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkOTiling:
-    """Block sizes and launch parameters of the chunk_fwd_o kernel (the tile height is always CHUNK_SIZE).
+class Tiling:
+    """Block sizes and launch parameters of one gdn kernel, shared by the Triton and Pallas-Triton backends.
 
-    block_k: K columns per step of the K loop (power of two ≥ 16, masked when K is not a multiple).
-    block_v: V columns per program (power of two ≥ 16, masked likewise).
-    num_warps, num_stages: Triton launch parameters, shared by the Triton and Pallas-Triton backends.
+    block_k: K columns per step (chunk_fwd_o: the K loop's step; decode_step: the whole K), a power of two
+        ≥ 16, masked when K is not a multiple.
+    block_v: V columns per program (a power of two, masked likewise).
+    num_warps, num_stages: Triton launch parameters.
+    The tile height of chunk_fwd_o is always CHUNK_SIZE.
     """
 
     block_k: int
@@ -71,7 +91,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def tiling_for(K: int, V: int, dtype: str) -> ChunkOTiling:
+def tiling_for(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_fwd_o for head sizes K, V and input dtype name.
 
     Rows of the table, and the measurement behind each, are in benchmarks/RESULTS.md. T never enters:
@@ -85,7 +105,21 @@ def tiling_for(K: int, V: int, dtype: str) -> ChunkOTiling:
     # float32 (tf32x3 dots, 4-byte tiles): 64 V columns, 328 µs against 496 µs for 128 at T = 8192.
     block_k = min(_next_power_of_2(max(K, MIN_HEAD_DIM)), 64)
     block_v = min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 64 if dtype == "float32" else 128)
-    return ChunkOTiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
+    return Tiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
+
+
+def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
+    """The static tiling of decode_step for head sizes K, V and input dtype name.
+
+    T never enters (one token per call); neither does N, so a batch of 1 and one of 512 share a program.
+    """
+    # Not measured in gdn yet: FLA's fused_recurrent_gated_delta_rule row (BV = 8, one warp). A decode step
+    # reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of S: memory-bound, so the row's
+    # job is enough programs to fill the SMs at small N (K = V = 128, HV = 32: 16 V tiles, 512 programs per
+    # sequence), each with a [BK, 8] float32 tile of at most 64 registers per thread. S is float32 whatever
+    # the input dtype, so dtype selects nothing yet. No loop: nothing for num_stages to pipeline.
+    del dtype, V  # V ≥ MIN_HEAD_DIM > 8: every V gets 8-column tiles (the last masked if 8 ∤ V)
+    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=8, num_warps=1, num_stages=1)
 
 
 def num_chunks(T: int) -> int:
@@ -160,7 +194,7 @@ class ChunkOProblem:
     gated: bool
     varlen: bool
     dtype: str
-    tiling: ChunkOTiling
+    tiling: Tiling
 
     @property
     def num_v_tiles(self) -> int:
@@ -172,37 +206,72 @@ class ChunkOProblem:
         return self.num_chunks_total * self.HV * self.num_v_tiles
 
 
-def _fail(arg: str, expected: str, got: object, error: type[Exception] = ValueError) -> None:
-    raise error(f"chunk_fwd_o: {arg}: expected {expected}; got {got}")
+# The contract helpers name the op in every message.
+def _fail(arg: str, expected: str, got: object, error: type[Exception] = ValueError, *, op: str) -> None:
+    raise error(f"{op}: {arg}: expected {expected}; got {got}")
 
 
-def _check_rank(name: str, info: ArrayInfo, rank: int, layout: str) -> None:
+def _check_rank(name: str, info: ArrayInfo, rank: int, layout: str, *, op: str) -> None:
     if len(info.shape) != rank:
-        _fail(name, f"a rank-{rank} array {layout}", f"shape {info.shape}")
+        _fail(name, f"a rank-{rank} array {layout}", f"shape {info.shape}", op=op)
 
 
-def _check_dtype(name: str, info: ArrayInfo, allowed: Sequence[str]) -> None:
+def _check_dtype(name: str, info: ArrayInfo, allowed: Sequence[str], *, op: str) -> None:
     if info.dtype not in allowed:
-        _fail(name, f"dtype in {tuple(allowed)}", info.dtype, TypeError)
+        _fail(name, f"dtype in {tuple(allowed)}", info.dtype, TypeError, op=op)
 
 
-def _check_dim(name: str, axis_name: str, actual: int, expected: int, why: str) -> None:
+def _check_dim(name: str, axis_name: str, actual: int, expected: int, why: str, *, op: str) -> None:
     if actual != expected:
-        _fail(name, f"{axis_name} = {expected} ({why})", f"{axis_name} = {actual}")
+        _fail(name, f"{axis_name} = {expected} ({why})", f"{axis_name} = {actual}", op=op)
+
+
+def _check_heads(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> None:
+    """What every op asks of q, k [..., H, K] and v [..., HV, V] (heads and head size the last two axes):
+    k shaped as q, K and V in the supported range, HV a multiple of H, one input dtype."""
+    H, K = q.shape[-2:]
+    HV, V = v.shape[-2:]
+    head_axis, size_axis = len(q.shape) - 2, len(q.shape) - 1  # v has q's rank in every op
+    if k.shape != q.shape:
+        _fail("k", f"the shape of q {q.shape}", f"shape {k.shape}", op=op)
+    for name, size in ((f"K (q.shape[{size_axis}])", K), (f"V (v.shape[{size_axis}])", V)):
+        if not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
+            _fail(name, f"a head size in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]", size, op=op)
+    if H == 0 or HV % H != 0:
+        _fail("v", f"HV = v.shape[{head_axis}] a positive multiple of H = q.shape[{head_axis}] = {H}",
+              f"HV = {HV}", op=op)
+    _check_dtype("q", q, INPUT_DTYPES, op=op)
+    for name, info in (("k", k), ("v", v)):
+        if info.dtype != q.dtype:
+            _fail(name, f"the dtype of q ({q.dtype})", info.dtype, TypeError, op=op)
+
+
+def _check_devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
+    """Every given array on the device of the first (q)."""
+    (first_name, first), *others = arrays
+    for name, info in others:
+        if info is not None and info.device != first.device:
+            _fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
+
+
+CHUNK_O_OP = "chunk_fwd_o"
+DECODE_OP = "decode_step"
+"""The op names the contract messages start with."""
 
 
 def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int) -> None:
     """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T."""
     values = np.asarray(cu_seqlens)
     if values[0] != 0:
-        _fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}")
+        _fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}", op=CHUNK_O_OP)
     steps = np.diff(values)
     if (steps < 0).any():
         where = int(np.argmax(steps < 0))
         _fail("cu_seqlens", "non-decreasing values",
-              f"cu_seqlens[{where}] = {int(values[where])} > cu_seqlens[{where + 1}] = {int(values[where + 1])}")
+              f"cu_seqlens[{where}] = {int(values[where])} > cu_seqlens[{where + 1}] = {int(values[where + 1])}",
+              op=CHUNK_O_OP)
     if values[-1] != T:
-        _fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}")
+        _fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=CHUNK_O_OP)
 
 
 def validate_chunk_o_inputs(
@@ -222,49 +291,39 @@ def validate_chunk_o_inputs(
     then checked too. Raises ValueError (shapes, values, devices) or TypeError (dtypes) naming the argument
     with the expected and the actual value. Returns the problem sizes with the tiling to use.
     """
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_rank("v", v, 4, "[B, T, HV, V]")
-    _check_rank("h", h, 5, "[B, NT, HV, K, V]")
+    _check_rank("q", q, 4, "[B, T, H, K]", op=CHUNK_O_OP)
+    _check_rank("k", k, 4, "[B, T, H, K]", op=CHUNK_O_OP)
+    _check_rank("v", v, 4, "[B, T, HV, V]", op=CHUNK_O_OP)
+    _check_rank("h", h, 5, "[B, NT, HV, K, V]", op=CHUNK_O_OP)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    if k.shape != q.shape:
-        _fail("k", f"the shape of q {q.shape}", f"shape {k.shape}")
-    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]")
-    for name, size in (("K (q.shape[3])", K), ("V (v.shape[3])", V)):
-        if not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
-            _fail(name, f"a head size in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]", size)
-    if H == 0 or HV % H != 0:
-        _fail("v", f"HV = v.shape[2] a positive multiple of H = q.shape[2] = {H}", f"HV = {HV}")
-    _check_dtype("q", q, INPUT_DTYPES)
-    for name, info in (("k", k), ("v", v)):
-        if info.dtype != q.dtype:
-            _fail(name, f"the dtype of q ({q.dtype})", info.dtype, TypeError)
-    _check_dtype("h", h, STATE_DTYPES)
+    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=CHUNK_O_OP)
+    _check_heads(q, k, v, op=CHUNK_O_OP)
+    _check_dtype("h", h, STATE_DTYPES, op=CHUNK_O_OP)
 
     if g is not None:
-        _check_rank("g", g, 3, "[B, T, HV]")
-        _check_dtype("g", g, ("float32",))
-        _check_dim("g", "g.shape", g.shape, (B, T, HV), "[B, T, HV] from q and v")
+        _check_rank("g", g, 3, "[B, T, HV]", op=CHUNK_O_OP)
+        _check_dtype("g", g, ("float32",), op=CHUNK_O_OP)
+        _check_dim("g", "g.shape", g.shape, (B, T, HV), "[B, T, HV] from q and v", op=CHUNK_O_OP)
 
     if cu_seqlens is None:
         if chunk_indices is not None:
-            _fail("chunk_indices", "None when cu_seqlens is None", f"shape {chunk_indices.shape}")
+            _fail("chunk_indices", "None when cu_seqlens is None", f"shape {chunk_indices.shape}", op=CHUNK_O_OP)
         chunks_per_row = num_chunks(T)
     else:
-        _check_rank("cu_seqlens", cu_seqlens, 1, "[N + 1]")
-        _check_dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, )
+        _check_rank("cu_seqlens", cu_seqlens, 1, "[N + 1]", op=CHUNK_O_OP)
+        _check_dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, op=CHUNK_O_OP)
         if cu_seqlens.shape[0] < 2:
-            _fail("cu_seqlens", "at least 2 entries [0, ..., T]", f"shape {cu_seqlens.shape}")
+            _fail("cu_seqlens", "at least 2 entries [0, ..., T]", f"shape {cu_seqlens.shape}", op=CHUNK_O_OP)
         if B != 1:
-            _fail("q", "B = 1 when cu_seqlens is given (varlen packs sequences along T)", f"B = {B}")
+            _fail("q", "B = 1 when cu_seqlens is given (varlen packs sequences along T)", f"B = {B}", op=CHUNK_O_OP)
         if cu_seqlens_values is not None:
             check_cu_seqlens_values(cu_seqlens_values, T)
         if chunk_indices is not None:
-            _check_rank("chunk_indices", chunk_indices, 2, "[NT, 2]")
-            _check_dtype("chunk_indices", chunk_indices, INDEX_DTYPES)
+            _check_rank("chunk_indices", chunk_indices, 2, "[NT, 2]", op=CHUNK_O_OP)
+            _check_dtype("chunk_indices", chunk_indices, INDEX_DTYPES, op=CHUNK_O_OP)
             if chunk_indices.shape[1] != 2:
-                _fail("chunk_indices", "shape [NT, 2]", f"shape {chunk_indices.shape}")
+                _fail("chunk_indices", "shape [NT, 2]", f"shape {chunk_indices.shape}", op=CHUNK_O_OP)
             chunks_per_row = chunk_indices.shape[0]
         elif cu_seqlens_values is not None:
             chunks_per_row = int(sum(num_chunks(n) for n in np.diff(np.asarray(cu_seqlens_values))))
@@ -272,22 +331,79 @@ def validate_chunk_o_inputs(
             raise ValueError("chunk_fwd_o: chunk_indices: expected chunk_indices or host cu_seqlens values; "
                              "got neither")
 
-    _check_dim("h", "h.shape[0]", h.shape[0], B, "B of q")
+    _check_dim("h", "h.shape[0]", h.shape[0], B, "B of q", op=CHUNK_O_OP)
     _check_dim("h", "h.shape[1] (NT)", h.shape[1], chunks_per_row,
-               f"chunks of {CHUNK_SIZE} tokens per batch row, over all sequences when varlen")
+               f"chunks of {CHUNK_SIZE} tokens per batch row, over all sequences when varlen", op=CHUNK_O_OP)
     total_chunks = B * chunks_per_row
-    _check_dim("h", "h.shape[2:] (HV, K, V)", h.shape[2:], (HV, K, V), "from q and v")
+    _check_dim("h", "h.shape[2:] (HV, K, V)", h.shape[2:], (HV, K, V), "from q and v", op=CHUNK_O_OP)
 
-    arrays = [("q", q), ("k", k), ("v", v), ("h", h), ("g", g), ("cu_seqlens", cu_seqlens),
-              ("chunk_indices", chunk_indices)]
-    for name, info in arrays[1:]:
-        if info is not None and info.device != q.device:
-            _fail(name, f"the device of q ({q.device})", info.device)
+    _check_devices([("q", q), ("k", k), ("v", v), ("h", h), ("g", g), ("cu_seqlens", cu_seqlens),
+                    ("chunk_indices", chunk_indices)], op=CHUNK_O_OP)
 
     tiling = tiling_for(K, V, q.dtype)
     problem = ChunkOProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, num_chunks_total=total_chunks,
                             gated=g is not None, varlen=cu_seqlens is not None, dtype=q.dtype, tiling=tiling)
     if problem.num_programs > MAX_GRID_ROWS:
         _fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head, V tile) programs",
-              f"{problem.num_programs} ({total_chunks} chunks × {HV} heads × {problem.num_v_tiles} V tiles)")
+              f"{problem.num_programs} ({total_chunks} chunks × {HV} heads × {problem.num_v_tiles} V tiles)",
+              op=CHUNK_O_OP)
+    return problem
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProblem:
+    """A validated decode_step call: sizes that select the kernel and its grid."""
+
+    N: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    dtype: str
+    tiling: Tiling
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The 2-D launch grid of both backends: (sequence·value head, V tile)."""
+        return self.N * self.HV, -(-self.V // self.tiling.block_v)
+
+
+def validate_decode_inputs(
+    q: ArrayInfo,
+    k: ArrayInfo,
+    v: ArrayInfo,
+    g: ArrayInfo,
+    beta: ArrayInfo,
+    state: ArrayInfo,
+) -> DecodeProblem:
+    """The shape, dtype and device contract of decode_step, shared by every backend.
+
+    Raises ValueError (shapes, devices) or TypeError (dtypes, a missing array) naming the argument with the
+    expected and the actual value. Returns the problem sizes with the tiling to use.
+    """
+    op = DECODE_OP
+    arrays = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state)]
+    for name, info in arrays:
+        if info is None:
+            _fail(name, "an array", None, TypeError, op=op)
+    _check_rank("q", q, 3, "[N, H, K]", op=op)
+    _check_rank("k", k, 3, "[N, H, K]", op=op)
+    _check_rank("v", v, 3, "[N, HV, V]", op=op)
+    N, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    _check_dim("v", "v.shape[0] (N)", v.shape[0], N, "q is [N, H, K]", op=op)
+    _check_heads(q, k, v, op=op)
+    for name, info in (("g", g), ("beta", beta)):
+        _check_rank(name, info, 2, "[N, HV]", op=op)
+        _check_dtype(name, info, ("float32",), op=op)
+        _check_dim(name, f"{name}.shape", info.shape, (N, HV), "[N, HV] from q and v", op=op)
+    _check_rank("state", state, 4, "[N, HV, K, V]", op=op)
+    _check_dtype("state", state, ("float32",), op=op)
+    _check_dim("state", "state.shape", state.shape, (N, HV, K, V), "[N, HV, K, V] from q and v", op=op)
+    _check_devices(arrays, op=op)
+
+    problem = DecodeProblem(N=N, H=H, HV=HV, K=K, V=V, dtype=q.dtype, tiling=decode_tiling(K, V, q.dtype))
+    if problem.grid[0] > MAX_GRID_ROWS:
+        _fail("q", f"N·HV <= {MAX_GRID_ROWS} (programs along the grid's first axis)",
+              f"N·HV = {N} × {HV} = {problem.grid[0]}", op=op)
     return problem

@@ -157,11 +157,18 @@ def _device(x) -> str | None:
     return None
 
 
-def _info(name: str, x, device: str) -> spec.ArrayInfo | None:
+def _call_device(*arrays) -> str:
+    """The device a call runs on: that of the first concrete jax array; "traced" when there is none (a tracer
+    or a host numpy array has no device of its own: it takes the one the call runs on)."""
+    devices = [d for d in map(_device, arrays) if d is not None]
+    return devices[0] if devices else "traced"
+
+
+def _info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> spec.ArrayInfo | None:
     if x is None:
         return None
     if not isinstance(x, (jax.Array, np.ndarray)):
-        raise TypeError(f"chunk_fwd_o: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
+        raise TypeError(f"{op}: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
     return spec.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, _device(x) or device)
 
 
@@ -200,9 +207,7 @@ def chunk_fwd_o(
     array) to build them; under jax.jit (a traced cu_seqlens) chunk_indices must be passed. Every array
     argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
     """
-    # A tracer or a host numpy array has no device of its own: it takes the one the call runs on.
-    devices = [d for d in map(_device, (q, k, v, h, g, cu_seqlens, chunk_indices)) if d is not None]
-    device = devices[0] if devices else "traced"
+    device = _call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
     cu_values = None
     if cu_seqlens is not None and not _is_tracer(cu_seqlens):
         cu_values = (_host_values(cu_seqlens) if chunk_indices is not None

@@ -1,5 +1,6 @@
 """gdn for PyTorch: Triton kernels. Importing this never imports jax."""
 
 from gdn.triton.chunk_o import chunk_fwd_o, compiled_variants, warmup
+from gdn.triton.recurrent import decode_step
 
-__all__ = ["chunk_fwd_o", "compiled_variants", "warmup"]
+__all__ = ["chunk_fwd_o", "compiled_variants", "decode_step", "warmup"]

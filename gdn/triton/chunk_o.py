@@ -93,24 +93,28 @@ _ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
 TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
 
 
-def _tensor_key(name: str, x: torch.Tensor | None) -> TensorKey:
+def _tensor_key(name: str, x: torch.Tensor | None, op: str = spec.CHUNK_O_OP) -> TensorKey:
     """(shape, dtype, device) of an argument, after the per-call checks that the key cannot carry."""
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"chunk_fwd_o: {name}: expected a torch.Tensor; got {type(x).__name__}")
+        raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
     if not x.is_contiguous():
-        raise ValueError(f"chunk_fwd_o: {name}: expected a contiguous tensor (call .contiguous()); "
+        raise ValueError(f"{op}: {name}: expected a contiguous tensor (call .contiguous()); "
                          f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
     return x.shape, x.dtype, x.device
+
+
+def _array_info(key: TensorKey) -> spec.ArrayInfo:
+    """The spec's framework-neutral view of a (shape, dtype, device) key."""
+    shape, dtype, device = key
+    return spec.ArrayInfo(tuple(shape), _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
 
 
 @functools.lru_cache(maxsize=1024)
 def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None) -> spec.ChunkOProblem:
     """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    infos = [None if key is None else spec.ArrayInfo(
-        tuple(key[0]), _DTYPE_NAMES.get(key[1], str(key[1]).removeprefix("torch.")), str(key[2]))
-        for key in keys]
+    infos = [None if key is None else _array_info(key) for key in keys]
     values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
     return spec.validate_chunk_o_inputs(*infos, cu_seqlens_values=values)
 
@@ -147,7 +151,7 @@ def chunk_fwd_o(
     return o
 
 
-def launch(problem: spec.ChunkOProblem, tiling: spec.ChunkOTiling, q: torch.Tensor, k: torch.Tensor,
+def launch(problem: spec.ChunkOProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None, o: torch.Tensor, scale: float,
            cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> None:
     """Launch the kernel for a validated problem with the given tiling, writing o (benchmarks pass others)."""
