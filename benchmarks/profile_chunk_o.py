@@ -55,12 +55,13 @@ def host_breakdown(calls: int = 2000) -> None:
 
     from gdn.common import spec
     from gdn.triton import chunk_o
+    from gdn.triton.arrays import tensor_key
 
     a = _inputs(1, 512, 16, 16)
     q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
     g = torch.from_numpy(a["g"]).cuda()
     o = torch.empty_like(v)
-    keys = tuple(chunk_o._tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))
+    keys = tuple(tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))
     problem = chunk_o._validated(keys, None)
     tiling = problem.tiling
     grid = (problem.num_programs,)
@@ -74,7 +75,7 @@ def host_breakdown(calls: int = 2000) -> None:
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
         "contract check (cached)": lambda: chunk_o._validated(tuple(
-            chunk_o._tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))), None),
+            tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))), None),
         "torch.empty_like": lambda: torch.empty_like(v),
         "triton kernel[grid](...)": raw_launch,
     }

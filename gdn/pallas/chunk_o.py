@@ -23,10 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-
-# Triton launch parameters: jax.experimental.pallas.triton.CompilerParams (older releases:
-# TritonCompilerParams). The one place that knows both names.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+from gdn.pallas.arrays import CompilerParams, array_info, call_device, is_tracer
 
 _MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
 """B·T bound of the int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1) must
@@ -141,42 +138,16 @@ def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Ch
         grid=(problem.num_programs,),
         interpret=interpret,
         name="chunk_fwd_o_kernel",
-        compiler_params=_CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(*flat, g, cu_seqlens, chunk_indices, scale)
     return o.reshape(B, T, HV, V)
-
-
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _device(x) -> str | None:
-    """Devices of a concrete jax array; None for a tracer or a host numpy array, which go wherever the call runs."""
-    if isinstance(x, jax.Array) and not _is_tracer(x):
-        return ",".join(sorted(str(d) for d in x.devices()))
-    return None
-
-
-def _call_device(*arrays) -> str:
-    """The device a call runs on: that of the first concrete jax array; "traced" when there is none (a tracer
-    or a host numpy array has no device of its own: it takes the one the call runs on)."""
-    devices = [d for d in map(_device, arrays) if d is not None]
-    return devices[0] if devices else "traced"
-
-
-def _info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> spec.ArrayInfo | None:
-    if x is None:
-        return None
-    if not isinstance(x, (jax.Array, np.ndarray)):
-        raise TypeError(f"{op}: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
-    return spec.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, _device(x) or device)
 
 
 def _host_values(x) -> np.ndarray | None:
     """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
     if isinstance(x, np.ndarray):
         return x
-    if _is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
+    if is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
         return None
     return np.asarray(x)
 
@@ -207,9 +178,9 @@ def chunk_fwd_o(
     array) to build them; under jax.jit (a traced cu_seqlens) chunk_indices must be passed. Every array
     argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
     """
-    device = _call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
+    device = call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
     cu_values = None
-    if cu_seqlens is not None and not _is_tracer(cu_seqlens):
+    if cu_seqlens is not None and not is_tracer(cu_seqlens):
         cu_values = (_host_values(cu_seqlens) if chunk_indices is not None
                      else np.asarray(cu_seqlens))  # no chunk_indices: read it anyway, as the Triton backend does
     if cu_seqlens is not None and chunk_indices is None and cu_values is None:
@@ -219,9 +190,9 @@ def chunk_fwd_o(
             "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length, and pass them with an h "
             "of num_rows chunk rows")
     problem = spec.validate_chunk_o_inputs(
-        _info("q", q, device), _info("k", k, device), _info("v", v, device), _info("h", h, device),
-        _info("g", g, device), _info("cu_seqlens", cu_seqlens, device),
-        _info("chunk_indices", chunk_indices, device), cu_values)
+        *(array_info(name, x, device) for name, x in (("q", q), ("k", k), ("v", v), ("h", h), ("g", g),
+                                                      ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices))),
+        cu_seqlens_values=cu_values)
     if problem.B * problem.T > _MAX_TOKEN_ROWS:
         raise ValueError(f"chunk_fwd_o: q: expected B·T <= {_MAX_TOKEN_ROWS} (int32 token rows in the Pallas "
                          f"kernel); got B·T = {problem.B * problem.T}")

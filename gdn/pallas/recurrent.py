@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-from gdn.pallas.chunk_o import _CompilerParams, _call_device, _info
+from gdn.pallas.arrays import CompilerParams, array_info, call_device
 
 
 def decode_step_kernel(
@@ -78,7 +78,7 @@ def _launch(q, k, v, g, beta, state, scale, *, problem: spec.DecodeProblem, inte
         grid=problem.grid,
         interpret=interpret,
         name="decode_step_kernel",
-        compiler_params=_CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(q, k, v.reshape(N * HV, V), g.reshape(N * HV), beta.reshape(N * HV), state.reshape(N * HV, K, V),
       jnp.asarray(scale, jnp.float32).reshape(1))
     return o.reshape(N, HV, V), new_state.reshape(N, HV, K, V)
@@ -103,8 +103,9 @@ def decode_step(
     interpret=None runs the Pallas interpreter unless the default backend is a GPU.
     """
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "state": state}
-    device = _call_device(*args.values())
-    problem = spec.validate_decode_inputs(*(_info(name, x, device, op=spec.DECODE_OP) for name, x in args.items()))
+    device = call_device(*args.values())
+    problem = spec.validate_decode_inputs(*(array_info(name, x, device, op=spec.DECODE_OP)
+                                            for name, x in args.items()))
     if problem.N == 0:
         return jnp.zeros(v.shape, v.dtype), jnp.zeros(state.shape, jnp.float32)
     if interpret is None:

@@ -14,10 +14,7 @@ import triton
 import triton.language as tl
 
 from gdn.common import spec
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                torch.int32: "int32", torch.int64: "int64"}
-
+from gdn.triton.arrays import TensorKey, array_info, tensor_key
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_o_kernel(
@@ -90,31 +87,10 @@ def chunk_fwd_o_kernel(
 
 
 _ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
-TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
-
-
-def _tensor_key(name: str, x: torch.Tensor | None, op: str = spec.CHUNK_O_OP) -> TensorKey:
-    """(shape, dtype, device) of an argument, after the per-call checks that the key cannot carry."""
-    if x is None:
-        return None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
-    if not x.is_contiguous():
-        raise ValueError(f"{op}: {name}: expected a contiguous tensor (call .contiguous()); "
-                         f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
-    return x.shape, x.dtype, x.device
-
-
-def _array_info(key: TensorKey) -> spec.ArrayInfo:
-    """The spec's framework-neutral view of a (shape, dtype, device) key."""
-    shape, dtype, device = key
-    return spec.ArrayInfo(tuple(shape), _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
-
-
 @functools.lru_cache(maxsize=1024)
 def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None) -> spec.ChunkOProblem:
     """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    infos = [None if key is None else _array_info(key) for key in keys]
+    infos = [None if key is None else array_info(key) for key in keys]
     values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
     return spec.validate_chunk_o_inputs(*infos, cu_seqlens_values=values)
 
@@ -138,7 +114,7 @@ def chunk_fwd_o(
     pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
     """
     args = (q, k, v, h, g, cu_seqlens, chunk_indices)
-    keys = tuple(_tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
+    keys = tuple(tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
     cu_values = None
     if cu_seqlens is not None and (chunk_indices is None or cu_seqlens.device.type == "cpu"):
         cu_values = tuple(cu_seqlens.tolist()) if cu_seqlens.dim() == 1 else None

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.chunk_o import TensorKey, _array_info, _tensor_key
+from gdn.triton.arrays import TensorKey, array_info, tensor_key
 
 
 @triton.jit
@@ -66,7 +66,7 @@ _ARG_NAMES = ("q", "k", "v", "g", "beta", "state")
 @functools.lru_cache(maxsize=1024)
 def _validated(keys: tuple[TensorKey, ...]) -> spec.DecodeProblem:
     """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    return spec.validate_decode_inputs(*(None if key is None else _array_info(key) for key in keys))
+    return spec.validate_decode_inputs(*(None if key is None else array_info(key) for key in keys))
 
 
 def decode_step(
@@ -85,7 +85,7 @@ def decode_step(
     (state is not modified); scale defaults to K**-0.5.
     """
     args = (q, k, v, g, beta, state)
-    problem = _validated(tuple(_tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
+    problem = _validated(tuple(tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
     if problem.N == 0:

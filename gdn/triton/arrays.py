@@ -1,0 +1,30 @@
+"""torch tensors as the spec's contract sees them: the adapters both gdn.triton ops share."""
+
+from __future__ import annotations
+
+import torch
+
+from gdn.common import spec
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.int32: "int32", torch.int64: "int64"}
+
+TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
+
+
+def tensor_key(name: str, x: torch.Tensor | None, op: str = spec.CHUNK_O_OP) -> TensorKey:
+    """(shape, dtype, device) of an argument, after the per-call checks that the key cannot carry."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: {name}: expected a contiguous tensor (call .contiguous()); "
+                         f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+    return x.shape, x.dtype, x.device
+
+
+def array_info(key: TensorKey) -> spec.ArrayInfo:
+    """The spec's framework-neutral view of a (shape, dtype, device) key."""
+    shape, dtype, device = key
+    return spec.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
