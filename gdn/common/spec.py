@@ -206,7 +206,11 @@ class ChunkOProblem:
         return self.num_chunks_total * self.HV * self.num_v_tiles
 
 
-# The contract helpers name the op in every message.
+CHUNK_O_OP = "chunk_fwd_o"
+DECODE_OP = "decode_step"
+"""The op names the contract messages start with."""
+
+
 def _fail(arg: str, expected: str, got: object, error: type[Exception] = ValueError, *, op: str) -> None:
     raise error(f"{op}: {arg}: expected {expected}; got {got}")
 
@@ -252,11 +256,6 @@ def _check_devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -
     for name, info in others:
         if info is not None and info.device != first.device:
             _fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
-
-
-CHUNK_O_OP = "chunk_fwd_o"
-DECODE_OP = "decode_step"
-"""The op names the contract messages start with."""
 
 
 def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int) -> None:
