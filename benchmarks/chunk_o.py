@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "  fla gets g·log2(e) (exp2 gates), precomputed; fp32: gdn uses tf32x3 dots (spec.FLOAT32_DOT_PRECISION),"
         " FLA and XLA's default TF32, torch-eager IEEE.",
     ]
-    failures = [f"  {r['impl']} {r['shape']}: {r['note']}" for r in rows if r.get("us_median") is None and r.get("note")]
+    failures = [f"  {r['impl']} {r['shape']}: {r['note']}" for r in rows
+                if r.get("us_median") is None and r.get("note")]
     print()
     print(table)
     print("\n".join(notes))

@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         return None if v is None else ("yes" if v else "NO")
 
     table_rows = [dict(r,
-                       v=f"{r['variants_after_warmup']} / {r['variants_after_all']}" if "variants_after_all" in r else None,
+                       v=(f"{r['variants_after_warmup']} / {r['variants_after_all']}"
+                          if "variants_after_all" in r else None),
                        cfg=r.get("configs_tried"),
                        warm=harness.fmt(r.get("warmup_s"), 2), serve=harness.fmt(r.get("serve_16_32_64_s"), 2),
                        imp=harness.fmt(r.get("import_s"), 2), disk=harness.fmt(r.get("cache_kib_after_warmup"), 0),

@@ -7,7 +7,6 @@ sees the same values and the float64 reference is computed from exactly what the
 from __future__ import annotations
 
 import dataclasses
-
 import zlib
 
 import numpy as np

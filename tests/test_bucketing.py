@@ -9,7 +9,6 @@ import pytest
 from gdn.common import spec
 from tests.cases import Case
 
-
 C = spec.CHUNK_SIZE
 
 

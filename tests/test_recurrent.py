@@ -10,7 +10,7 @@ import pytest
 from gdn.common import reference
 from gdn.common.example import random_recurrent_inputs
 from tests.backends import BACKENDS
-from tests.cases import DECODE_CASES, TOLERANCE, DecodeCase, OpInputs, seed_of
+from tests.cases import DECODE_CASES, DecodeCase, seed_of
 from tests.test_chunk_o import DTYPES, assert_close
 
 STEPS = 5

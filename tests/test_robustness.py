@@ -157,7 +157,6 @@ def test_offsets_beyond_int32_elements() -> None:
     """v and o with more than 2³¹ elements: the kernel's token-row offsets are int64, so the last chunk of a
     1M-token sequence lands at the right address. One chunk is selected through chunk_indices (h holds that
     chunk's state alone); the untouched rest of the 4 GiB buffers is never paged in on the CPU."""
-    from gdn.common import reference
     from gdn.triton import chunk_fwd_o
 
     torch = BACKENDS["triton"].torch

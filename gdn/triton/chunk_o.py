@@ -16,6 +16,7 @@ import triton.language as tl
 from gdn.common import spec
 from gdn.triton.arrays import TensorKey, array_info, tensor_key
 
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_o_kernel(
     q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T,
@@ -87,6 +88,8 @@ def chunk_fwd_o_kernel(
 
 
 _ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
+
+
 @functools.lru_cache(maxsize=1024)
 def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None) -> spec.ChunkOProblem:
     """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
