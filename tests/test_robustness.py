@@ -90,21 +90,15 @@ def test_repeated_calls_identical(backend) -> None:
 
 # Triton-only: torch can hand the kernel a view into a larger NaN-poisoned buffer, and non-contiguous views.
 def _torch_inputs(inputs: OpInputs, tail: int = 0):
-    torch = BACKENDS["triton"].torch
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = {}
-    for name, array in inputs.arrays.items():
-        if array is None:
-            out[name] = None
-            continue
-        dtype = getattr(torch, inputs.dtypes[name])
-        if name in ("q", "k", "v", "g") and tail:
-            buffer = torch.full((array.shape[0], array.shape[1] + tail) + array.shape[2:], float("nan"),
-                                dtype=dtype, device=device)
-            buffer[:, :array.shape[1]] = torch.from_numpy(array).to(dtype)
-            out[name] = buffer[:, :array.shape[1]]
-        else:
-            out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+    """The Triton adapter's tensors; with ``tail``, q, k, v and g become views of the first T rows of buffers
+    that hold ``tail`` more NaN rows (still contiguous for B = 1)."""
+    triton_backend = BACKENDS["triton"]
+    out = triton_backend.convert(inputs)
+    for name in ("q", "k", "v", "g") if tail else ():
+        x = out[name]
+        buffer = x.new_full((x.shape[0], x.shape[1] + tail) + x.shape[2:], float("nan"))
+        buffer[:, :x.shape[1]] = x
+        out[name] = buffer[:, :x.shape[1]]
     return out
 
 

@@ -41,3 +41,8 @@ def array_info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> spec.Arr
     if not isinstance(x, (jax.Array, np.ndarray)):
         raise TypeError(f"{op}: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
     return spec.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, device_of(x) or device)
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """interpret=None: the Pallas interpreter unless JAX's default backend is a GPU (compiled Triton lowering)."""
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)

@@ -8,8 +8,8 @@ The refs are whole arrays (no BlockSpec tiling: varlen chunks start at arbitrary
 token axis flattened: q, k [B·T, H, K]; v, o [B·T, HV, V]; h [B·NT, HV, K, V]; g [B·T, HV]. A tile is read
 by indexing a ref with integer offset arrays under a mask, ``plgpu.load(q.at[rows, head, cols], mask=,
 other=)``: the Pallas spelling of Triton's ``tl.load(q + offsets, mask=, other=)``. The Triton lowering turns
-it into the same pointer arithmetic, in 64-bit only where an array exceeds 4 GiB; the offsets themselves are
-int32, so B·T must stay below 2**31 − CHUNK_SIZE (checked in the wrapper).
+it into the same pointer arithmetic, with int64 offsets only where an array exceeds 4 GiB; the row indices
+themselves are int32, so B·T must stay below 2**31 − CHUNK_SIZE (checked in the wrapper).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-from gdn.pallas.arrays import CompilerParams, array_info, call_device, is_tracer
+from gdn.pallas.arrays import CompilerParams, array_info, call_device, is_tracer, resolve_interpret
 
 _MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
 """B·T bound of the int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1) must
@@ -200,12 +200,10 @@ def chunk_fwd_o(
         chunk_indices = spec.prepare_chunk_indices(cu_values)
     if problem.num_programs == 0:
         return jnp.zeros(v.shape, v.dtype)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     if scale is None:
         scale = spec.default_scale(problem.K)
     return _launch(q, k, v, h, g, scale, _as_index(cu_seqlens), _as_index(chunk_indices),
-                   problem=problem, interpret=bool(interpret))
+                   problem=problem, interpret=resolve_interpret(interpret))
 
 
 def warmup(

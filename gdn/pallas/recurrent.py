@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-from gdn.pallas.arrays import CompilerParams, array_info, call_device
+from gdn.pallas.arrays import CompilerParams, array_info, call_device, resolve_interpret
 
 
 def decode_step_kernel(
@@ -108,8 +108,6 @@ def decode_step(
                                             for name, x in args.items()))
     if problem.N == 0:
         return jnp.zeros(v.shape, v.dtype), jnp.zeros(state.shape, jnp.float32)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     if scale is None:
         scale = spec.default_scale(problem.K)
-    return _launch(q, k, v, g, beta, state, scale, problem=problem, interpret=bool(interpret))
+    return _launch(q, k, v, g, beta, state, scale, problem=problem, interpret=resolve_interpret(interpret))
