@@ -40,6 +40,25 @@ Math, per sequence and value head, S ∈ R^{K×V} (the same recurrence as gdn.co
     o  = scale·Sᵀq                (scale defaults to K**-0.5)
 One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers: the V columns
 of S are independent in every line above, so the tiles never exchange data.
+Op: ``chunk_gated_delta_rule`` — the whole chunked Gated DeltaNet forward (prefill), from raw inputs.
+
+Layouts: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] float32 per-token log-gate (≤ 0, NOT cumulative);
+beta [B, T, HV] (float32 or q's dtype); initial_state [N, HV, K, V] float32 or None (N = B, or the number of
+sequences when varlen); returns o [B, T, HV, V] in v's dtype and final_state [N, HV, K, V] float32 (or None).
+Three kernels, each with tile height CHUNK_SIZE, per sequence, value head and chunk c (rows i, columns j):
+  1. prepare (one program per chunk and value head; nothing crosses a chunk):
+       g_c  = chunk-local cumsum of the log-gates
+       A    = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j))_{j<i}
+       T_c  = (I + A)⁻¹, by forward substitution on the CHUNK_SIZE/SUBBLOCK diagonal blocks and the blocked
+              merge (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹, D = I + diag blocks of A, N = D⁻¹·(A below the diagonal
+              blocks), N⁴ = 0 for four blocks: every entry a product of at most 3 blocks, stable in float32
+       w    = T_c·(beta·exp(g)·k),   u = T_c·(beta·v)
+  2. states (one program per sequence, value head and V tile, walking the chunks in order; S float32):
+       h[c] = S (stored in k's dtype for stage 3);   v_new = u − w·S
+       S    = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new)     (g_last: g at the chunk's last token)
+  3. chunk_fwd_o(q, k, v_new, h, g_c).
+This equals the token-by-token recurrence (gdn.common.reference.recurrent_gated_delta_rule) in exact
+arithmetic: the WY form of the delta rule's S updates within a chunk.
 """
 
 from __future__ import annotations
@@ -120,6 +139,31 @@ def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     # the input dtype, so dtype selects nothing yet. No loop: nothing for num_stages to pipeline.
     del dtype, V  # V ≥ MIN_HEAD_DIM > 8: every V gets 8-column tiles (the last masked if 8 ∤ V)
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=8, num_warps=1, num_stages=1)
+
+
+SUBBLOCK = 16
+"""Rows of the diagonal blocks that chunk_gated_delta_rule's prepare kernel inverts by forward substitution."""
+
+
+def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's prepare kernel (A, (I + A)⁻¹, w, u for one chunk and
+    value head): K and V walked in block_k / block_v column steps."""
+    # Not tuned yet: 64-column steps as in chunk_fwd_o's K loop; the [BT, BT] float32 A, N and (I + A)⁻¹ tiles
+    # dominate the registers.
+    del dtype
+    return Tiling(block_k=min(_next_power_of_2(max(K, MIN_HEAD_DIM)), 64),
+                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 64), num_warps=4, num_stages=1)
+
+
+def state_tiling(K: int, V: int, dtype: str) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's states kernel: the whole K (a power of two) by block_v
+    columns of S per program; the chunk loop is pipelined num_stages deep."""
+    # The chunk walk is sequential, so its parallelism is sequences × value heads × V tiles: 32 V columns
+    # give 4 tiles at V = 128 (FLA's autotune range is 32–64), with a [K, 32] float32 S of 32 registers per
+    # thread at K = 128.
+    del dtype
+    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)),
+                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 32), num_warps=4, num_stages=2)
 
 
 def num_chunks(T: int) -> int:
@@ -208,6 +252,7 @@ class ChunkOProblem:
 
 CHUNK_O_OP = "chunk_fwd_o"
 DECODE_OP = "decode_step"
+FORWARD_OP = "chunk_gated_delta_rule"
 """The op names the contract messages start with."""
 
 
@@ -258,19 +303,46 @@ def _check_devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -
             _fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
 
 
-def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int) -> None:
+def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int, op: str = CHUNK_O_OP) -> None:
     """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T."""
     values = np.asarray(cu_seqlens)
     if values[0] != 0:
-        _fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}", op=CHUNK_O_OP)
+        _fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}", op=op)
     steps = np.diff(values)
     if (steps < 0).any():
         where = int(np.argmax(steps < 0))
         _fail("cu_seqlens", "non-decreasing values",
               f"cu_seqlens[{where}] = {int(values[where])} > cu_seqlens[{where + 1}] = {int(values[where + 1])}",
-              op=CHUNK_O_OP)
+              op=op)
     if values[-1] != T:
-        _fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=CHUNK_O_OP)
+        _fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=op)
+
+
+def _check_varlen(B: int, T: int, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
+                  cu_seqlens_values: np.ndarray | None, *, op: str) -> int:
+    """The varlen arguments of a [B, T, ...] call; returns the chunks per batch row (over all sequences when
+    varlen: chunk_indices' rows, padding included, else counted from the host cu_seqlens values)."""
+    if cu_seqlens is None:
+        if chunk_indices is not None:
+            _fail("chunk_indices", "None when cu_seqlens is None", f"shape {chunk_indices.shape}", op=op)
+        return num_chunks(T)
+    _check_rank("cu_seqlens", cu_seqlens, 1, "[N + 1]", op=op)
+    _check_dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, op=op)
+    if cu_seqlens.shape[0] < 2:
+        _fail("cu_seqlens", "at least 2 entries [0, ..., T]", f"shape {cu_seqlens.shape}", op=op)
+    if B != 1:
+        _fail("q", "B = 1 when cu_seqlens is given (varlen packs sequences along T)", f"B = {B}", op=op)
+    if cu_seqlens_values is not None:
+        check_cu_seqlens_values(cu_seqlens_values, T, op=op)
+    if chunk_indices is not None:
+        _check_rank("chunk_indices", chunk_indices, 2, "[NT, 2]", op=op)
+        _check_dtype("chunk_indices", chunk_indices, INDEX_DTYPES, op=op)
+        if chunk_indices.shape[1] != 2:
+            _fail("chunk_indices", "shape [NT, 2]", f"shape {chunk_indices.shape}", op=op)
+        return chunk_indices.shape[0]
+    if cu_seqlens_values is not None:
+        return int(sum(num_chunks(n) for n in np.diff(np.asarray(cu_seqlens_values))))
+    raise ValueError(f"{op}: chunk_indices: expected chunk_indices or host cu_seqlens values; got neither")
 
 
 def validate_chunk_o_inputs(
@@ -305,30 +377,7 @@ def validate_chunk_o_inputs(
         _check_dtype("g", g, ("float32",), op=CHUNK_O_OP)
         _check_dim("g", "g.shape", g.shape, (B, T, HV), "[B, T, HV] from q and v", op=CHUNK_O_OP)
 
-    if cu_seqlens is None:
-        if chunk_indices is not None:
-            _fail("chunk_indices", "None when cu_seqlens is None", f"shape {chunk_indices.shape}", op=CHUNK_O_OP)
-        chunks_per_row = num_chunks(T)
-    else:
-        _check_rank("cu_seqlens", cu_seqlens, 1, "[N + 1]", op=CHUNK_O_OP)
-        _check_dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, op=CHUNK_O_OP)
-        if cu_seqlens.shape[0] < 2:
-            _fail("cu_seqlens", "at least 2 entries [0, ..., T]", f"shape {cu_seqlens.shape}", op=CHUNK_O_OP)
-        if B != 1:
-            _fail("q", "B = 1 when cu_seqlens is given (varlen packs sequences along T)", f"B = {B}", op=CHUNK_O_OP)
-        if cu_seqlens_values is not None:
-            check_cu_seqlens_values(cu_seqlens_values, T)
-        if chunk_indices is not None:
-            _check_rank("chunk_indices", chunk_indices, 2, "[NT, 2]", op=CHUNK_O_OP)
-            _check_dtype("chunk_indices", chunk_indices, INDEX_DTYPES, op=CHUNK_O_OP)
-            if chunk_indices.shape[1] != 2:
-                _fail("chunk_indices", "shape [NT, 2]", f"shape {chunk_indices.shape}", op=CHUNK_O_OP)
-            chunks_per_row = chunk_indices.shape[0]
-        elif cu_seqlens_values is not None:
-            chunks_per_row = int(sum(num_chunks(n) for n in np.diff(np.asarray(cu_seqlens_values))))
-        else:
-            raise ValueError("chunk_fwd_o: chunk_indices: expected chunk_indices or host cu_seqlens values; "
-                             "got neither")
+    chunks_per_row = _check_varlen(B, T, cu_seqlens, chunk_indices, cu_seqlens_values, op=CHUNK_O_OP)
 
     _check_dim("h", "h.shape[0]", h.shape[0], B, "B of q", op=CHUNK_O_OP)
     _check_dim("h", "h.shape[1] (NT)", h.shape[1], chunks_per_row,
@@ -405,4 +454,93 @@ def validate_decode_inputs(
     if problem.grid[0] > MAX_GRID_ROWS:
         _fail("q", f"N·HV <= {MAX_GRID_ROWS} (programs along the grid's first axis)",
               f"N·HV = {N} × {HV} = {problem.grid[0]}", op=op)
+    return problem
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardProblem:
+    """A validated chunk_gated_delta_rule call: sizes and flags that select the kernels and their grids."""
+
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    N: int
+    num_chunks_total: int
+    varlen: bool
+    dtype: str
+    beta_dtype: str
+    use_initial_state: bool
+    output_final_state: bool
+
+    @property
+    def prepare(self) -> Tiling:
+        return prepare_tiling(self.K, self.V, self.dtype)
+
+    @property
+    def state(self) -> Tiling:
+        return state_tiling(self.K, self.V, self.dtype)
+
+    @property
+    def state_grid(self) -> tuple[int, int]:
+        """The 2-D grid of the states kernel: (V tile, sequence·value head)."""
+        return -(-self.V // self.state.block_v), self.N * self.HV
+
+    def chunk_o(self) -> ChunkOProblem:
+        """Stage 3, chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""
+        return ChunkOProblem(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V,
+                             num_chunks_total=self.num_chunks_total, gated=True, varlen=self.varlen,
+                             dtype=self.dtype, tiling=tiling_for(self.K, self.V, self.dtype))
+
+
+def validate_forward_inputs(
+    q: ArrayInfo,
+    k: ArrayInfo,
+    v: ArrayInfo,
+    g: ArrayInfo,
+    beta: ArrayInfo,
+    initial_state: ArrayInfo | None,
+    cu_seqlens: ArrayInfo | None,
+    chunk_indices: ArrayInfo | None,
+    cu_seqlens_values: np.ndarray | None = None,
+    output_final_state: bool = False,
+) -> ForwardProblem:
+    """The shape, dtype and device contract of chunk_gated_delta_rule, shared by every backend.
+
+    cu_seqlens_values as in validate_chunk_o_inputs. Raises ValueError (shapes, values, devices) or
+    TypeError (dtypes, a missing array) naming the argument with the expected and the actual value.
+    """
+    op = FORWARD_OP
+    for name, info in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if info is None:
+            _fail(name, "an array", None, TypeError, op=op)
+    _check_rank("q", q, 4, "[B, T, H, K]", op=op)
+    _check_rank("k", k, 4, "[B, T, H, K]", op=op)
+    _check_rank("v", v, 4, "[B, T, HV, V]", op=op)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=op)
+    _check_heads(q, k, v, op=op)
+    for name, info, dtypes in (("g", g, ("float32",)), ("beta", beta, ("float32", q.dtype))):
+        _check_rank(name, info, 3, "[B, T, HV]", op=op)
+        _check_dtype(name, info, dtypes, op=op)
+        _check_dim(name, f"{name}.shape", info.shape, (B, T, HV), "[B, T, HV] from q and v", op=op)
+    chunks_per_row = _check_varlen(B, T, cu_seqlens, chunk_indices, cu_seqlens_values, op=op)
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        _check_rank("initial_state", initial_state, 4, "[N, HV, K, V]", op=op)
+        _check_dtype("initial_state", initial_state, ("float32",), op=op)
+        _check_dim("initial_state", "initial_state.shape", initial_state.shape, (N, HV, K, V),
+                   "[N, HV, K, V]: one state per sequence", op=op)
+    _check_devices([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", initial_state),
+                    ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices)], op=op)
+    problem = ForwardProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, num_chunks_total=B * chunks_per_row,
+                             varlen=cu_seqlens is not None, dtype=q.dtype, beta_dtype=beta.dtype,
+                             use_initial_state=initial_state is not None,
+                             output_final_state=bool(output_final_state))
+    if problem.chunk_o().num_programs > MAX_GRID_ROWS:
+        _fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head, V tile) programs",
+              f"{problem.chunk_o().num_programs}", op=op)
     return problem

@@ -4,6 +4,7 @@ share."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import triton as plgpu
 
@@ -46,3 +47,53 @@ def array_info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> spec.Arr
 def resolve_interpret(interpret: bool | None) -> bool:
     """interpret=None: the Pallas interpreter unless JAX's default backend is a GPU (compiled Triton lowering)."""
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
+"""B·T bound of the kernels' int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1)
+must not wrap negative, or a masked-off row would pass the mask o_t < eos."""
+
+
+def check_token_rows(B: int, T: int, *, op: str) -> None:
+    """Refuse B·T beyond the int32 token rows of the Pallas kernels (the Lowering indexes refs with int32)."""
+    if B * T > MAX_TOKEN_ROWS:
+        raise ValueError(f"{op}: q: expected B·T <= {MAX_TOKEN_ROWS} (int32 token rows in the Pallas kernels); "
+                         f"got B·T = {B * T}")
+
+
+_FLOAT32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+                 "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32}
+
+
+def float32_dot_precision(interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
+    """spec.FLOAT32_DOT_PRECISION as a JAX dot precision; XLA:CPU (interpret mode) has no TF32 presets and
+    runs the IEEE float32 dot instead."""
+    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.FLOAT32_DOT_PRECISION]
+
+
+def _host_values(x) -> np.ndarray | None:
+    """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
+        return None
+    return np.asarray(x)
+
+
+def host_cu_seqlens(cu_seqlens, chunk_indices, *, op: str) -> np.ndarray | None:
+    """The host values of cu_seqlens for the contract check and for building chunk_indices: read when on the
+    host, or when chunk_indices is missing (a device→host copy, as the Triton backend does); None when not
+    at hand. Raises when cu_seqlens is traced (under jax.jit) and chunk_indices is missing."""
+    if cu_seqlens is None or is_tracer(cu_seqlens):
+        if cu_seqlens is not None and chunk_indices is None:
+            raise ValueError(
+                f"{op}: chunk_indices: expected chunk_indices when cu_seqlens is traced (under jax.jit); got "
+                "None. Build them on the host with gdn.common.spec.prepare_chunk_indices(cu_seqlens, "
+                "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length")
+        return None
+    return _host_values(cu_seqlens) if chunk_indices is not None else np.asarray(cu_seqlens)
+
+
+def as_index(x) -> jax.Array | None:
+    """int32 device copy of an index array (numpy int64 included, which jnp would narrow anyway without x64)."""
+    return None if x is None else jnp.asarray(x, jnp.int32)

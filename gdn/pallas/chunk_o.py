@@ -23,12 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-from gdn.pallas.arrays import CompilerParams, array_info, call_device, is_tracer, resolve_interpret
-
-_MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
-"""B·T bound of the int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1) must
-not wrap negative, or a masked-off row would pass the mask o_t < eos."""
-
+from gdn.pallas.arrays import (CompilerParams, array_info, as_index, call_device, check_token_rows,
+                              float32_dot_precision, host_cu_seqlens, resolve_interpret)
 
 def chunk_fwd_o_kernel(
     q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
@@ -100,18 +96,12 @@ def chunk_fwd_o_kernel(
     plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
 
 
-_FLOAT32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-                 "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32}
-
-
-def _float32_dot_precision(interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
-    """spec.FLOAT32_DOT_PRECISION as a JAX dot precision; XLA:CPU (interpret mode) has no TF32 presets and
-    runs the IEEE float32 dot instead."""
-    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.FLOAT32_DOT_PRECISION]
-
-
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
-def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool):
+def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool):
+    """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None); jitted, and
+    inlined into a caller's jit (gdn.pallas.forward's stage 3)."""
+    if problem.num_programs == 0:
+        return jnp.zeros(v.shape, v.dtype)
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     tiling = problem.tiling
     # Row-major views with the token axis flattened (free in XLA); absent optional inputs become 1-element
@@ -126,7 +116,7 @@ def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Ch
         chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=_float32_dot_precision(interpret) if problem.dtype == "float32" else None,
+        DOT_PRECISION=float32_dot_precision(interpret) if problem.dtype == "float32" else None,
     )
     # Every o element of a real token is stored by exactly one program (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no
@@ -141,20 +131,6 @@ def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Ch
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(*flat, g, cu_seqlens, chunk_indices, scale)
     return o.reshape(B, T, HV, V)
-
-
-def _host_values(x) -> np.ndarray | None:
-    """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
-    if isinstance(x, np.ndarray):
-        return x
-    if is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
-        return None
-    return np.asarray(x)
-
-
-def _as_index(x) -> jax.Array | None:
-    """int32 device copy of an index array (numpy int64 included, which jnp would narrow anyway without x64)."""
-    return None if x is None else jnp.asarray(x, jnp.int32)
 
 
 def chunk_fwd_o(
@@ -179,30 +155,17 @@ def chunk_fwd_o(
     argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
     """
     device = call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
-    cu_values = None
-    if cu_seqlens is not None and not is_tracer(cu_seqlens):
-        cu_values = (_host_values(cu_seqlens) if chunk_indices is not None
-                     else np.asarray(cu_seqlens))  # no chunk_indices: read it anyway, as the Triton backend does
-    if cu_seqlens is not None and chunk_indices is None and cu_values is None:
-        raise ValueError(
-            "chunk_fwd_o: chunk_indices: expected chunk_indices when cu_seqlens is traced (under jax.jit); got "
-            "None. Build them on the host with gdn.common.spec.prepare_chunk_indices(cu_seqlens, "
-            "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length, and pass them with an h "
-            "of num_rows chunk rows")
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
     problem = spec.validate_chunk_o_inputs(
         *(array_info(name, x, device) for name, x in (("q", q), ("k", k), ("v", v), ("h", h), ("g", g),
                                                       ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices))),
         cu_seqlens_values=cu_values)
-    if problem.B * problem.T > _MAX_TOKEN_ROWS:
-        raise ValueError(f"chunk_fwd_o: q: expected B·T <= {_MAX_TOKEN_ROWS} (int32 token rows in the Pallas "
-                         f"kernel); got B·T = {problem.B * problem.T}")
+    check_token_rows(problem.B, problem.T, op=spec.CHUNK_O_OP)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = spec.prepare_chunk_indices(cu_values)
-    if problem.num_programs == 0:
-        return jnp.zeros(v.shape, v.dtype)
     if scale is None:
         scale = spec.default_scale(problem.K)
-    return _launch(q, k, v, h, g, scale, _as_index(cu_seqlens), _as_index(chunk_indices),
+    return launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices),
                    problem=problem, interpret=resolve_interpret(interpret))
 
 
@@ -240,4 +203,4 @@ def warmup(
 def compiled_variants() -> int:
     """Number of chunk_fwd_o programs compiled in this process (entries of the internal jit cache: one per
     input shape, dtype and flag combination)."""
-    return _launch._cache_size()
+    return launch._cache_size()

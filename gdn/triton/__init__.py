@@ -1,6 +1,7 @@
 """gdn for PyTorch: Triton kernels. Importing this never imports jax."""
 
 from gdn.triton.chunk_o import chunk_fwd_o, compiled_variants, warmup
+from gdn.triton.forward import chunk_gated_delta_rule
 from gdn.triton.recurrent import decode_step
 
-__all__ = ["chunk_fwd_o", "compiled_variants", "decode_step", "warmup"]
+__all__ = ["chunk_fwd_o", "chunk_gated_delta_rule", "compiled_variants", "decode_step", "warmup"]

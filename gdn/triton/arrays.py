@@ -28,3 +28,13 @@ def array_info(key: TensorKey) -> spec.ArrayInfo:
     """The spec's framework-neutral view of a (shape, dtype, device) key."""
     shape, dtype, device = key
     return spec.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
+
+
+def host_cu_seqlens(cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> tuple[int, ...] | None:
+    """The values of cu_seqlens for the contract check and for building chunk_indices: read when it is on the
+    host, or when chunk_indices is missing (then a device→host copy, a sync); None when not read."""
+    if cu_seqlens is None or cu_seqlens.dim() != 1:
+        return None
+    if chunk_indices is None or cu_seqlens.device.type == "cpu":
+        return tuple(cu_seqlens.tolist())
+    return None

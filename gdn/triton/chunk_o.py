@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import TensorKey, array_info, tensor_key
+from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -118,9 +118,7 @@ def chunk_fwd_o(
     """
     args = (q, k, v, h, g, cu_seqlens, chunk_indices)
     keys = tuple(tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
-    cu_values = None
-    if cu_seqlens is not None and (chunk_indices is None or cu_seqlens.device.type == "cpu"):
-        cu_values = tuple(cu_seqlens.tolist()) if cu_seqlens.dim() == 1 else None
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
     problem = _validated(keys, cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)

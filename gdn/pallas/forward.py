@@ -1,0 +1,286 @@
+"""chunk_gated_delta_rule for JAX: the whole chunked Gated DeltaNet forward in three Pallas kernels (Triton
+lowering on GPU), the same algorithm, names and grids as gdn.triton.forward.
+
+prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o.
+Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule). Refs are whole arrays with the
+token axis flattened (k [B·T, H, K]; v, u, v_new [B·T, HV, V]; w [B·T, HV, K]; g, beta, g_c [B·T, HV];
+h [B·NT, HV, K, V]; states [N·HV, K, V]), read and written with masked plgpu.load / plgpu.store as in
+gdn.pallas.chunk_o.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from gdn.common import spec
+from gdn.pallas.arrays import (CompilerParams, array_info, as_index, call_device, check_token_rows,
+                               float32_dot_precision, host_cu_seqlens, resolve_interpret)
+from gdn.pallas.chunk_o import launch as launch_chunk_o
+
+
+def _chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
+    """(first token row, end row) of global chunk i_tg in the packed T axis; an empty span for a PAD_CHUNK row."""
+    if IS_VARLEN:
+        i_n = chunk_indices[i_tg, 0]
+        i_t = jnp.maximum(chunk_indices[i_tg, 1], 0)
+        bos = cu_seqlens[jnp.maximum(i_n, 0)]
+        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
+    else:
+        NT = pl.cdiv(T, BT)
+        bos = (i_tg // NT) * T
+        eos = bos + T
+        i_t = i_tg % NT
+    return bos + i_t * BT, eos
+
+
+def chunk_prepare_kernel(
+    k, v, g, beta, cu_seqlens, chunk_indices, g_cum, w, u, *,
+    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, BS: int, IS_VARLEN: bool,
+    DOT_PRECISION, MERGE_PRECISION,
+):
+    # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
+    i_flat = pl.program_id(0)
+    i_hv = i_flat % HV
+    i_tg = i_flat // HV
+    i_h = i_hv // (HV // H)
+    t0, eos = _chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=IS_VARLEN)
+    o_i = jnp.arange(BT, dtype=jnp.int32)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+
+    def dot(a, b, precision=DOT_PRECISION):
+        return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+    # g_c: chunk-local cumulative sum of the log-gates (padding rows add 0)
+    b_g = jnp.cumsum(plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0), axis=0)  # [BT]
+    plgpu.store(g_cum.at[o_t, i_hv], b_g, mask=m_t)
+    b_beta = plgpu.load(beta.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT]
+
+    # A = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j)): [BT, BK] @ [BK, BT] summed over K steps
+    b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_A += dot(b_k, b_k.T)
+    m_lower = o_i[:, None] > o_i[None, :]
+    b_A = b_A * b_beta[:, None] * jnp.exp(jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
+
+    # (I + A)⁻¹. D⁻¹ first: column-oriented forward substitution on the BT/BS diagonal blocks at once. At step
+    # j, row j of every block is final; every later row i of its block takes X[i] -= A[i, j]·X[j]. Both D⁻¹
+    # and A's diagonal blocks are block-diagonal, so column j of each block and row j of X, each gathered as a
+    # masked sum, are [BT] vectors that line up with the rows and columns they update.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
+    b_Ad = jnp.where(m_block, b_A, 0)
+    b_eye = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32)
+    b_Dinv = b_eye
+    for j in range(BS - 1):
+        b_col = jnp.sum(jnp.where((o_i % BS == j)[None, :], b_Ad, 0), axis=1)  # [BT]: A[i, block(i)·BS + j]
+        b_row = jnp.sum(jnp.where((o_i % BS == j)[:, None], b_Dinv, 0), axis=0)  # [BT]: X[block(c)·BS + j, c]
+        b_Dinv -= jnp.where(m_block, b_col[:, None] * b_row[None, :], 0)
+    # merge (float32 operands, spec.FLOAT32_DOT_PRECISION whatever the input dtype):
+    # (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L strictly block-lower, N⁴ = 0 (BT = 4·BS):
+    # (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²)
+    b_N = dot(b_Dinv, jnp.where(m_block, 0, b_A), MERGE_PRECISION)
+    b_N2 = dot(b_N, b_N, MERGE_PRECISION)
+    b_M = b_N2 - b_N - dot(b_N, b_N2, MERGE_PRECISION) + b_eye
+    b_Ai = dot(b_M, b_Dinv, MERGE_PRECISION)  # [BT, BT] float32
+
+    # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
+    b_Ai_in = b_Ai.astype(k.dtype)
+    b_kscale = b_beta * jnp.exp(b_g)
+    for k0 in range(0, K, BK):
+        o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)
+        b_w = dot(b_Ai_in, (b_k * b_kscale[:, None]).astype(b_k.dtype))
+        plgpu.store(w.at[o_t[:, None], i_hv, o_k[None, :]], b_w.astype(w.dtype), mask=m_tk)
+    for v0 in range(0, V, BV):
+        o_v = v0 + jnp.arange(BV, dtype=jnp.int32)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)
+        b_u = dot(b_Ai_in, (b_v * b_beta[:, None]).astype(b_v.dtype))
+        plgpu.store(u.at[o_t[:, None], i_hv, o_v[None, :]], b_u.astype(u.dtype), mask=m_tv)
+
+
+def chunk_states_kernel(
+    k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, h, v_new, final_state, *,
+    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
+    USE_INITIAL_STATE: bool, STORE_FINAL_STATE: bool, IS_VARLEN: bool, DOT_PRECISION,
+):
+    # One program per (V tile, sequence·value head) walks the sequence's chunks in order with its [BK, BV]
+    # float32 slice of S in registers: the V columns of S never mix.
+    i_v = pl.program_id(0)
+    i_nh = pl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos, eos, first_chunk = cu_seqlens[i_n], cu_seqlens[i_n + 1], chunk_offsets[i_n]
+    else:
+        bos = i_n * T
+        eos = bos + T
+        first_chunk = i_n * pl.cdiv(T, BT)
+    NT = pl.cdiv(eos - bos, BT) if IS_VARLEN else pl.cdiv(T, BT)
+
+    o_i = jnp.arange(BT, dtype=jnp.int32)
+    o_k = jnp.arange(BK, dtype=jnp.int32)
+    m_k = o_k < K
+    o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    def dot(a, b):
+        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+
+    def chunk(i_t, b_s):
+        o_t = bos + i_t * BT + o_i
+        m_t = o_t < eos
+        # h[c] = S, the state the chunk starts from
+        plgpu.store(h.at[first_chunk + i_t, i_hv, o_k[:, None], o_v[None, :]], b_s.astype(h.dtype), mask=m_kv)
+        # v_new = u − w·S: [BT, BK] @ [BK, BV]
+        b_w = plgpu.load(w.at[o_t[:, None], i_hv, o_k[None, :]], mask=m_t[:, None] & m_k[None, :], other=0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)
+        b_v = b_u.astype(jnp.float32) - dot(b_w, b_s.astype(b_w.dtype))
+        plgpu.store(v_new.at[o_t[:, None], i_hv, o_v[None, :]], b_v.astype(v_new.dtype), mask=m_tv)
+        # S = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new): [BK, BT] @ [BT, BV]
+        b_g = plgpu.load(g_cum.at[o_t, i_hv], mask=m_t, other=0)
+        b_g_last = g_cum[jnp.minimum(bos + (i_t + 1) * BT, eos) - 1, i_hv]
+        b_v = b_v * jnp.where(m_t, jnp.exp(b_g_last - b_g), 0)[:, None]
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_t[:, None] & m_k[None, :], other=0)
+        return b_s * jnp.exp(b_g_last) + dot(b_k.T, b_v.astype(b_k.dtype))
+
+    b_s = jnp.zeros([BK, BV], dtype=jnp.float32)
+    if USE_INITIAL_STATE:
+        b_s += plgpu.load(initial_state.at[i_nh, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
+    b_s = jax.lax.fori_loop(0, NT, chunk, b_s)
+    if STORE_FINAL_STATE:
+        plgpu.store(final_state.at[i_nh, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+
+
+def _dot_precision(problem: spec.ForwardProblem, interpret: bool):
+    return float32_dot_precision(interpret) if problem.dtype == "float32" else None
+
+
+def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool):
+    """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
+    in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None."""
+    B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
+    shapes = {"g_cum": ((B, T, HV), jnp.float32), "w": ((B, T, HV, K), k.dtype), "u": ((B, T, HV, V), v.dtype)}
+    if problem.num_chunks_total * HV == 0:
+        return tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes.values())
+    tiling = problem.prepare
+    kernel = functools.partial(
+        chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=_dot_precision(problem, interpret), MERGE_PRECISION=float32_dot_precision(interpret))
+    # Every element of a real token is stored by exactly one program (chunks tile each sequence), as with
+    # torch.empty in the Triton backend.
+    g_cum, w, u = pl.pallas_call(
+        kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct((B * T,) + shape[2:], dtype) for shape, dtype in shapes.values()),
+        grid=(problem.num_chunks_total * HV,),
+        interpret=interpret,
+        name="chunk_prepare_kernel",
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV),
+      _placeholder_index(cu_seqlens, (2,)), _placeholder_index(chunk_indices, (1, 2)))
+    return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
+
+
+def _placeholder_index(x, shape: tuple[int, ...]):
+    """x, or an int32 placeholder of the given shape that the kernels' static flags never read."""
+    return jnp.zeros(shape, jnp.int32) if x is None else x
+
+
+def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool):
+    """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
+    [N, HV, K, V] float32 or None). With cu_seqlens (int32), h has the chunk rows of the problem."""
+    B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
+    rows = problem.num_chunks_total
+    if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one (zero-size refs cannot be read)
+        final = None
+        if problem.output_final_state:
+            final = jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state
+        return jnp.zeros((B, rows // max(B, 1), HV, K, V), k.dtype), jnp.zeros(u.shape, u.dtype), final
+    chunk_offsets = None
+    if problem.varlen:  # first h row of each sequence
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
+        chunk_offsets = jnp.cumsum(counts) - counts
+    tiling = problem.state
+    kernel = functools.partial(
+        chunk_states_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
+        STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=_dot_precision(problem, interpret))
+    initial = (jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
+               else initial_state.reshape(N * HV, K, V))
+    h, v_new, final_state = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((max(rows, 1), HV, K, V), k.dtype),
+                   jax.ShapeDtypeStruct((B * T, HV, V), u.dtype),
+                   jax.ShapeDtypeStruct((N * HV, K, V) if problem.output_final_state else (1, 1, 1), jnp.float32)),
+        grid=problem.state_grid,
+        interpret=interpret,
+        name="chunk_states_kernel",
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )(k.reshape(B * T, H, K), w.reshape(B * T, HV, K), u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
+      initial, _placeholder_index(cu_seqlens, (2,)), _placeholder_index(chunk_offsets, (1,)))
+    final_state = final_state.reshape(N, HV, K, V) if problem.output_final_state else None
+    return h[:rows].reshape(B, rows // max(B, 1), HV, K, V), v_new.reshape(B, T, HV, V), final_state
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "interpret"))
+def _forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
+             problem: spec.ForwardProblem, interpret: bool):
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
+    h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens, interpret=interpret)
+    o = launch_chunk_o(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, problem=problem.chunk_o(),
+                       interpret=interpret)
+    return o, final_state
+
+
+def chunk_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    scale: float | jax.Array | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: jax.Array | np.ndarray | None = None,
+    chunk_indices: jax.Array | np.ndarray | None = None,
+    *,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
+
+    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA); v [B, T, HV, V]; g [B, T, HV] float32
+    per-token log-gate (≤ 0, natural-log units, not cumulative); beta [B, T, HV] float32 or q's dtype;
+    initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
+    output_final_state. scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
+    cu_seqlens [N + 1] and chunk_indices as for gdn.pallas.chunk_fwd_o (under jax.jit chunk_indices must be
+    passed). Every array argument may be traced. interpret=None runs the Pallas interpreter unless the
+    default backend is a GPU.
+    """
+    args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state,
+            "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
+    device = call_device(*args.values())
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
+    problem = spec.validate_forward_inputs(
+        *(array_info(name, x, device, op=spec.FORWARD_OP) for name, x in args.items()),
+        cu_seqlens_values=cu_values, output_final_state=output_final_state)
+    check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)
+    if cu_seqlens is not None and chunk_indices is None:
+        chunk_indices = spec.prepare_chunk_indices(cu_values)
+    if scale is None:
+        scale = spec.default_scale(problem.K)
+    return _forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
+                    problem=problem, interpret=resolve_interpret(interpret))

@@ -1,0 +1,268 @@
+"""chunk_gated_delta_rule for PyTorch: the whole chunked Gated DeltaNet forward in three Triton kernels.
+
+prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o.
+Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule); tilings: spec.prepare_tiling,
+spec.state_tiling, spec.tiling_for. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks,
+b_ register tiles, BT = CHUNK_SIZE).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from gdn.common import spec
+from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
+from gdn.triton.chunk_o import launch as launch_chunk_o
+
+
+@triton.jit
+def _chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token row, end row) of global chunk i_tg in the packed T axis (int64); an empty span for a
+    PAD_CHUNK row."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_tg * 2)
+        i_t = tl.maximum(tl.load(chunk_indices + i_tg * 2 + 1), 0)
+        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0)).to(tl.int64)
+        eos = tl.where(i_n < 0, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1).to(tl.int64))
+    else:
+        NT = tl.cdiv(T, BT)
+        bos = (i_tg // NT).to(tl.int64) * T
+        eos = bos + T
+        i_t = i_tg % NT
+    return bos + i_t * BT, eos
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_prepare_kernel(
+    k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_PRECISION: tl.constexpr,
+):
+    # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
+    i_flat = tl.program_id(0)
+    i_hv = i_flat % HV
+    i_tg = i_flat // HV
+    i_h = i_hv // (HV // H)
+    t0, eos = _chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i  # [BT] token rows (int64)
+    m_t = o_t < eos
+    p_k_rows = (o_t * H + i_h) * K
+    p_g = o_t * HV + i_hv
+
+    # g_c: chunk-local cumulative sum of the log-gates (padding rows add 0)
+    b_g = tl.cumsum(tl.load(g + p_g, mask=m_t, other=0), axis=0)  # [BT]
+    tl.store(g_cum + p_g, b_g, mask=m_t)
+    b_beta = tl.load(beta + p_g, mask=m_t, other=0).to(tl.float32)  # [BT]
+
+    # A = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j)): [BT, BK] @ [BK, BT] summed over K steps
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
+    m_lower = o_i[:, None] > o_i[None, :]
+    b_A = b_A * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
+
+    # (I + A)⁻¹. D⁻¹ first: column-oriented forward substitution on the BT/BS diagonal blocks at once. At step
+    # j, row j of every block is final; every later row i of its block takes X[i] -= A[i, j]·X[j]. Both D⁻¹
+    # and A's diagonal blocks are block-diagonal, so column j of each block and row j of X, each gathered as a
+    # masked sum, are [BT] vectors that line up with the rows and columns they update.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
+    b_Ad = tl.where(m_block, b_A, 0)
+    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_Dinv = b_eye
+    for j in tl.static_range(0, BS - 1):
+        b_col = tl.sum(tl.where((o_i % BS == j)[None, :], b_Ad, 0), axis=1)  # [BT]: A[i, block(i)·BS + j]
+        b_row = tl.sum(tl.where((o_i % BS == j)[:, None], b_Dinv, 0), axis=0)  # [BT]: X[block(c)·BS + j, c]
+        b_Dinv -= tl.where(m_block, b_col[:, None] * b_row[None, :], 0)
+    # merge (float32 operands, spec.FLOAT32_DOT_PRECISION whatever the input dtype):
+    # (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L strictly block-lower, N⁴ = 0 (BT = 4·BS):
+    # (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²)
+    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=MERGE_PRECISION)
+    b_N2 = tl.dot(b_N, b_N, input_precision=MERGE_PRECISION)
+    b_M = b_N2 - b_N - tl.dot(b_N, b_N2, input_precision=MERGE_PRECISION) + b_eye
+    b_Ai = tl.dot(b_M, b_Dinv, input_precision=MERGE_PRECISION)  # [BT, BT] float32
+
+    # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
+    b_Ai_in = b_Ai.to(k.dtype.element_ty)
+    b_kscale = b_beta * tl.exp(b_g)
+    for k0 in tl.static_range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tk, other=0)
+        b_w = tl.dot(b_Ai_in, (b_k * b_kscale[:, None]).to(b_k.dtype), input_precision=DOT_PRECISION)
+        tl.store(w + (p_g * K)[:, None] + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
+    for v0 in tl.static_range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + (p_g * V)[:, None] + o_v[None, :], mask=m_tv, other=0)
+        b_u = tl.dot(b_Ai_in, (b_v * b_beta[:, None]).to(b_v.dtype), input_precision=DOT_PRECISION)
+        tl.store(u + (p_g * V)[:, None] + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_states_kernel(
+    k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program per (V tile, sequence·value head) walks the sequence's chunks in order with its [BK, BV]
+    # float32 slice of S in registers: the V columns of S never mix.
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    NT = tl.cdiv(eos - bos, BT)
+
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]  # [BK, BV] in initial/final state
+
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(initial_state + p_state, mask=m_kv, other=0)
+    for i_t in range(0, NT):
+        o_t = bos + i_t * BT + o_i
+        m_t = o_t < eos
+        p_rows = o_t * HV + i_hv  # [BT] rows of w, u, v_new, g_cum
+        # h[c] = S, the state the chunk starts from
+        p_h = h + ((first_chunk + i_t) * HV + i_hv) * (K * V)
+        tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_kv)
+        # v_new = u − w·S: [BT, BK] @ [BK, BV]
+        b_w = tl.load(w + (p_rows * K)[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_tv, other=0)
+        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=DOT_PRECISION)
+        tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        # S = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new): [BK, BT] @ [BT, BV]
+        b_g = tl.load(g_cum + p_rows, mask=m_t, other=0)
+        b_g_last = tl.load(g_cum + (tl.minimum(bos + (i_t + 1) * BT, eos) - 1) * HV + i_hv)
+        b_v = b_v * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
+        b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0)
+        b_s = b_s * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), input_precision=DOT_PRECISION)
+    if STORE_FINAL_STATE:
+        tl.store(final_state + p_state, b_s, mask=m_kv)
+
+
+_ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None,
+               output_final_state: bool) -> spec.ForwardProblem:
+    """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
+    infos = [None if key is None else array_info(key) for key in keys]
+    values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
+    return spec.validate_forward_inputs(*infos, cu_seqlens_values=values, output_final_state=output_final_state)
+
+
+def _dot_precision(problem: spec.ForwardProblem) -> str:
+    return spec.FLOAT32_DOT_PRECISION if problem.dtype == "float32" else "tf32"
+
+
+def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+            beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
+    in k's dtype."""
+    B, T, HV = problem.B, problem.T, problem.HV
+    g_cum = torch.empty_like(g)
+    w = torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device)
+    u = torch.empty_like(v)
+    if problem.num_chunks_total * HV == 0:
+        return g_cum, w, u
+    tiling = problem.prepare
+    chunk_prepare_kernel[(problem.num_chunks_total * HV,)](
+        k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
+        H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(problem),
+        MERGE_PRECISION=spec.FLOAT32_DOT_PRECISION,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    return g_cum, w, u
+
+
+def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+           g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
+    [N, HV, K, V] float32 or None). With cu_seqlens, h has the chunk rows of prepare_chunk_indices."""
+    B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
+    h = torch.empty((B, problem.num_chunks_total // max(B, 1), HV, K, V), dtype=k.dtype, device=k.device)
+    v_new = torch.empty_like(u)
+    final_state = (torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device)
+                   if problem.output_final_state else None)
+    chunk_offsets = None
+    if problem.varlen:  # first h row of each sequence, on the device: no host sync
+        counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
+                           rounding_mode="floor")
+        chunk_offsets = torch.cumsum(counts, 0) - counts
+    if problem.N * HV == 0:
+        return h, v_new, final_state
+    tiling = problem.state
+    chunk_states_kernel[problem.state_grid](
+        k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T,
+        H=problem.H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v,
+        USE_INITIAL_STATE=problem.use_initial_state, STORE_FINAL_STATE=problem.output_final_state,
+        IS_VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(problem),
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    return h, v_new, final_state
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
+
+    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA); v [B, T, HV, V]; g [B, T, HV] float32
+    per-token log-gate (≤ 0, natural-log units, not cumulative); beta [B, T, HV] float32 or q's dtype;
+    initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
+    output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] and chunk_indices as
+    for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once).
+    """
+    args = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices)
+    keys = tuple(tensor_key(name, x, op=spec.FORWARD_OP) for name, x in zip(_ARG_NAMES, args))
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
+    problem = _validated(keys, cu_values, bool(output_final_state))
+    if cu_seqlens is not None and chunk_indices is None:
+        chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices)
+    h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens)
+    o = torch.empty_like(v)
+    scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    chunk_o = problem.chunk_o()
+    launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
+    return o, final_state
