@@ -1,7 +1,7 @@
 """One adapter per backend, so every test body is written once and parametrized over backends.
 
-Each adapter turns OpInputs (numpy) into its framework's arrays, calls chunk_fwd_o (run) or decode_step and
-returns numpy float64.
+Each adapter turns OpInputs (numpy) into its framework's arrays, calls chunk_fwd_o (run), decode_step,
+chunk_gated_delta_rule (forward) or its first two stages (stages), and returns numpy float64.
 Triton runs compiled on CUDA when torch sees a GPU, else through TRITON_INTERPRET=1 (set in conftest.py).
 Pallas runs compiled when JAX's default backend is a GPU, else in interpret mode.
 """
@@ -12,6 +12,7 @@ import functools
 
 import numpy as np
 
+from gdn.common import spec
 from tests.cases import OpInputs
 
 
@@ -70,6 +71,35 @@ class TritonBackend:
         o, state = decode_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], inputs.scale)
         return self.numpy(o), self.numpy(state)
 
+    def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        from gdn.triton import chunk_gated_delta_rule
+
+        a = self.convert(inputs)
+        self.poison(a["v"], a["v"], a["v"])  # u, v_new and o are v-sized
+        o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
+                                          output_final_state=output_final_state)
+        return self.numpy(o), None if state is None else self.numpy(state)
+
+    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+        from gdn.triton import forward
+        from gdn.triton.arrays import array_info, tensor_key
+
+        a = self.convert(inputs)
+        problem = spec.validate_forward_inputs(
+            *(None if a[n] is None else array_info(tensor_key(n, a[n])) for n in FORWARD_ARGS),
+            cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
+        cu = a["cu_seqlens"]
+        ci = None if cu is None else self.torch.from_numpy(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))
+        g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu,
+                                      None if ci is None else ci.to(cu.device))
+        h, v_new, final_state = forward.states(problem, a["k"], w, u, g_cum, a["initial_state"], cu)
+        return {name: self.numpy(x) for name, x in
+                zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
+
+
+FORWARD_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
+STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
+
 
 class PallasBackend:
     name = "pallas"
@@ -101,6 +131,32 @@ class PallasBackend:
         a = self.convert(inputs)
         o, state = decode_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], inputs.scale)
         return self.numpy(o), self.numpy(state)
+
+    def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        from gdn.pallas import chunk_gated_delta_rule
+
+        a = self.convert(inputs)
+        o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
+                                          output_final_state=output_final_state)
+        return self.numpy(o), None if state is None else self.numpy(state)
+
+    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+        from gdn.pallas import forward
+        from gdn.pallas.arrays import array_info, as_index, call_device, resolve_interpret
+
+        a = self.convert(inputs)
+        device = call_device(*a.values())
+        problem = spec.validate_forward_inputs(
+            *(array_info(n, a[n], device) for n in FORWARD_ARGS),
+            cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
+        cu = as_index(a["cu_seqlens"])
+        ci = None if cu is None else as_index(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))
+        interpret = resolve_interpret(None)
+        g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu, ci, interpret=interpret)
+        h, v_new, final_state = forward.states(problem, a["k"], w, u, g_cum, a["initial_state"], cu,
+                                               interpret=interpret)
+        return {name: self.numpy(x) for name, x in
+                zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
 
 
 BACKENDS = {backend.name: backend for backend in (TritonBackend(), PallasBackend())}

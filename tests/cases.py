@@ -145,3 +145,71 @@ DECODE_CASES: list[DecodeCase] = [
     DecodeCase(N=3, H=1, HV=2, K=48, V=100),
     DecodeCase(N=1, H=2, HV=2, K=128, V=128),
 ]
+
+
+FORWARD_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+"""max |x − x_ref| / max |x_ref| for chunk_gated_delta_rule's o and final state against the token-by-token
+reference: the 16-bit paths round w, u, v_new, h and (I + A)⁻¹ to the input dtype before their tensor-core
+dots, as FLA does; float32 runs tf32x3 dots (exact float32 in the interpreters)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardCase:
+    """One chunk_gated_delta_rule problem. seqlens set → varlen (B = 1, packed along T)."""
+
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    B: int = 1
+    seqlens: tuple[int, ...] | None = None
+    initial_state: bool = True
+
+    @property
+    def id(self) -> str:
+        lengths = f"varlen{list(self.seqlens)}".replace(" ", "") if self.seqlens else f"B{self.B}-T{self.T}"
+        return f"{lengths}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}-{'s0' if self.initial_state else 'nos0'}"
+
+    @property
+    def cu_seqlens(self) -> np.ndarray | None:
+        return None if self.seqlens is None else np.cumsum((0,) + self.seqlens).astype(np.int32)
+
+    @property
+    def N(self) -> int:
+        return self.B if self.seqlens is None else len(self.seqlens)
+
+    def inputs(self, dtype: str, seed: int = 0) -> OpInputs:
+        """Unit-norm q, k rows (models L2-normalize them), log-sigmoid gates, sigmoid beta, from
+        gdn.common.example.random_recurrent_inputs; initial_state [N, HV, K, V] ~ N(0, 1) or None."""
+        arrays = random_recurrent_inputs(self.B, self.T, self.H, self.HV, self.K, self.V, dtype, seed)
+        initial = np.random.default_rng(seed + 1).standard_normal((self.N, self.HV, self.K, self.V))
+        arrays["initial_state"] = initial.astype(np.float32) if self.initial_state else None
+        arrays.update(cu_seqlens=self.cu_seqlens, chunk_indices=None)
+        dtypes = {"q": dtype, "k": dtype, "v": dtype, "g": "float32", "beta": "float32",
+                  "initial_state": "float32", "cu_seqlens": "int32", "chunk_indices": "int32"}
+        return OpInputs(arrays, dtypes)
+
+
+def _forward_varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, **kw) -> ForwardCase:
+    return ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, **kw)
+
+
+FORWARD_CASES: list[ForwardCase] = [
+    # every T of the edge list; B, grouping m = HV / H, K/V (non-powers of two included), initial state rotate
+    ForwardCase(1, 2, 4, 32, 32),
+    ForwardCase(63, 1, 2, 16, 32, B=2, initial_state=False),
+    ForwardCase(64, 2, 2, 32, 16),
+    ForwardCase(65, 1, 2, 48, 40, B=2),
+    ForwardCase(130, 2, 4, 32, 32, initial_state=False),
+    ForwardCase(300, 1, 1, 64, 64),
+    # varlen: empty and 1-token sequences, chunk-boundary lengths
+    _forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 32, 32),
+    _forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
+]
+
+LARGE_FORWARD_CASES: list[ForwardCase] = [
+    # model-sized heads: compiled GPU runs only
+    ForwardCase(2048, 4, 8, 128, 128),
+    _forward_varlen((1, 1000, 63, 700, 0, 300), 2, 4, 128, 128),
+]

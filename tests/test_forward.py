@@ -1,0 +1,195 @@
+"""chunk_gated_delta_rule, one test body for every backend: the token-by-token float64 reference (o and final
+state), each stage against its float64 reference, prefill followed by decode steps, the two backends against
+each other, jax.jit, determinism and the input contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gdn.common import reference, spec
+from tests.backends import BACKENDS
+from tests.cases import (FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs,
+                         seed_of)
+from tests.test_chunk_o import DTYPES
+
+
+def recurrent_reference(inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
+    a = inputs.arrays
+    return reference.recurrent_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], a["beta"], inputs.scale,
+                                                a["initial_state"], True, a["cu_seqlens"])
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
+    assert np.isfinite(out).all(), f"{what}: {np.count_nonzero(~np.isfinite(out))} non-finite values"
+    if ref.size == 0:
+        return
+    rel_err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+    tolerance = FORWARD_TOLERANCE[dtype]
+    assert rel_err <= tolerance, f"{what}: max abs err / max |ref| = {rel_err:.3g} > {tolerance}"
+
+
+def skip_unsupported(backend, dtype: str) -> None:
+    if not backend.supports(dtype):
+        pytest.skip(f"{backend.name} does not run {dtype} on this machine (see tests/backends.py)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
+def test_matches_recurrent_reference(backend, case: ForwardCase, dtype: str) -> None:
+    skip_unsupported(backend, dtype)
+    inputs = case.inputs(dtype, seed=seed_of(case.id))
+    o, final_state = backend.forward(inputs)
+    o_ref, state_ref = recurrent_reference(inputs)
+    assert_close(o, o_ref, dtype, "o")
+    assert_close(final_state, state_ref, dtype, "final_state")
+
+
+@pytest.mark.parametrize("case", [FORWARD_CASES[3], FORWARD_CASES[6]], ids=lambda c: c.id)
+def test_stages_match_their_references(backend, case: ForwardCase) -> None:
+    """prepare (g_c, w, u: (I + A)⁻¹ against a dense float64 solve) and states (h, v_new, final state) on
+    the reference's own inputs, so each stage is checked alone."""
+    inputs = case.inputs("float32", seed=5)
+    a = inputs.arrays
+    out = backend.stages(inputs)
+    g_cum, w, u = reference.chunk_prepare(a["k"], a["v"], a["g"], a["beta"], a["cu_seqlens"])
+    h, v_new, final_state = reference.chunk_states(a["k"], out["w"], out["u"], out["g_cum"],
+                                                   a["initial_state"], a["cu_seqlens"])
+    for name, ref in (("g_cum", g_cum), ("w", w), ("u", u), ("h", h), ("v_new", v_new),
+                      ("final_state", final_state)):
+        assert_close(out[name], ref, "float32", name)
+
+
+def test_inverse_is_exact_for_equal_keys(backend) -> None:
+    """All keys equal, beta = 1, no decay: A is the all-ones strictly lower matrix, whose (I + A)⁻¹ is
+    I − (the ones just below the diagonal) — so w_t = k − k = 0 for t > 0 within a chunk and u_t = v_t − v_{t−1}.
+    The kernels' blocked substitution must reproduce it across the sub-block boundaries (rows 16, 32, 48)."""
+    case = ForwardCase(128, 1, 1, 16, 16)
+    inputs = case.inputs("float32", seed=6)
+    a = inputs.arrays
+    k = np.zeros_like(a["k"])
+    k[..., 0] = 1.0
+    inputs = inputs.replace(k=k, g=np.zeros_like(a["g"]), beta=np.ones_like(a["beta"]))
+    out = backend.stages(inputs)
+    v = inputs.arrays["v"][0, :, 0]
+    expected_u = v.copy()
+    for t0 in range(0, case.T, spec.CHUNK_SIZE):
+        expected_u[t0 + 1:t0 + spec.CHUNK_SIZE] -= v[t0:t0 + spec.CHUNK_SIZE - 1]
+    np.testing.assert_allclose(out["u"][0, :, 0], expected_u, atol=1e-5)
+    expected_w = np.zeros((case.T, case.K))
+    expected_w[::spec.CHUNK_SIZE, 0] = 1.0
+    np.testing.assert_allclose(out["w"][0, :, 0], expected_w, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seqlens", [(1, 64, 65, 129), (2, 63)], ids=str)
+def test_prefill_then_decode_equals_forward(backend, seqlens: tuple[int, ...], dtype: str) -> None:
+    """Prefill every sequence but its last token (one packed varlen call), then decode_step those last tokens
+    from the prefill's final states: their o and the states after them match the forward over all tokens (a
+    padded tail chunk must not leak into the state: transformers #46190). A 1-token sequence prefills nothing."""
+    skip_unsupported(backend, dtype)
+    case = ForwardCase(sum(seqlens), 2, 4, 32, 32, seqlens=seqlens)
+    full = case.inputs(dtype, seed=seed_of(str(seqlens)))
+    last = case.cu_seqlens[1:] - 1  # each sequence's last token
+    prefix_rows = np.setdiff1d(np.arange(case.T), last)
+    per_token = ("q", "k", "v", "g", "beta")
+    prefix = full.replace(**{n: full.arrays[n][:, prefix_rows] for n in per_token},
+                          cu_seqlens=(case.cu_seqlens - np.arange(len(seqlens) + 1)).astype(np.int32))
+    o_full, state_full = backend.forward(full)
+    _, prefill_state = backend.forward(prefix)
+    step = OpInputs({**{n: full.arrays[n][0, last] for n in per_token}, "state": prefill_state.astype(np.float32)},
+                    {**full.dtypes, "state": "float32"})
+    o_step, state_step = backend.decode_step(step)
+    assert_close(o_step, o_full[0, last], dtype, "o of the decoded tokens")
+    assert_close(state_step, state_full, dtype, "final state after decode")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [FORWARD_CASES[4], FORWARD_CASES[6]], ids=lambda c: c.id)
+def test_backends_agree(case: ForwardCase, dtype: str) -> None:
+    """Triton and Pallas on the same inputs: o and final state within the dtype's tolerance of each other."""
+    triton, pallas = BACKENDS["triton"], BACKENDS["pallas"]
+    if not triton.supports(dtype):
+        pytest.skip(f"triton does not run {dtype} on this machine")
+    inputs = case.inputs(dtype, seed=7)
+    o_t, s_t = triton.forward(inputs)
+    o_p, s_p = pallas.forward(inputs)
+    assert_close(o_t, o_p, dtype, "o, triton vs pallas")
+    assert_close(s_t, s_p, dtype, "final_state, triton vs pallas")
+
+
+def test_without_final_state_and_deterministic(backend) -> None:
+    inputs = FORWARD_CASES[6].inputs("float16", seed=8)
+    o, state = backend.forward(inputs, output_final_state=False)
+    assert state is None
+    assert np.array_equal(o, backend.forward(inputs, output_final_state=False)[0])
+
+
+def test_pallas_under_jit_with_padded_chunk_indices() -> None:
+    """jax.jit over a varlen batch: chunk_indices padded to a static length (PAD_CHUNK rows) and traced
+    cu_seqlens give the eager result, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule
+
+    case = FORWARD_CASES[6]
+    inputs = case.inputs("float32", seed=9)
+    args = {n: None if x is None else jnp.asarray(x, inputs.dtypes[n]) for n, x in inputs.arrays.items()}
+    eager_o, eager_state = chunk_gated_delta_rule(**args, output_final_state=True)
+    chunk_indices = jnp.asarray(spec.prepare_chunk_indices(case.cu_seqlens, num_rows=len(
+        spec.prepare_chunk_indices(case.cu_seqlens)) + 3))
+    jitted = jax.jit(lambda q, k, v, g, beta, s0, cu, ci: chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu, chunk_indices=ci))
+    o, state = jitted(args["q"], args["k"], args["v"], args["g"], args["beta"], args["initial_state"],
+                      args["cu_seqlens"], chunk_indices)
+    assert np.array_equal(np.asarray(o), np.asarray(eager_o))
+    assert np.array_equal(np.asarray(state), np.asarray(eager_state))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE_FORWARD_CASES, ids=lambda c: c.id)
+def test_large_bf16_matches_recurrent_reference(backend, case: ForwardCase) -> None:
+    inputs = case.inputs("bfloat16", seed=10)
+    o, final_state = backend.forward(inputs)
+    o_ref, state_ref = recurrent_reference(inputs)
+    assert_close(o, o_ref, "bfloat16", "o")
+    assert_close(final_state, state_ref, "bfloat16", "final_state")
+    print(f"{backend.name} {case.id} bf16: o rel err {np.abs(o - o_ref).max() / np.abs(o_ref).max():.3g}, "
+          f"state rel err {np.abs(final_state - state_ref).max() / np.abs(state_ref).max():.3g}")
+
+
+# The input contract of the forward: what chunk_fwd_o's contract tests do not already cover through the
+# shared checks (spec._check_heads, spec._check_varlen), each mutation with the error and the argument named.
+_BASE = ForwardCase(70, 2, 4, 16, 16)
+_VARLEN_BASE = ForwardCase(70, 2, 4, 16, 16, seqlens=(30, 40))
+
+
+def _mutations() -> list[tuple[str, ForwardCase, dict, dict, type[Exception], str]]:
+    """(id, base case, array replacements, dtype replacements, error, message regex)."""
+    a = _BASE.inputs("float32").arrays
+    return [
+        ("k-shape", _BASE, {"k": a["k"][:, :69]}, {}, ValueError, r"k: expected the shape of q"),
+        ("HV-not-multiple", _BASE, {n: a[n][:, :, :3] for n in ("v", "g", "beta")}
+         | {"initial_state": a["initial_state"][:, :3]}, {}, ValueError, r"v: expected HV = v.shape\[2\]"),
+        ("g-missing", _BASE, {"g": None}, {}, TypeError, r"g: expected an array; got None"),
+        ("g-not-fp32", _BASE, {}, {"g": "float16"}, TypeError, r"g: expected dtype in \('float32',\)"),
+        ("beta-shape", _BASE, {"beta": a["beta"][:, :, :2]}, {}, ValueError, r"beta: expected beta.shape"),
+        ("beta-int", _BASE, {}, {"beta": "int32"}, TypeError, r"beta: expected dtype in"),
+        ("initial-state-fp16", _BASE, {}, {"initial_state": "float16"}, TypeError,
+         r"initial_state: expected dtype in \('float32',\)"),
+        ("initial-state-per-sequence", _VARLEN_BASE, {"initial_state": a["initial_state"]}, {}, ValueError,
+         r"initial_state: expected initial_state.shape = \(2, 4, 16, 16\)"),
+        ("cu-end", _VARLEN_BASE, {"cu_seqlens": np.array([0, 30, 60], np.int32)}, {}, ValueError,
+         r"cu_seqlens: expected cu_seqlens\[-1\] = T = 70"),
+    ]
+
+
+@pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
+def test_contract_errors(backend, mutation) -> None:
+    _, case, arrays, dtypes, error, message = mutation
+    inputs = case.inputs("float32").replace(**arrays)
+    inputs.dtypes.update(dtypes)
+    with pytest.raises(error, match=f"^chunk_gated_delta_rule: {message}"):
+        backend.forward(inputs)
