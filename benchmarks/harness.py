@@ -182,9 +182,12 @@ def time_jax(fn: Callable[..., Any], arg_sets: Sequence[tuple], runs: int = 100,
              batch: int = 1) -> Timing:
     """Wall time per call of a jitted fn: ``batch`` back-to-back calls over rotating argument sets, then
     block_until_ready, divided by batch. batch = 1 is the synchronized per-call time (host dispatch
-    included); batch > 1 pipelines dispatch behind execution and approaches device time."""
+    included); batch > 1 pipelines dispatch behind execution and approaches device time. fn may return an
+    array or any pytree of arrays (e.g. ``(o, final_state)``)."""
+    from jax import block_until_ready
+
     for i in range(warmup):
-        fn(*arg_sets[i % len(arg_sets)]).block_until_ready()
+        block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
     samples = []
     call = 0
     for _ in range(runs):
@@ -192,7 +195,7 @@ def time_jax(fn: Callable[..., Any], arg_sets: Sequence[tuple], runs: int = 100,
         for _ in range(batch):
             out = fn(*arg_sets[call % len(arg_sets)])
             call += 1
-        out.block_until_ready()
+        block_until_ready(out)
         samples.append((time.perf_counter() - start) * 1e6 / batch)
     method = ("jit wall, block_until_ready each call" if batch == 1
               else f"jit wall, {batch} pipelined calls per block_until_ready")
@@ -211,6 +214,22 @@ def host_time_per_call(fn: Callable[[], Any], sync: Callable[[], None], calls: i
     host = time.perf_counter() - start
     sync()
     return host * 1e6 / calls
+
+
+def fresh_process_env(triton_cache_dir: str | os.PathLike) -> dict[str, str]:
+    """os.environ for a cold-start child process: the given (empty) TRITON_CACHE_DIR, no JAX persistent
+    compilation cache, no XLA preallocation, FLA's shipped-config lookup off (it autotunes), unbuffered
+    output, and the repository first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["TRITON_CACHE_DIR"] = str(triton_cache_dir)
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("FLA_CACHE_MODE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
 
 
 def l2_bytes() -> int:

@@ -307,14 +307,7 @@ def _run_child(policy: str, workdir: Path, timeout_s: float) -> tuple[dict | Non
         shutil.rmtree(cache_dir)
     cache_dir.mkdir(parents=True)
     result_path = workdir / f"result-{policy}.json"
-    env = dict(os.environ)
-    env["TRITON_CACHE_DIR"] = str(cache_dir)
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env.pop("FLA_CACHE_MODE", None)  # FLA's shipped-config lookup off (its default): it autotunes
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = harness.fresh_process_env(cache_dir)
     cmd = [sys.executable, "-m", "benchmarks.warmup", "--child", policy, "--result", str(result_path)]
     progress(f"{policy}: fresh subprocess, TRITON_CACHE_DIR={cache_dir}")
     t0 = time.perf_counter()

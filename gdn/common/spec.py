@@ -49,9 +49,9 @@ Three kernels, each with tile height CHUNK_SIZE, per sequence, value head and ch
   1. prepare (one program per chunk and value head; nothing crosses a chunk):
        g_c  = chunk-local cumsum of the log-gates
        A    = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j))_{j<i}
-       T_c  = (I + A)⁻¹, by forward substitution on the CHUNK_SIZE/SUBBLOCK diagonal blocks and the blocked
-              merge (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹, D = I + diag blocks of A, N = D⁻¹·(A below the diagonal
-              blocks), N⁴ = 0 for four blocks: every entry a product of at most 3 blocks, stable in float32
+       T_c  = (I + A)⁻¹, by forward substitution (exact float32) on the four SUBBLOCK×SUBBLOCK diagonal blocks
+              and the blocked merge (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹, D = I + diag blocks of A,
+              N = D⁻¹·(A below the diagonal blocks), N⁴ = 0: every entry a product of at most 3 blocks
        w    = T_c·(beta·exp(g)·k),   u = T_c·(beta·v)
   2. states (one program per sequence, value head and V tile, walking the chunks in order; S float32):
        h[c] = S (stored in k's dtype for stage 3);   v_new = u − w·S
@@ -142,28 +142,34 @@ def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
 
 
 SUBBLOCK = 16
-"""Rows of the diagonal blocks that chunk_gated_delta_rule's prepare kernel inverts by forward substitution."""
+"""Rows of the diagonal blocks that chunk_gated_delta_rule's prepare kernel inverts by forward substitution.
+Its blocked merge (I + N)⁻¹ = (I − N)(I + N²) needs N⁴ = 0: exactly four blocks per chunk."""
+assert CHUNK_SIZE == 4 * SUBBLOCK
 
 
 def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's prepare kernel (A, (I + A)⁻¹, w, u for one chunk and
     value head): K and V walked in block_k / block_v column steps."""
-    # Not tuned yet: 64-column steps as in chunk_fwd_o's K loop; the [BT, BT] float32 A, N and (I + A)⁻¹ tiles
-    # dominate the registers.
+    # 64-column steps as in chunk_fwd_o's K loop; measured on an H100 (bf16, K = V = 128, T = 8192, H = 16:
+    # benchmarks/RESULTS.md): 8 warps lose (390 against 214 µs before the [NB, BS, BS] substitution), one
+    # 128-column step or a second pipeline stage change nothing. At least 32 columns: Triton 3.6 on an H100
+    # computes a 16-bit dot with a 16-column operand built in registers wrongly (w and u garbage at K or
+    # V = 16); wider tiles are masked down to K and V.
     del dtype
-    return Tiling(block_k=min(_next_power_of_2(max(K, MIN_HEAD_DIM)), 64),
-                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 64), num_warps=4, num_stages=1)
+    return Tiling(block_k=min(max(_next_power_of_2(K), 32), 64),
+                  block_v=min(max(_next_power_of_2(V), 32), 64), num_warps=4, num_stages=1)
 
 
 def state_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's states kernel: the whole K (a power of two) by block_v
     columns of S per program; the chunk loop is pipelined num_stages deep."""
-    # The chunk walk is sequential, so its parallelism is sequences × value heads × V tiles: 32 V columns
-    # give 4 tiles at V = 128 (FLA's autotune range is 32–64), with a [K, 32] float32 S of 32 registers per
-    # thread at K = 128.
+    # Measured on an H100 (bf16, K = V = 128, B = 1, T = 8192, H = 16; the sweep in benchmarks/RESULTS.md):
+    # the walk over chunks is sequential, so the time is the chunk count times one chunk's latency, and what
+    # helps is more programs (V tiles) and loads of the next chunks in flight: BV = 16, 4 warps, 3 stages
+    # 137 µs; BV = 32: 163 µs; BV = 64: 216 µs; 2 stages 202 µs; 1 stage 303 µs; 8 warps 170 µs.
     del dtype
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)),
-                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 32), num_warps=4, num_stages=2)
+                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 16), num_warps=4, num_stages=3)
 
 
 def num_chunks(T: int) -> int:

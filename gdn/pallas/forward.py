@@ -71,24 +71,29 @@ def chunk_prepare_kernel(
     m_lower = o_i[:, None] > o_i[None, :]
     b_A = b_A * b_beta[:, None] * jnp.exp(jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
 
-    # (I + A)⁻¹. D⁻¹ first: column-oriented forward substitution on the BT/BS diagonal blocks at once. At step
-    # j, row j of every block is final; every later row i of its block takes X[i] -= A[i, j]·X[j]. Both D⁻¹
-    # and A's diagonal blocks are block-diagonal, so column j of each block and row j of X, each gathered as a
-    # masked sum, are [BT] vectors that line up with the rows and columns they update.
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_Ad = jnp.where(m_block, b_A, 0)
-    b_eye = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32)
-    b_Dinv = b_eye
+    # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
+    # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
+    # block is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
+    NB = BT // BS
+    o_b = jnp.arange(NB, dtype=jnp.int32)
+    o_r = jnp.arange(BS, dtype=jnp.int32)
+    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
+    b_Ab = jnp.sum(jnp.where(m_diag, b_A.reshape(NB, BS, NB, BS), 0), axis=2)  # [NB, BS, BS]
+    b_X = jnp.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + jnp.zeros([NB, BS, BS], jnp.float32)
     for j in range(BS - 1):
-        b_col = jnp.sum(jnp.where((o_i % BS == j)[None, :], b_Ad, 0), axis=1)  # [BT]: A[i, block(i)·BS + j]
-        b_row = jnp.sum(jnp.where((o_i % BS == j)[:, None], b_Dinv, 0), axis=0)  # [BT]: X[block(c)·BS + j, c]
-        b_Dinv -= jnp.where(m_block, b_col[:, None] * b_row[None, :], 0)
-    # merge (float32 operands, spec.FLOAT32_DOT_PRECISION whatever the input dtype):
-    # (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L strictly block-lower, N⁴ = 0 (BT = 4·BS):
-    # (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²)
+        b_col = jnp.sum(jnp.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
+        b_row = jnp.sum(jnp.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
+        b_X -= b_col[:, :, None] * b_row[:, None, :]
+    b_Dinv = jnp.where(m_diag, jnp.broadcast_to(b_X[:, :, None, :], (NB, BS, NB, BS)), 0).reshape(BT, BT)
+    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
+    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
+    # at most three blocks. The float32 dots run at MERGE_PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
+    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
     b_N = dot(b_Dinv, jnp.where(m_block, 0, b_A), MERGE_PRECISION)
     b_N2 = dot(b_N, b_N, MERGE_PRECISION)
-    b_M = b_N2 - b_N - dot(b_N, b_N2, MERGE_PRECISION) + b_eye
+    b_eye = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32)
+    b_M = b_eye - b_N + b_N2 - dot(b_N, b_N2, MERGE_PRECISION)
     b_Ai = dot(b_M, b_Dinv, MERGE_PRECISION)  # [BT, BT] float32
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
@@ -165,7 +170,16 @@ def chunk_states_kernel(
 
 
 def _dot_precision(problem: spec.ForwardProblem, interpret: bool):
+    """Of the dots on input-dtype operands: spec.FLOAT32_DOT_PRECISION for float32 inputs."""
     return float32_dot_precision(interpret) if problem.dtype == "float32" else None
+
+
+def _merge_precision(problem: spec.ForwardProblem, interpret: bool):
+    """Of prepare's float32 merge dots: as the Triton kernel, tf32x3 for float32 inputs, TF32 for 16-bit ones
+    (exact float32 in the interpreter, which has no TF32)."""
+    if problem.dtype == "float32" or interpret:
+        return float32_dot_precision(interpret)
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
 def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool):
@@ -179,7 +193,7 @@ def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indic
     kernel = functools.partial(
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=_dot_precision(problem, interpret), MERGE_PRECISION=float32_dot_precision(interpret))
+        DOT_PRECISION=_dot_precision(problem, interpret), MERGE_PRECISION=_merge_precision(problem, interpret))
     # Every element of a real token is stored by exactly one program (chunks tile each sequence), as with
     # torch.empty in the Triton backend.
     g_cum, w, u = pl.pallas_call(

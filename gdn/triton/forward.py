@@ -42,7 +42,7 @@ def chunk_prepare_kernel(
     k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
     i_flat = tl.program_id(0)
@@ -70,25 +70,30 @@ def chunk_prepare_kernel(
     m_lower = o_i[:, None] > o_i[None, :]
     b_A = b_A * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
 
-    # (I + A)⁻¹. D⁻¹ first: column-oriented forward substitution on the BT/BS diagonal blocks at once. At step
-    # j, row j of every block is final; every later row i of its block takes X[i] -= A[i, j]·X[j]. Both D⁻¹
-    # and A's diagonal blocks are block-diagonal, so column j of each block and row j of X, each gathered as a
-    # masked sum, are [BT] vectors that line up with the rows and columns they update.
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_Ad = tl.where(m_block, b_A, 0)
-    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    b_Dinv = b_eye
+    # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
+    # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
+    # block is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
+    NB: tl.constexpr = BT // BS
+    o_b = tl.arange(0, NB)
+    o_r = tl.arange(0, BS)
+    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
+    b_Ab = tl.sum(tl.where(m_diag, tl.reshape(b_A, [NB, BS, NB, BS]), 0), axis=2)  # [NB, BS, BS]
+    b_X = tl.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BS, BS], tl.float32)
     for j in tl.static_range(0, BS - 1):
-        b_col = tl.sum(tl.where((o_i % BS == j)[None, :], b_Ad, 0), axis=1)  # [BT]: A[i, block(i)·BS + j]
-        b_row = tl.sum(tl.where((o_i % BS == j)[:, None], b_Dinv, 0), axis=0)  # [BT]: X[block(c)·BS + j, c]
-        b_Dinv -= tl.where(m_block, b_col[:, None] * b_row[None, :], 0)
-    # merge (float32 operands, spec.FLOAT32_DOT_PRECISION whatever the input dtype):
-    # (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L strictly block-lower, N⁴ = 0 (BT = 4·BS):
-    # (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²)
-    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=MERGE_PRECISION)
-    b_N2 = tl.dot(b_N, b_N, input_precision=MERGE_PRECISION)
-    b_M = b_N2 - b_N - tl.dot(b_N, b_N2, input_precision=MERGE_PRECISION) + b_eye
-    b_Ai = tl.dot(b_M, b_Dinv, input_precision=MERGE_PRECISION)  # [BT, BT] float32
+        b_col = tl.sum(tl.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
+        b_row = tl.sum(tl.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
+        b_X -= b_col[:, :, None] * b_row[:, None, :]
+    b_Dinv = tl.reshape(tl.where(m_diag, tl.broadcast_to(b_X[:, :, None, :], [NB, BS, NB, BS]), 0), [BT, BT])
+    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
+    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
+    # at most three blocks. The float32 dots run at DOT_PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
+    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
+    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=DOT_PRECISION)
+    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PRECISION)
+    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_M = b_eye - b_N + b_N2 - tl.dot(b_N, b_N2, input_precision=DOT_PRECISION)
+    b_Ai = tl.dot(b_M, b_Dinv, input_precision=DOT_PRECISION)  # [BT, BT] float32
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
     b_Ai_in = b_Ai.to(k.dtype.element_ty)
@@ -199,7 +204,6 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
         k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
         H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(problem),
-        MERGE_PRECISION=spec.FLOAT32_DOT_PRECISION,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return g_cum, w, u
