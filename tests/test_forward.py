@@ -9,8 +9,7 @@ import pytest
 
 from gdn.common import reference, spec
 from tests.backends import BACKENDS
-from tests.cases import (FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs,
-                         seed_of)
+from tests.cases import FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs, seed_of
 from tests.test_chunk_o import DTYPES
 
 
@@ -193,3 +192,11 @@ def test_contract_errors(backend, mutation) -> None:
     inputs.dtypes.update(dtypes)
     with pytest.raises(error, match=f"^chunk_gated_delta_rule: {message}"):
         backend.forward(inputs)
+
+
+def test_no_tokens_returns_the_initial_state(backend) -> None:
+    """T = 0 (B = 2 empty rows): o is empty and every final state is the initial one, unchanged."""
+    inputs = ForwardCase(0, 1, 2, 16, 16, B=2).inputs("float32", seed=11)
+    o, final_state = backend.forward(inputs)
+    assert o.shape == (2, 0, 2, 16)
+    assert np.array_equal(final_state, inputs.arrays["initial_state"])

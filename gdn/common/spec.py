@@ -324,6 +324,17 @@ def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int, op: str = CHUNK_O_OP
         _fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=op)
 
 
+def _check_token_arrays(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> tuple[int, ...]:
+    """q, k [B, T, H, K] and v [B, T, HV, V] of a chunked op; returns (B, T, H, K, HV, V)."""
+    _check_rank("q", q, 4, "[B, T, H, K]", op=op)
+    _check_rank("k", k, 4, "[B, T, H, K]", op=op)
+    _check_rank("v", v, 4, "[B, T, HV, V]", op=op)
+    B, T, H, K = q.shape
+    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=op)
+    _check_heads(q, k, v, op=op)
+    return B, T, H, K, v.shape[2], v.shape[3]
+
+
 def _check_varlen(B: int, T: int, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
                   cu_seqlens_values: np.ndarray | None, *, op: str) -> int:
     """The varlen arguments of a [B, T, ...] call; returns the chunks per batch row (over all sequences when
@@ -368,14 +379,8 @@ def validate_chunk_o_inputs(
     then checked too. Raises ValueError (shapes, values, devices) or TypeError (dtypes) naming the argument
     with the expected and the actual value. Returns the problem sizes with the tiling to use.
     """
-    _check_rank("q", q, 4, "[B, T, H, K]", op=CHUNK_O_OP)
-    _check_rank("k", k, 4, "[B, T, H, K]", op=CHUNK_O_OP)
-    _check_rank("v", v, 4, "[B, T, HV, V]", op=CHUNK_O_OP)
+    B, T, H, K, HV, V = _check_token_arrays(q, k, v, op=CHUNK_O_OP)
     _check_rank("h", h, 5, "[B, NT, HV, K, V]", op=CHUNK_O_OP)
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=CHUNK_O_OP)
-    _check_heads(q, k, v, op=CHUNK_O_OP)
     _check_dtype("h", h, STATE_DTYPES, op=CHUNK_O_OP)
 
     if g is not None:
@@ -522,13 +527,7 @@ def validate_forward_inputs(
     for name, info in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if info is None:
             _fail(name, "an array", None, TypeError, op=op)
-    _check_rank("q", q, 4, "[B, T, H, K]", op=op)
-    _check_rank("k", k, 4, "[B, T, H, K]", op=op)
-    _check_rank("v", v, 4, "[B, T, HV, V]", op=op)
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    _check_dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=op)
-    _check_heads(q, k, v, op=op)
+    B, T, H, K, HV, V = _check_token_arrays(q, k, v, op=op)
     for name, info, dtypes in (("g", g, ("float32",)), ("beta", beta, ("float32", q.dtype))):
         _check_rank(name, info, 3, "[B, T, HV]", op=op)
         _check_dtype(name, info, dtypes, op=op)

@@ -5,4 +5,5 @@ from gdn.pallas.chunk_o import chunk_fwd_o, compiled_variants, warmup
 from gdn.pallas.forward import chunk_gated_delta_rule
 from gdn.pallas.recurrent import decode_step
 
-__all__ = ["bucket_size", "chunk_fwd_o", "chunk_gated_delta_rule", "compiled_variants", "decode_step", "pad_to_bucket", "warmup"]
+__all__ = ["bucket_size", "chunk_fwd_o", "chunk_gated_delta_rule", "compiled_variants", "decode_step", "pad_to_bucket",
+           "warmup"]

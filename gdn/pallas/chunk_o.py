@@ -23,8 +23,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import spec
-from gdn.pallas.arrays import (CompilerParams, array_info, as_index, call_device, check_token_rows,
-                              float32_dot_precision, host_cu_seqlens, resolve_interpret)
+from gdn.pallas.arrays import (
+    CompilerParams,
+    array_info,
+    as_index,
+    call_device,
+    check_token_rows,
+    float32_dot_precision,
+    host_cu_seqlens,
+    resolve_interpret,
+)
+
 
 def chunk_fwd_o_kernel(
     q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
