@@ -8,8 +8,9 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import test_forward
 from tests.backends import BACKENDS
-from tests.cases import Case
+from tests.cases import Case, ForwardCase
 from tests.test_chunk_o import assert_close, reference_output
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
@@ -21,11 +22,15 @@ settings.load_profile(os.environ.get("GDN_HYPOTHESIS_PROFILE", "ci"))
 HEAD_SIZES = [16, 24, 48, 64, 100, 128]
 
 
+def heads(draw: st.DrawFn) -> tuple[int, int, int, int]:
+    """H, HV = m·H, K, V."""
+    H = draw(st.integers(1, 3))
+    return H, H * draw(st.integers(1, 3)), draw(st.sampled_from(HEAD_SIZES)), draw(st.sampled_from(HEAD_SIZES))
+
+
 @st.composite
 def cases(draw: st.DrawFn) -> tuple[Case, str]:
-    H = draw(st.integers(1, 3))
-    HV = H * draw(st.integers(1, 3))
-    K, V = draw(st.sampled_from(HEAD_SIZES)), draw(st.sampled_from(HEAD_SIZES))
+    H, HV, K, V = heads(draw)
     gated = draw(st.booleans())
     if draw(st.booleans()):
         seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=5)))
@@ -45,3 +50,34 @@ def test_backends_agree_with_reference_and_each_other(drawn: tuple[Case, str], s
         assert_close(out, ref, dtype, f"{name} {case.id} {dtype}")
     if len(outputs) == 2:
         assert_close(outputs["pallas"], outputs["triton"], dtype, f"pallas vs triton {case.id} {dtype}")
+
+
+@st.composite
+def forward_cases(draw: st.DrawFn) -> tuple[ForwardCase, str]:
+    H, HV, K, V = heads(draw)
+    initial_state = draw(st.booleans())
+    if draw(st.booleans()):
+        seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=4)))
+        case = ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, initial_state=initial_state)
+    else:
+        case = ForwardCase(T=draw(st.integers(1, 200)), H=H, HV=HV, K=K, V=V, B=draw(st.integers(1, 2)),
+                           initial_state=initial_state)
+    return case, draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+
+
+@settings(max_examples=max(4, settings().max_examples // 2))
+@given(drawn=forward_cases(), seed=st.integers(0, 2**31 - 1))
+def test_forward_backends_agree_with_recurrence_and_each_other(drawn: tuple[ForwardCase, str], seed: int) -> None:
+    """chunk_gated_delta_rule: o and final state against the token-by-token float64 recurrence and across
+    backends (half the examples of the chunk_fwd_o property: each draws a new compiled shape)."""
+    case, dtype = drawn
+    inputs = case.inputs(dtype, seed=seed)
+    o_ref, state_ref = test_forward.recurrent_reference(inputs)
+    outputs = {name: b.forward(inputs) for name, b in BACKENDS.items() if b.supports(dtype)}
+    for name, (o, state) in outputs.items():
+        test_forward.assert_close(o, o_ref, dtype, f"{name} {case.id} {dtype}: o")
+        test_forward.assert_close(state, state_ref, dtype, f"{name} {case.id} {dtype}: final_state")
+    if len(outputs) == 2:
+        for i, what in enumerate(("o", "final_state")):
+            test_forward.assert_close(outputs["pallas"][i], outputs["triton"][i], dtype,
+                                      f"pallas vs triton {case.id} {dtype}: {what}")
