@@ -84,6 +84,15 @@ relative error ~1e-6). Measured on an H100 at B=1 T=8192 H=16 K=V=128: IEEE floa
 at 0.9–11 ms whatever the tiling, far from the 134 µs memory floor (benchmarks/RESULTS.md). Interpreters
 compute float32 dots exactly."""
 
+
+
+def dot_precision(dtype: str) -> str:
+    """Triton input_precision of the kernels' dots for inputs of dtype: FLOAT32_DOT_PRECISION for float32;
+    TF32 for 16-bit inputs, where it reaches only float32 operands whose products are rounded to the 16-bit
+    dtype next (chunk_gated_delta_rule's (I + A)⁻¹ merge); every other dot there has 16-bit operands."""
+    return FLOAT32_DOT_PRECISION if dtype == "float32" else "tf32"
+
+
 INPUT_DTYPES = ("float32", "float16", "bfloat16")
 STATE_DTYPES = INPUT_DTYPES
 INDEX_DTYPES = ("int32", "int64")

@@ -61,14 +61,15 @@ def check_token_rows(B: int, T: int, *, op: str) -> None:
                          f"got B·T = {B * T}")
 
 
-_FLOAT32_DOTS = {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+_FLOAT32_DOTS = {"tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+                 "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
                  "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32}
 
 
-def float32_dot_precision(interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
-    """spec.FLOAT32_DOT_PRECISION as a JAX dot precision; XLA:CPU (interpret mode) has no TF32 presets and
-    runs the IEEE float32 dot instead."""
-    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.FLOAT32_DOT_PRECISION]
+def float32_dot_precision(interpret: bool, dtype: str = "float32") -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
+    """spec.dot_precision(dtype) (spec.FLOAT32_DOT_PRECISION for float32 inputs) as a JAX dot precision;
+    XLA:CPU (interpret mode) has no TF32 presets and runs the IEEE float32 dot instead."""
+    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.dot_precision(dtype)]
 
 
 def _host_values(x) -> np.ndarray | None:

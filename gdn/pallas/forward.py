@@ -183,11 +183,8 @@ def _dot_precision(problem: spec.ForwardProblem, interpret: bool):
 
 
 def _merge_precision(problem: spec.ForwardProblem, interpret: bool):
-    """Of prepare's float32 merge dots: as the Triton kernel, tf32x3 for float32 inputs, TF32 for 16-bit ones
-    (exact float32 in the interpreter, which has no TF32)."""
-    if problem.dtype == "float32" or interpret:
-        return float32_dot_precision(interpret)
-    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+    """Of prepare's float32 merge dots: spec.dot_precision, as in the Triton kernel."""
+    return float32_dot_precision(interpret, problem.dtype)
 
 
 def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool):

@@ -140,7 +140,7 @@ def launch(problem: spec.ChunkOProblem, tiling: spec.Tiling, q: torch.Tensor, k:
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=spec.FLOAT32_DOT_PRECISION if problem.dtype == "float32" else "tf32",
+        DOT_PRECISION=spec.dot_precision(problem.dtype),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
 

@@ -184,10 +184,6 @@ def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] |
     return spec.validate_forward_inputs(*infos, cu_seqlens_values=values, output_final_state=output_final_state)
 
 
-def _dot_precision(problem: spec.ForwardProblem) -> str:
-    return spec.FLOAT32_DOT_PRECISION if problem.dtype == "float32" else "tf32"
-
-
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,7 +199,7 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
     chunk_prepare_kernel[(problem.num_chunks_total * HV,)](
         k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
         H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(problem),
+        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return g_cum, w, u
@@ -231,7 +227,7 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
         k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T,
         H=problem.H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v,
         USE_INITIAL_STATE=problem.use_initial_state, STORE_FINAL_STATE=problem.output_final_state,
-        IS_VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(problem),
+        IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return h, v_new, final_state
