@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -28,12 +30,25 @@ def _call(T: int | None, seqlens: tuple[int, ...] | None = None, dtype: torch.dt
     return chunk_fwd_o(to(t["q"]), to(t["k"]), to(t["v"]), to(t["h"]), t["g"], cu_seqlens=t["cu_seqlens"])
 
 
-def test_kernel_never_specializes_on_sequence_length() -> None:
-    """Record every launch over many T and varlen batches: the constexprs are identical within each mode,
-    and the only scalar argument that changes with T is T itself, which the kernel does not specialize on."""
-    from gdn.triton import chunk_o
+def _forward_call(T: int | None, seqlens: tuple[int, ...] | None = None) -> None:
+    from gdn.triton import chunk_gated_delta_rule
 
-    kernel = chunk_o.chunk_fwd_o_kernel
+    H, HV, K, V = 1, 2, 32, 32
+    cu = None if seqlens is None else np.cumsum((0,) + seqlens).astype(np.int32)
+    T = T if seqlens is None else int(cu[-1])
+    a = example.random_recurrent_inputs(1, T, H, HV, K, V, "float16", seed=T)
+    t = {n: torch.from_numpy(x).to(_device()) for n, x in a.items()}
+    N = 1 if seqlens is None else len(seqlens)
+    cu_seqlens = None if cu is None else torch.from_numpy(cu).to(_device())
+    chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
+                           initial_state=t["initial_state"][:1].expand(N, -1, -1, -1).contiguous(),
+                           output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def _assert_no_length_specialization(kernel, run_dense: Callable[[int], None],
+                                     run_varlen: Callable[[tuple[int, ...]], None]) -> None:
+    """Record every launch of kernel over many T and varlen batches: the constexprs are identical within each
+    mode, and the only scalar argument that changes with T is T itself, which the kernel does not specialize on."""
     launches: list[tuple[tuple, dict]] = []
 
     def record(*args, **kwargs) -> None:
@@ -41,14 +56,15 @@ def test_kernel_never_specializes_on_sequence_length() -> None:
 
     kernel.add_pre_run_hook(record)
     try:
-        small = [t for t in T_VALUES if t <= 1000] if not torch.cuda.is_available() else T_VALUES
-        for T in small:
-            _call(T)
+        for T in [t for t in T_VALUES if t <= 1000] if not torch.cuda.is_available() else T_VALUES:
+            run_dense(T)
+        dense_launches = len(launches)
         for seqlens in VARLEN_BATCHES[:2]:
-            _call(None, seqlens)
+            run_varlen(seqlens)
     finally:
         kernel.pre_run_hooks.remove(record)
-    dense, varlen = launches[:-2], launches[-2:]
+    dense, varlen = launches[:dense_launches], launches[dense_launches:]
+    assert dense and varlen
     for group in (dense, varlen):
         constexprs = {tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("debug",)
                                    and not isinstance(v, torch.Tensor))) for _, kwargs in group}
@@ -59,6 +75,21 @@ def test_kernel_never_specializes_on_sequence_length() -> None:
     assert scalars == {"T"}
     do_not_specialize = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
     assert "T" in do_not_specialize
+
+
+def test_kernel_never_specializes_on_sequence_length() -> None:
+    from gdn.triton import chunk_o
+
+    _assert_no_length_specialization(chunk_o.chunk_fwd_o_kernel, _call, lambda seqlens: _call(None, seqlens))
+
+
+@pytest.mark.parametrize("kernel_name", ["chunk_prepare_kernel", "chunk_states_kernel", "chunk_fwd_o_kernel"])
+def test_forward_kernels_never_specialize_on_sequence_length(kernel_name: str) -> None:
+    """chunk_gated_delta_rule's three kernels (chunk_fwd_o as its stage 3) over the same T and varlen batches."""
+    from gdn.triton import chunk_o, forward
+
+    kernel = getattr(forward, kernel_name, None) or getattr(chunk_o, kernel_name)
+    _assert_no_length_specialization(kernel, _forward_call, lambda seqlens: _forward_call(None, seqlens))
 
 
 @pytest.mark.gpu
