@@ -124,3 +124,57 @@ def test_pallas_warmup_covers_every_padded_length() -> None:
         f16 = lambda x: jnp.asarray(x, jnp.float16)  # noqa: E731
         gdn.pallas.chunk_fwd_o(f16(q), f16(k), f16(v), f16(h), jnp.asarray(g)).block_until_ready()
     assert gdn.pallas.compiled_variants() == before
+
+
+def _forward_inputs(T: int, dtype: str = "float16") -> dict[str, np.ndarray]:
+    a = example.random_recurrent_inputs(1, T, 1, 2, 32, 32, dtype, seed=T)
+    return {n: a[n] for n in ("q", "k", "v", "g", "beta")}
+
+
+@pytest.mark.gpu
+def test_forward_warmup_compiles_everything_later_calls_need() -> None:
+    from gdn.triton import chunk_gated_delta_rule, compiled_variants, warmup_forward
+
+    for varlen in (False, True):
+        warmup_forward(torch.float16, 32, 32, HV=2, H=1, varlen=varlen, initial_state=True, device="cuda")
+    before = compiled_variants()
+    for T in T_VALUES:
+        t = {n: torch.from_numpy(x).cuda() for n, x in _forward_inputs(T).items()}
+        for cu in (None, torch.tensor([0, T // 3, T], dtype=torch.int32, device="cuda")):
+            N = 1 if cu is None else 2
+            chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
+                                   initial_state=torch.zeros(N, 2, 32, 32, device="cuda"),
+                                   output_final_state=True, cu_seqlens=cu)
+    torch.cuda.synchronize()
+    assert compiled_variants() == before
+
+
+def test_pallas_forward_warmup_covers_every_padded_length() -> None:
+    """After gdn.pallas.warmup_forward over the buckets, forward calls at any T padded with
+    pad_forward_to_bucket compile nothing, and their real rows of o and their final state are the unpadded
+    call's, bit for bit (a padding token has beta = 0 and g = 0: S passes it unchanged)."""
+    import jax.numpy as jnp
+
+    import gdn.pallas
+
+    C = spec.CHUNK_SIZE
+    buckets = (C, 2 * C, 4 * C)
+    gdn.pallas.warmup_forward("float16", 32, 32, HV=2, H=1, lengths=buckets)
+    before = gdn.pallas.compiled_variants()
+    f16 = lambda x: jnp.asarray(x, jnp.float16)  # noqa: E731
+
+    def forward(q, k, v, g, beta):
+        return gdn.pallas.chunk_gated_delta_rule(f16(q), f16(k), f16(v), jnp.asarray(g), jnp.asarray(beta),
+                                                 output_final_state=True)
+
+    lengths = (1, C - 1, C + 1, 3 * C + 5)
+    padded_outputs = []
+    for T in lengths:
+        padded = gdn.pallas.pad_forward_to_bucket(*_forward_inputs(T).values())
+        assert padded[0].shape[1] in buckets
+        padded_outputs.append(forward(*padded))
+    assert gdn.pallas.compiled_variants() == before
+    for T, (o, state) in zip(lengths, padded_outputs):
+        o_ref, state_ref = forward(*_forward_inputs(T).values())  # unpadded: a new program per T
+        assert np.array_equal(np.asarray(o[:, :T]), np.asarray(o_ref))
+        assert np.array_equal(np.asarray(state), np.asarray(state_ref))

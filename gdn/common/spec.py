@@ -215,11 +215,12 @@ def prepare_chunk_indices(cu_seqlens: Sequence[int] | np.ndarray, num_rows: int 
 
 
 def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varlen: bool) -> dict:
-    """A one-sequence chunk_fwd_o call of T tokens for the backends' warmup: the shapes of q (also k), v, h
-    and g (None when not gated), and host cu_seqlens / chunk_indices (None when not varlen)."""
+    """A one-sequence call of T tokens for the backends' warmups: the shapes of q (also k), v, h, g (None when
+    not gated), beta (the forward's) and state (its initial state), and host cu_seqlens / chunk_indices (None
+    when not varlen)."""
     return {
         "q": (1, T, H, K), "v": (1, T, HV, V), "h": (1, num_chunks(T), HV, K, V),
-        "g": (1, T, HV) if gated else None,
+        "g": (1, T, HV) if gated else None, "beta": (1, T, HV), "state": (1, HV, K, V),
         "cu_seqlens": np.array([0, T], np.int32) if varlen else None,
         "chunk_indices": prepare_chunk_indices([0, T]) if varlen else None,
     }

@@ -207,9 +207,3 @@ def warmup(
         g = jnp.zeros(call["g"], jnp.float32) if gated else None
         chunk_fwd_o(q, q, v, h, g, None, call["cu_seqlens"], call["chunk_indices"],
                     interpret=interpret).block_until_ready()
-
-
-def compiled_variants() -> int:
-    """Number of chunk_fwd_o programs compiled in this process (entries of the internal jit cache: one per
-    input shape, dtype and flag combination)."""
-    return launch._cache_size()

@@ -256,7 +256,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
-def _forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
+def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
              problem: spec.ForwardProblem, interpret: bool):
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
     h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens, interpret=interpret)
@@ -301,5 +301,34 @@ def chunk_gated_delta_rule(
         chunk_indices = spec.prepare_chunk_indices(cu_values)
     if scale is None:
         scale = spec.default_scale(problem.K)
-    return _forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
-                    problem=problem, interpret=resolve_interpret(interpret))
+    return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens),
+                          as_index(chunk_indices), problem=problem, interpret=resolve_interpret(interpret))
+
+
+def warmup_forward(
+    dtype: str | jnp.dtype,
+    K: int,
+    V: int,
+    *,
+    HV: int,
+    H: int,
+    varlen: bool = False,
+    initial_state: bool = False,
+    output_final_state: bool = True,
+    beta_dtype: str | jnp.dtype = "float32",
+    lengths: tuple[int, ...] = (spec.CHUNK_SIZE,),
+    interpret: bool | None = None,
+) -> None:
+    """Compile the programs that later chunk_gated_delta_rule calls with these dtypes, sizes and flags need:
+    one per T in ``lengths`` (B = 1; varlen: one sequence of T tokens), as gdn.pallas.warmup does for
+    chunk_fwd_o. Pad real inputs to those lengths with gdn.pallas.pad_forward_to_bucket. Warms calls made
+    outside a caller's own jax.jit."""
+    for T in lengths:
+        call = spec.warmup_arguments(T, H, HV, K, V, True, varlen)
+        q = jnp.zeros(call["q"], dtype)
+        state = jnp.zeros(call["state"], jnp.float32) if initial_state else None
+        o, _ = chunk_gated_delta_rule(
+            q, q, jnp.zeros(call["v"], dtype), jnp.zeros(call["g"], jnp.float32), jnp.zeros(call["beta"], beta_dtype),
+            initial_state=state, output_final_state=output_final_state, cu_seqlens=call["cu_seqlens"],
+            chunk_indices=call["chunk_indices"], interpret=interpret)
+        o.block_until_ready()

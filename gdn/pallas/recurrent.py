@@ -65,7 +65,7 @@ def decode_step_kernel(
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
-def _launch(q, k, v, g, beta, state, scale, *, problem: spec.DecodeProblem, interpret: bool):
+def launch(q, k, v, g, beta, state, scale, *, problem: spec.DecodeProblem, interpret: bool):
     N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
     tiling = problem.tiling
     kernel = functools.partial(decode_step_kernel, H=problem.H, HV=HV, K=K, V=V,
@@ -110,4 +110,4 @@ def decode_step(
         return jnp.zeros(v.shape, v.dtype), jnp.zeros(state.shape, jnp.float32)
     if scale is None:
         scale = spec.default_scale(problem.K)
-    return _launch(q, k, v, g, beta, state, scale, problem=problem, interpret=resolve_interpret(interpret))
+    return launch(q, k, v, g, beta, state, scale, problem=problem, interpret=resolve_interpret(interpret))

@@ -171,15 +171,3 @@ def warmup(
     cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
                                  for n in ("cu_seqlens", "chunk_indices"))
     chunk_fwd_o(q, q, v, h, g, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-
-
-def compiled_variants() -> int:
-    """Number of compiled variants of the chunk_fwd_o kernel in this process (all devices).
-
-    Reads Triton's JIT cache (``device_caches``: per device, a tuple whose first entry maps specialization
-    keys to compiled kernels, on Triton 3.6 through 3.9). Under TRITON_INTERPRET=1 nothing is compiled.
-    """
-    caches = getattr(chunk_fwd_o_kernel, "device_caches", None)
-    if caches is None:
-        raise RuntimeError("compiled_variants: the Triton interpreter (TRITON_INTERPRET=1) compiles nothing")
-    return sum(len(entry[0]) for entry in caches.values())

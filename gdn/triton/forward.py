@@ -266,3 +266,31 @@ def chunk_gated_delta_rule(
     chunk_o = problem.chunk_o()
     launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
     return o, final_state
+
+
+def warmup_forward(
+    dtype: torch.dtype,
+    K: int,
+    V: int,
+    *,
+    HV: int,
+    H: int,
+    varlen: bool = False,
+    initial_state: bool = False,
+    output_final_state: bool = True,
+    beta_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cuda",
+) -> None:
+    """Compile everything a later chunk_gated_delta_rule call with these dtypes, sizes and flags needs, for
+    any T: one call at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included). Every tiling comes from the
+    static tables in gdn.common.spec, never from timing this shape."""
+    call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen)
+    q = torch.zeros(call["q"], dtype=dtype, device=device)
+    v = torch.zeros(call["v"], dtype=dtype, device=device)
+    g = torch.zeros(call["g"], dtype=torch.float32, device=device)
+    beta = torch.zeros(call["beta"], dtype=beta_dtype, device=device)
+    state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
+    cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
+                                 for n in ("cu_seqlens", "chunk_indices"))
+    chunk_gated_delta_rule(q, q, v, g, beta, initial_state=state, output_final_state=output_final_state,
+                           cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
