@@ -72,6 +72,12 @@ def float32_dot_precision(interpret: bool, dtype: str = "float32") -> jax.lax.Do
     return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.dot_precision(dtype)]
 
 
+def input_dot_precision(dtype: str, interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision | None:
+    """Precision of the dots on input-dtype operands: spec.FLOAT32_DOT_PRECISION for float32 inputs; None
+    (the 16-bit tensor-core dot) for 16-bit ones."""
+    return float32_dot_precision(interpret) if dtype == "float32" else None
+
+
 def _host_values(x) -> np.ndarray | None:
     """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
     if isinstance(x, np.ndarray):

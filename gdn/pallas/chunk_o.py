@@ -29,8 +29,8 @@ from gdn.pallas.arrays import (
     as_index,
     call_device,
     check_token_rows,
-    float32_dot_precision,
     host_cu_seqlens,
+    input_dot_precision,
     resolve_interpret,
 )
 
@@ -125,7 +125,7 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Chu
         chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=float32_dot_precision(interpret) if problem.dtype == "float32" else None,
+        DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
     )
     # Every o element of a real token is stored by exactly one program (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no

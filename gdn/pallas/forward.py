@@ -27,6 +27,7 @@ from gdn.pallas.arrays import (
     check_token_rows,
     float32_dot_precision,
     host_cu_seqlens,
+    input_dot_precision,
     resolve_interpret,
 )
 from gdn.pallas.chunk_o import launch as launch_chunk_o
@@ -177,16 +178,6 @@ def chunk_states_kernel(
         plgpu.store(final_state.at[i_nh, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
 
 
-def _dot_precision(problem: spec.ForwardProblem, interpret: bool):
-    """Of the dots on input-dtype operands: spec.FLOAT32_DOT_PRECISION for float32 inputs."""
-    return float32_dot_precision(interpret) if problem.dtype == "float32" else None
-
-
-def _merge_precision(problem: spec.ForwardProblem, interpret: bool):
-    """Of prepare's float32 merge dots: spec.dot_precision, as in the Triton kernel."""
-    return float32_dot_precision(interpret, problem.dtype)
-
-
 def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool):
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
     in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None."""
@@ -198,7 +189,9 @@ def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indic
     kernel = functools.partial(
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=_dot_precision(problem, interpret), MERGE_PRECISION=_merge_precision(problem, interpret))
+        DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
+        # prepare's float32 merge dots: spec.dot_precision, as in the Triton kernel
+        MERGE_PRECISION=float32_dot_precision(interpret, problem.dtype))
     # Every element of a real token is stored by exactly one program (chunks tile each sequence), as with
     # torch.empty in the Triton backend.
     g_cum, w, u = pl.pallas_call(
@@ -237,7 +230,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
         chunk_states_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
         STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=_dot_precision(problem, interpret))
+        DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
     initial = (jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
                else initial_state.reshape(N * HV, K, V))
     h, v_new, final_state = pl.pallas_call(
@@ -257,7 +250,8 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-             problem: spec.ForwardProblem, interpret: bool):
+                   problem: spec.ForwardProblem, interpret: bool):
+    """The three stages for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None)."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
     h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens, interpret=interpret)
     o = launch_chunk_o(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, problem=problem.chunk_o(),
