@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import math
 import os
@@ -252,7 +253,7 @@ def copy_bandwidth(num_bytes: int = 2**30, warmup_ms: float = 50, rep_ms: float 
 
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst = torch.empty_like(src)
-    timing = time_torch(lambda: dst.copy_(src), warmup_ms, rep_ms)
+    timing = time_torch(functools.partial(dst.copy_, src), warmup_ms, rep_ms)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * num_bytes / (timing.median_us * 1e-6), timing

@@ -504,10 +504,9 @@ class ForwardProblem:
     def state(self) -> Tiling:
         return state_tiling(self.K, self.V, self.dtype)
 
-    @property
-    def state_grid(self) -> tuple[int, int]:
-        """The 2-D grid of the states kernel: (V tile, sequence·value head)."""
-        return -(-self.V // self.state.block_v), self.N * self.HV
+    def state_grid(self, tiling: Tiling) -> tuple[int, int]:
+        """The 2-D grid of the states kernel with this tiling: (V tile, sequence·value head)."""
+        return -(-self.V // tiling.block_v), self.N * self.HV
 
     def chunk_o(self) -> ChunkOProblem:
         """Stage 3, chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""

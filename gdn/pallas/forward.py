@@ -178,14 +178,16 @@ def chunk_states_kernel(
         plgpu.store(final_state.at[i_nh, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
 
 
-def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool):
+def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
+            tiling: spec.Tiling | None = None):
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None."""
+    in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None. tiling defaults to
+    spec.prepare_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     shapes = {"g_cum": ((B, T, HV), jnp.float32), "w": ((B, T, HV, K), k.dtype), "u": ((B, T, HV, V), v.dtype)}
     if problem.num_chunks_total * HV == 0:
         return tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes.values())
-    tiling = problem.prepare
+    tiling = tiling or problem.prepare
     kernel = functools.partial(
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
@@ -211,9 +213,11 @@ def _placeholder_index(x, shape: tuple[int, ...]):
     return jnp.zeros(shape, jnp.int32) if x is None else x
 
 
-def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool):
+def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool,
+           tiling: spec.Tiling | None = None):
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
-    [N, HV, K, V] float32 or None). With cu_seqlens (int32), h has the chunk rows of the problem."""
+    [N, HV, K, V] float32 or None). With cu_seqlens (int32), h has the chunk rows of the problem. tiling
+    defaults to spec.state_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
     rows = problem.num_chunks_total
     if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one (zero-size refs cannot be read)
@@ -225,7 +229,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
     if problem.varlen:  # first h row of each sequence
         counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
         chunk_offsets = jnp.cumsum(counts) - counts
-    tiling = problem.state
+    tiling = tiling or problem.state
     kernel = functools.partial(
         chunk_states_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
@@ -238,7 +242,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
         out_shape=(jax.ShapeDtypeStruct((max(rows, 1), HV, K, V), k.dtype),
                    jax.ShapeDtypeStruct((B * T, HV, V), u.dtype),
                    jax.ShapeDtypeStruct((N * HV, K, V) if problem.output_final_state else (1, 1, 1), jnp.float32)),
-        grid=problem.state_grid,
+        grid=problem.state_grid(tiling),
         interpret=interpret,
         name="chunk_states_kernel",
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),

@@ -186,16 +186,16 @@ def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] |
 
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype."""
+    in k's dtype. tiling defaults to spec.prepare_tiling's (benchmarks pass others)."""
     B, T, HV = problem.B, problem.T, problem.HV
     g_cum = torch.empty_like(g)
     w = torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device)
     u = torch.empty_like(v)
     if problem.num_chunks_total * HV == 0:
         return g_cum, w, u
-    tiling = problem.prepare
+    tiling = tiling or problem.prepare
     chunk_prepare_kernel[(problem.num_chunks_total * HV,)](
         k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
         H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
@@ -207,9 +207,10 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
 
 def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
            g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+           tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
-    [N, HV, K, V] float32 or None). With cu_seqlens, h has the chunk rows of prepare_chunk_indices."""
+    [N, HV, K, V] float32 or None). With cu_seqlens, h has the chunk rows of prepare_chunk_indices. tiling
+    defaults to spec.state_tiling's (benchmarks pass others)."""
     B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
     h = torch.empty((B, problem.num_chunks_total // max(B, 1), HV, K, V), dtype=k.dtype, device=k.device)
     v_new = torch.empty_like(u)
@@ -222,8 +223,8 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
         chunk_offsets = torch.cumsum(counts, 0) - counts
     if problem.N * HV == 0:
         return h, v_new, final_state
-    tiling = problem.state
-    chunk_states_kernel[problem.state_grid](
+    tiling = tiling or problem.state
+    chunk_states_kernel[problem.state_grid(tiling)](
         k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T,
         H=problem.H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v,
         USE_INITIAL_STATE=problem.use_initial_state, STORE_FINAL_STATE=problem.output_final_state,
