@@ -40,6 +40,7 @@ Math, per sequence and value head, S ∈ R^{K×V} (the same recurrence as gdn.co
     o  = scale·Sᵀq                (scale defaults to K**-0.5)
 One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers: the V columns
 of S are independent in every line above, so the tiles never exchange data.
+
 Op: ``chunk_gated_delta_rule`` — the whole chunked Gated DeltaNet forward (prefill), from raw inputs.
 
 Layouts: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] float32 per-token log-gate (≤ 0, NOT cumulative);
@@ -52,7 +53,7 @@ Three kernels, each with tile height CHUNK_SIZE, per sequence, value head and ch
        T_c  = (I + A)⁻¹, by forward substitution (exact float32) on the four SUBBLOCK×SUBBLOCK diagonal blocks
               and the blocked merge (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹, D = I + diag blocks of A,
               N = D⁻¹·(A below the diagonal blocks), N⁴ = 0: every entry a product of at most 3 blocks
-       w    = T_c·(beta·exp(g)·k),   u = T_c·(beta·v)
+       w    = T_c·(beta·exp(g_c)·k),   u = T_c·(beta·v)
   2. states (one program per sequence, value head and V tile, walking the chunks in order; S float32):
        h[c] = S (stored in k's dtype for stage 3);   v_new = u − w·S
        S    = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new)     (g_last: g at the chunk's last token)
