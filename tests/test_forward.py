@@ -200,3 +200,28 @@ def test_no_tokens_returns_the_initial_state(backend) -> None:
     o, final_state = backend.forward(inputs)
     assert o.shape == (2, 0, 2, 16)
     assert np.array_equal(final_state, inputs.arrays["initial_state"])
+
+
+@pytest.mark.parametrize("gates", ["zero", "minus80", "alternating", "beta-extremes"])
+def test_extreme_gates_and_beta(backend, gates: str) -> None:
+    """No decay at all (g = 0: cumulative gates stay 0, S only grows by the delta rule), full decay within a
+    token (g = −80: exp(g_c) underflows to 0 inside the chunk), the two alternating between neighbours, and
+    beta at its ends (0: the token writes nothing; 1: it replaces its key's value): finite and within
+    tolerance of the float64 recurrence. exp is only ever taken of g_i − g_j ≤ 0 or g_c ≤ 0, so nothing
+    overflows however negative the gates get."""
+    case = ForwardCase(150, 1, 2, 32, 32, B=2)
+    inputs = case.inputs("float32", seed=12)
+    g, beta = inputs.arrays["g"], inputs.arrays["beta"]
+    if gates == "zero":
+        g = np.zeros_like(g)
+    elif gates == "minus80":
+        g = np.full_like(g, -80.0)
+    elif gates == "alternating":
+        g = np.where(np.arange(case.T)[None, :, None] % 2 == 0, 0.0, -80.0).astype(np.float32) + 0 * g
+    else:
+        beta = (np.arange(case.T)[None, :, None] % 2 + 0 * beta).astype(np.float32)
+    inputs = inputs.replace(g=g, beta=beta)
+    o, final_state = backend.forward(inputs)
+    o_ref, state_ref = recurrent_reference(inputs)
+    assert_close(o, o_ref, "float32", f"o, {gates}")
+    assert_close(final_state, state_ref, "float32", f"final_state, {gates}")
