@@ -142,11 +142,12 @@ def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
 
     T never enters (one token per call); neither does N, so a batch of 1 and one of 512 share a program.
     """
-    # Not measured in gdn yet: FLA's fused_recurrent_gated_delta_rule row (BV = 8, one warp). A decode step
-    # reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of S: memory-bound, so the row's
-    # job is enough programs to fill the SMs at small N (K = V = 128, HV = 32: 16 V tiles, 512 programs per
-    # sequence), each with a [BK, 8] float32 tile of at most 64 registers per thread. S is float32 whatever
-    # the input dtype, so dtype selects nothing yet. No loop: nothing for num_stages to pipeline.
+    # Not measured in gdn yet (benchmarks/decode.py sweeps it): FLA's fused_recurrent_gated_delta_rule row
+    # (BV = 8, one warp). A decode step reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of
+    # S: memory-bound, so the row's job is enough programs to fill the SMs at small N (K = V = 128, HV = 32:
+    # 16 V tiles, 512 programs per sequence), each with a [BK, 8] float32 tile of at most 64 registers per
+    # thread. S is float32 whatever the input dtype, so dtype selects nothing yet. No loop: nothing for
+    # num_stages to pipeline.
     del dtype, V  # V ≥ MIN_HEAD_DIM > 8: every V gets 8-column tiles (the last masked if 8 ∤ V)
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=8, num_warps=1, num_stages=1)
 
@@ -432,10 +433,10 @@ class DecodeProblem:
     dtype: str
     tiling: Tiling
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The 2-D launch grid of both backends: (sequence·value head, V tile)."""
-        return self.N * self.HV, -(-self.V // self.tiling.block_v)
+    def grid(self, tiling: Tiling | None = None) -> tuple[int, int]:
+        """The 2-D launch grid of both backends: (sequence·value head, V tile), with this problem's tiling
+        unless another is given."""
+        return self.N * self.HV, -(-self.V // (tiling or self.tiling).block_v)
 
 
 def validate_decode_inputs(
@@ -473,9 +474,9 @@ def validate_decode_inputs(
     _check_devices(arrays, op=op)
 
     problem = DecodeProblem(N=N, H=H, HV=HV, K=K, V=V, dtype=q.dtype, tiling=decode_tiling(K, V, q.dtype))
-    if problem.grid[0] > MAX_GRID_ROWS:
+    if problem.grid()[0] > MAX_GRID_ROWS:
         _fail("q", f"N·HV <= {MAX_GRID_ROWS} (programs along the grid's first axis)",
-              f"N·HV = {N} × {HV} = {problem.grid[0]}", op=op)
+              f"N·HV = {N} × {HV} = {problem.grid()[0]}", op=op)
     return problem
 
 

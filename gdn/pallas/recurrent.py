@@ -75,7 +75,7 @@ def launch(q, k, v, g, beta, state, scale, *, problem: spec.DecodeProblem, inter
     o, new_state = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((N * HV, V), v.dtype), jax.ShapeDtypeStruct((N * HV, K, V), jnp.float32)),
-        grid=problem.grid,
+        grid=problem.grid(),
         interpret=interpret,
         name="decode_step_kernel",
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),

@@ -88,12 +88,20 @@ def decode_step(
     problem = _validated(tuple(tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
+    scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    launch(problem, problem.tiling, q, k, v, g, beta, state, o, new_state, scale)
+    return o, new_state
+
+
+def launch(problem: spec.DecodeProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, o: torch.Tensor, new_state: torch.Tensor,
+           scale: float) -> None:
+    """Launch the kernel for a validated problem with the given tiling, writing o and new_state (benchmarks
+    pass other tilings)."""
     if problem.N == 0:
-        return o, new_state
-    tiling = problem.tiling
-    decode_step_kernel[problem.grid](
-        q, k, v, g, beta, state, o, new_state, spec.default_scale(problem.K) if scale is None else float(scale),
+        return
+    decode_step_kernel[problem.grid(tiling)](
+        q, k, v, g, beta, state, o, new_state, scale,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BK=tiling.block_k, BV=tiling.block_v,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
-    return o, new_state
