@@ -225,3 +225,28 @@ def test_extreme_gates_and_beta(backend, gates: str) -> None:
     o_ref, state_ref = recurrent_reference(inputs)
     assert_close(o, o_ref, "float32", f"o, {gates}")
     assert_close(final_state, state_ref, "float32", f"final_state, {gates}")
+
+
+def test_beta_in_the_input_dtype(backend) -> None:
+    """beta may come in q's dtype (a model's sigmoid output in fp16/bf16): the same result as beta rounded to
+    that dtype and passed as float32, bit for bit (the kernels read beta into float32)."""
+    inputs = FORWARD_CASES[6].inputs("float16", seed=13)
+    rounded = inputs.replace(beta=inputs.arrays["beta"].astype(np.float16).astype(np.float32))
+    as_fp16 = rounded.replace()
+    as_fp16.dtypes["beta"] = "float16"
+    o_32, state_32 = backend.forward(rounded)
+    o_16, state_16 = backend.forward(as_fp16)
+    assert np.array_equal(o_16, o_32) and np.array_equal(state_16, state_32)
+
+
+def test_triton_refuses_non_contiguous_inputs() -> None:
+    """A transposed view is refused with an error naming the argument, never read with the wrong strides."""
+    import torch
+
+    from gdn.triton import chunk_gated_delta_rule
+
+    inputs = BACKENDS["triton"].convert(FORWARD_CASES[2].inputs("float32", seed=14))
+    v_view = inputs["v"].transpose(2, 3).contiguous().transpose(2, 3)  # same values, strides of [B, T, V, HV]
+    assert torch.equal(v_view, inputs["v"]) and not v_view.is_contiguous()
+    with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: v: expected a contiguous tensor"):
+        chunk_gated_delta_rule(inputs["q"], inputs["k"], v_view, inputs["g"], inputs["beta"])
