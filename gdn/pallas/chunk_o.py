@@ -35,6 +35,23 @@ from gdn.pallas.arrays import (
 )
 
 
+def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
+    """(first token row, end row) of global chunk i_tg (a row of h) in the packed T axis. Varlen: from
+    chunk_indices and cu_seqlens, and a PAD_CHUNK row (sequence < 0) gets an empty span, so every load and
+    store of its program is masked off; dense: batch row i_tg // NT, chunk i_tg % NT."""
+    if IS_VARLEN:
+        i_n = chunk_indices[i_tg, 0]
+        i_t = jnp.maximum(chunk_indices[i_tg, 1], 0)
+        bos = cu_seqlens[jnp.maximum(i_n, 0)]
+        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
+    else:
+        NT = pl.cdiv(T, BT)
+        bos = (i_tg // NT) * T
+        eos = bos + T
+        i_t = i_tg % NT
+    return bos + i_t * BT, eos
+
+
 def chunk_fwd_o_kernel(
     q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, NV: int,
@@ -49,21 +66,8 @@ def chunk_fwd_o_kernel(
     i_hv = (i_flat // NV) % HV
     i_tg = i_flat // (NV * HV)  # global chunk number = row of h
     i_h = i_hv // (HV // H)  # the q/k head this value head reads
-    if IS_VARLEN:
-        i_n = chunk_indices[i_tg, 0]
-        i_t = chunk_indices[i_tg, 1]
-        bos = cu_seqlens[jnp.maximum(i_n, 0)]
-        # a PAD_CHUNK row (i_n < 0) gets an empty token range: every load and store below is masked off
-        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
-        i_t = jnp.maximum(i_t, 0)
-    else:
-        NT = pl.cdiv(T, BT)
-        i_b = i_tg // NT
-        i_t = i_tg % NT
-        bos = i_b * T
-        eos = bos + T
-
-    o_t = bos + i_t * BT + jnp.arange(BT, dtype=jnp.int32)  # [BT] token rows of the packed T axis
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=IS_VARLEN)
+    o_t = t0 + jnp.arange(BT, dtype=jnp.int32)  # [BT] token rows of the packed T axis
     m_t = o_t < eos
     o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
     m_v = o_v < V

@@ -30,22 +30,8 @@ from gdn.pallas.arrays import (
     input_dot_precision,
     resolve_interpret,
 )
+from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
-
-
-def _chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
-    """(first token row, end row) of global chunk i_tg in the packed T axis; an empty span for a PAD_CHUNK row."""
-    if IS_VARLEN:
-        i_n = chunk_indices[i_tg, 0]
-        i_t = jnp.maximum(chunk_indices[i_tg, 1], 0)
-        bos = cu_seqlens[jnp.maximum(i_n, 0)]
-        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
-    else:
-        NT = pl.cdiv(T, BT)
-        bos = (i_tg // NT) * T
-        eos = bos + T
-        i_t = i_tg % NT
-    return bos + i_t * BT, eos
 
 
 def chunk_prepare_kernel(
@@ -58,7 +44,7 @@ def chunk_prepare_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = _chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=IS_VARLEN)
     o_i = jnp.arange(BT, dtype=jnp.int32)
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos

@@ -17,6 +17,24 @@ from gdn.common import spec
 from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
 
 
+@triton.jit
+def chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token row, end row) of global chunk i_tg (a row of h) in the packed T axis, int64. Varlen: from
+    chunk_indices and cu_seqlens, and a PAD_CHUNK row (sequence < 0) gets an empty span, so every load and
+    store of its program is masked off; dense: batch row i_tg // NT, chunk i_tg % NT."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_tg * 2)
+        i_t = tl.maximum(tl.load(chunk_indices + i_tg * 2 + 1), 0)
+        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0)).to(tl.int64)
+        eos = tl.where(i_n < 0, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1).to(tl.int64))
+    else:
+        NT = tl.cdiv(T, BT)
+        bos = (i_tg // NT).to(tl.int64) * T
+        eos = bos + T
+        i_t = i_tg % NT
+    return bos + i_t * BT, eos
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_fwd_o_kernel(
     q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T,
@@ -31,21 +49,8 @@ def chunk_fwd_o_kernel(
     i_hv = (i_flat // NV) % HV
     i_tg = i_flat // (NV * HV)  # global chunk number = row of h
     i_h = i_hv // (HV // H)  # the q/k head this value head reads
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_tg * 2)
-        i_t = tl.load(chunk_indices + i_tg * 2 + 1)
-        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0)).to(tl.int64)
-        # a PAD_CHUNK row (i_n < 0) gets an empty token range: every load and store below is masked off
-        eos = tl.where(i_n < 0, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1).to(tl.int64))
-        i_t = tl.maximum(i_t, 0)
-    else:
-        NT = tl.cdiv(T, BT)
-        i_b = i_tg // NT
-        i_t = i_tg % NT
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-
-    o_t = bos + i_t * BT + tl.arange(0, BT)  # [BT] token rows of the packed T axis (int64)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = t0 + tl.arange(0, BT)  # [BT] token rows of the packed T axis (int64)
     m_t = o_t < eos
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V

@@ -17,24 +17,8 @@ import triton.language as tl
 
 from gdn.common import spec
 from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
+from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
-
-
-@triton.jit
-def _chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token row, end row) of global chunk i_tg in the packed T axis (int64); an empty span for a
-    PAD_CHUNK row."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_tg * 2)
-        i_t = tl.maximum(tl.load(chunk_indices + i_tg * 2 + 1), 0)
-        bos = tl.load(cu_seqlens + tl.maximum(i_n, 0)).to(tl.int64)
-        eos = tl.where(i_n < 0, bos, tl.load(cu_seqlens + tl.maximum(i_n, 0) + 1).to(tl.int64))
-    else:
-        NT = tl.cdiv(T, BT)
-        bos = (i_tg // NT).to(tl.int64) * T
-        eos = bos + T
-        i_t = i_tg % NT
-    return bos + i_t * BT, eos
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -49,7 +33,7 @@ def chunk_prepare_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = _chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows (int64)
     m_t = o_t < eos
