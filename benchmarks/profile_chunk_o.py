@@ -55,14 +55,14 @@ def host_breakdown(calls: int = 2000) -> None:
 
     from gdn.common import spec
     from gdn.triton import chunk_o
-    from gdn.triton.arrays import tensor_key
+    from gdn.triton.arrays import tensor_key, validated
 
     a = _inputs(1, 512, 16, 16)
     q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
     g = torch.from_numpy(a["g"]).cuda()
     o = torch.empty_like(v)
     keys = tuple(tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))
-    problem = chunk_o._validated(keys, None)
+    problem = validated(spec.validate_chunk_o_inputs, keys)
     tiling = problem.tiling
     grid = (problem.num_programs,)
 
@@ -74,8 +74,8 @@ def host_breakdown(calls: int = 2000) -> None:
 
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
-        "contract check (cached)": lambda: chunk_o._validated(tuple(
-            tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))), None),
+        "contract check (cached)": lambda: validated(spec.validate_chunk_o_inputs, tuple(
+            tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))),
         "torch.empty_like": lambda: torch.empty_like(v),
         "triton kernel[grid](...)": raw_launch,
     }

@@ -17,7 +17,7 @@ import triton
 
 from gdn.common import example, spec
 from gdn.triton import chunk_o
-from gdn.triton.arrays import tensor_key
+from gdn.triton.arrays import tensor_key, validated
 
 Tiling = spec.Tiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
@@ -47,8 +47,8 @@ def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.Til
     t = {n: torch.from_numpy(a).cuda() for n, a in arrays.items() if a is not None}
     q, k, v, h = (t[n].to(getattr(torch, dtype)) for n in "qkvh")
     g = t["g"]
-    problem = chunk_o._validated(tuple(tensor_key(n, x) for n, x in
-                                       zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))), None)
+    problem = validated(spec.validate_chunk_o_inputs, tuple(tensor_key(n, x) for n, x in
+                                                            zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))))
     moved = sum(x.numel() * x.element_size() for x in (q, k, v, h, g)) + v.numel() * v.element_size()
     floor_us = moved / bandwidth * 1e6
     reference = torch.empty_like(v)

@@ -321,7 +321,7 @@ def _check_devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -
             _fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
 
 
-def check_cu_seqlens_values(cu_seqlens: np.ndarray, T: int, op: str = CHUNK_O_OP) -> None:
+def check_cu_seqlens_values(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = CHUNK_O_OP) -> None:
     """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T."""
     values = np.asarray(cu_seqlens)
     if values[0] != 0:
@@ -348,7 +348,7 @@ def _check_token_arrays(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) ->
 
 
 def _check_varlen(B: int, T: int, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
-                  cu_seqlens_values: np.ndarray | None, *, op: str) -> int:
+                  cu_seqlens_values: Sequence[int] | np.ndarray | None, *, op: str) -> int:
     """The varlen arguments of a [B, T, ...] call; returns the chunks per batch row (over all sequences when
     varlen: chunk_indices' rows, padding included, else counted from the host cu_seqlens values)."""
     if cu_seqlens is None:
@@ -382,7 +382,7 @@ def validate_chunk_o_inputs(
     g: ArrayInfo | None,
     cu_seqlens: ArrayInfo | None,
     chunk_indices: ArrayInfo | None,
-    cu_seqlens_values: np.ndarray | None = None,
+    cu_seqlens_values: Sequence[int] | np.ndarray | None = None,
 ) -> ChunkOProblem:
     """The shape, dtype and device contract of chunk_fwd_o, shared by every backend.
 
@@ -526,7 +526,7 @@ def validate_forward_inputs(
     initial_state: ArrayInfo | None,
     cu_seqlens: ArrayInfo | None,
     chunk_indices: ArrayInfo | None,
-    cu_seqlens_values: np.ndarray | None = None,
+    cu_seqlens_values: Sequence[int] | np.ndarray | None = None,
     output_final_state: bool = False,
 ) -> ForwardProblem:
     """The shape, dtype and device contract of chunk_gated_delta_rule, shared by every backend.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 
 from gdn.common import spec
@@ -28,6 +31,17 @@ def array_info(key: TensorKey) -> spec.ArrayInfo:
     """The spec's framework-neutral view of a (shape, dtype, device) key."""
     shape, dtype, device = key
     return spec.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
+
+
+Problem = TypeVar("Problem")
+
+
+@functools.lru_cache(maxsize=1024)
+def validated(contract: Callable[..., Problem], keys: tuple[TensorKey, ...], **options) -> Problem:
+    """A spec contract (validate_chunk_o_inputs, validate_forward_inputs, validate_decode_inputs) on the
+    arrays of keys, with hashable options (host cu_seqlens values as a tuple); cached, so a repeated call
+    signature costs a dict lookup."""
+    return contract(*(None if key is None else array_info(key) for key in keys), **options)
 
 
 def host_cu_seqlens(cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -6,15 +6,12 @@ chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts: gd
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
+from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
 
 
 @triton.jit
@@ -95,14 +92,6 @@ def chunk_fwd_o_kernel(
 _ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
 
 
-@functools.lru_cache(maxsize=1024)
-def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None) -> spec.ChunkOProblem:
-    """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    infos = [None if key is None else array_info(key) for key in keys]
-    values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
-    return spec.validate_chunk_o_inputs(*infos, cu_seqlens_values=values)
-
-
 def chunk_fwd_o(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -124,7 +113,7 @@ def chunk_fwd_o(
     args = (q, k, v, h, g, cu_seqlens, chunk_indices)
     keys = tuple(tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem = _validated(keys, cu_values)
+    problem = validated(spec.validate_chunk_o_inputs, keys, cu_seqlens_values=cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)

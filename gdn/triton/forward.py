@@ -8,15 +8,12 @@ b_ register tiles, BT = CHUNK_SIZE).
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import TensorKey, array_info, host_cu_seqlens, tensor_key
+from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
 
@@ -159,15 +156,6 @@ def chunk_states_kernel(
 _ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
 
 
-@functools.lru_cache(maxsize=1024)
-def _validated(keys: tuple[TensorKey, ...], cu_seqlens_values: tuple[int, ...] | None,
-               output_final_state: bool) -> spec.ForwardProblem:
-    """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    infos = [None if key is None else array_info(key) for key in keys]
-    values = None if cu_seqlens_values is None else np.asarray(cu_seqlens_values)
-    return spec.validate_forward_inputs(*infos, cu_seqlens_values=values, output_final_state=output_final_state)
-
-
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
             tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,7 +229,8 @@ def chunk_gated_delta_rule(
     args = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices)
     keys = tuple(tensor_key(name, x, op=spec.FORWARD_OP) for name, x in zip(_ARG_NAMES, args))
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem = _validated(keys, cu_values, bool(output_final_state))
+    problem = validated(spec.validate_forward_inputs, keys, cu_seqlens_values=cu_values,
+                        output_final_state=bool(output_final_state))
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices)

@@ -10,14 +10,12 @@ they would waste a tensor-core tile on one row, and the Triton 3.9 interpreter's
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import TensorKey, array_info, tensor_key
+from gdn.triton.arrays import tensor_key, validated
 
 
 @triton.jit
@@ -63,12 +61,6 @@ def decode_step_kernel(
 _ARG_NAMES = ("q", "k", "v", "g", "beta", "state")
 
 
-@functools.lru_cache(maxsize=1024)
-def _validated(keys: tuple[TensorKey, ...]) -> spec.DecodeProblem:
-    """The spec's contract for one call signature; cached so a repeated shape costs a dict lookup."""
-    return spec.validate_decode_inputs(*(None if key is None else array_info(key) for key in keys))
-
-
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +77,8 @@ def decode_step(
     (state is not modified); scale defaults to K**-0.5.
     """
     args = (q, k, v, g, beta, state)
-    problem = _validated(tuple(tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
+    problem = validated(spec.validate_decode_inputs,
+                        tuple(tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
     scale = spec.default_scale(problem.K) if scale is None else float(scale)
