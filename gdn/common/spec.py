@@ -313,6 +313,13 @@ def _check_heads(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> None:
             _fail(name, f"the dtype of q ({q.dtype})", info.dtype, TypeError, op=op)
 
 
+def _check_present(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
+    """Every named array given (a TypeError naming the first missing one)."""
+    for name, info in arrays:
+        if info is None:
+            _fail(name, "an array", None, TypeError, op=op)
+
+
 def _check_devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
     """Every given array on the device of the first (q)."""
     (first_name, first), *others = arrays
@@ -454,9 +461,7 @@ def validate_decode_inputs(
     """
     op = DECODE_OP
     arrays = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state)]
-    for name, info in arrays:
-        if info is None:
-            _fail(name, "an array", None, TypeError, op=op)
+    _check_present(arrays, op=op)
     _check_rank("q", q, 3, "[N, H, K]", op=op)
     _check_rank("k", k, 3, "[N, H, K]", op=op)
     _check_rank("v", v, 3, "[N, HV, V]", op=op)
@@ -491,12 +496,16 @@ class ForwardProblem:
     K: int
     V: int
     N: int
-    num_chunks_total: int
+    chunks_per_row: int
     varlen: bool
     dtype: str
-    beta_dtype: str
     use_initial_state: bool
     output_final_state: bool
+
+    @property
+    def num_chunks_total(self) -> int:
+        """Rows of h over the batch: one per chunk of every sequence (with varlen, chunk_indices' rows)."""
+        return self.B * self.chunks_per_row
 
     @property
     def prepare(self) -> Tiling:
@@ -535,9 +544,7 @@ def validate_forward_inputs(
     TypeError (dtypes, a missing array) naming the argument with the expected and the actual value.
     """
     op = FORWARD_OP
-    for name, info in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if info is None:
-            _fail(name, "an array", None, TypeError, op=op)
+    _check_present([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)], op=op)
     B, T, H, K, HV, V = _check_token_arrays(q, k, v, op=op)
     for name, info, dtypes in (("g", g, ("float32",)), ("beta", beta, ("float32", q.dtype))):
         _check_rank(name, info, 3, "[B, T, HV]", op=op)
@@ -552,8 +559,8 @@ def validate_forward_inputs(
                    "[N, HV, K, V]: one state per sequence", op=op)
     _check_devices([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", initial_state),
                     ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices)], op=op)
-    problem = ForwardProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, num_chunks_total=B * chunks_per_row,
-                             varlen=cu_seqlens is not None, dtype=q.dtype, beta_dtype=beta.dtype,
+    problem = ForwardProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks_per_row,
+                             varlen=cu_seqlens is not None, dtype=q.dtype,
                              use_initial_state=initial_state is not None,
                              output_final_state=bool(output_final_state))
     if problem.chunk_o().num_programs > MAX_GRID_ROWS:

@@ -104,3 +104,9 @@ def host_cu_seqlens(cu_seqlens, chunk_indices, *, op: str) -> np.ndarray | None:
 def as_index(x) -> jax.Array | None:
     """int32 device copy of an index array (numpy int64 included, which jnp would narrow anyway without x64)."""
     return None if x is None else jnp.asarray(x, jnp.int32)
+
+
+def index_or_placeholder(x, shape: tuple[int, ...]) -> jax.Array:
+    """An int32 index array for a kernel ref, or, for None, an int32 placeholder of the given shape that the
+    kernel's static flags never read."""
+    return jnp.zeros(shape, jnp.int32) if x is None else x.astype(jnp.int32)

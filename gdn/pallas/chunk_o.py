@@ -30,6 +30,7 @@ from gdn.pallas.arrays import (
     call_device,
     check_token_rows,
     host_cu_seqlens,
+    index_or_placeholder,
     input_dot_precision,
     resolve_interpret,
 )
@@ -122,8 +123,8 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Chu
     flat = (q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, HV, V),
             h.reshape(B * h.shape[1], HV, K, V))
     g = g.reshape(B * T, HV) if problem.gated else jnp.zeros((1, 1), jnp.float32)
-    cu_seqlens = cu_seqlens.astype(jnp.int32) if problem.varlen else jnp.zeros((2,), jnp.int32)
-    chunk_indices = chunk_indices.astype(jnp.int32) if problem.varlen else jnp.zeros((1, 2), jnp.int32)
+    cu_seqlens = index_or_placeholder(cu_seqlens, (2,))
+    chunk_indices = index_or_placeholder(chunk_indices, (1, 2))
     scale = jnp.asarray(scale, jnp.float32).reshape(1)
     kernel = functools.partial(
         chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,

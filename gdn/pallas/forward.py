@@ -27,6 +27,7 @@ from gdn.pallas.arrays import (
     check_token_rows,
     float32_dot_precision,
     host_cu_seqlens,
+    index_or_placeholder,
     input_dot_precision,
     resolve_interpret,
 )
@@ -190,13 +191,8 @@ def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indic
         name="chunk_prepare_kernel",
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV),
-      _placeholder_index(cu_seqlens, (2,)), _placeholder_index(chunk_indices, (1, 2)))
+      index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_indices, (1, 2)))
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
-
-
-def _placeholder_index(x, shape: tuple[int, ...]):
-    """x, or an int32 placeholder of the given shape that the kernels' static flags never read."""
-    return jnp.zeros(shape, jnp.int32) if x is None else x
 
 
 def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool,
@@ -210,7 +206,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
         final = None
         if problem.output_final_state:
             final = jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state
-        return jnp.zeros((B, rows // max(B, 1), HV, K, V), k.dtype), jnp.zeros(u.shape, u.dtype), final
+        return jnp.zeros((B, problem.chunks_per_row, HV, K, V), k.dtype), jnp.zeros(u.shape, u.dtype), final
     chunk_offsets = None
     if problem.varlen:  # first h row of each sequence
         counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
@@ -233,9 +229,9 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
         name="chunk_states_kernel",
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )(k.reshape(B * T, H, K), w.reshape(B * T, HV, K), u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
-      initial, _placeholder_index(cu_seqlens, (2,)), _placeholder_index(chunk_offsets, (1,)))
+      initial, index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_offsets, (1,)))
     final_state = final_state.reshape(N, HV, K, V) if problem.output_final_state else None
-    return h[:rows].reshape(B, rows // max(B, 1), HV, K, V), v_new.reshape(B, T, HV, V), final_state
+    return h[:rows].reshape(B, problem.chunks_per_row, HV, K, V), v_new.reshape(B, T, HV, V), final_state
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))

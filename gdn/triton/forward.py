@@ -184,7 +184,7 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
     [N, HV, K, V] float32 or None). With cu_seqlens, h has the chunk rows of prepare_chunk_indices. tiling
     defaults to spec.state_tiling's (benchmarks pass others)."""
     B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
-    h = torch.empty((B, problem.num_chunks_total // max(B, 1), HV, K, V), dtype=k.dtype, device=k.device)
+    h = torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
     v_new = torch.empty_like(u)
     final_state = (torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device)
                    if problem.output_final_state else None)
