@@ -11,6 +11,14 @@ import numpy as np
 from gdn.common.spec import CHUNK_SIZE, default_scale, num_chunks
 
 
+def _sequence_spans(B: int, T: int, cu_seqlens: np.ndarray | None) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence: the B rows, or the packed spans of cu_seqlens (B = 1)."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    bounds = np.asarray(cu_seqlens, dtype=np.int64)
+    return [(0, int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
 def chunk_fwd_o(
     q: np.ndarray,
     k: np.ndarray,
@@ -32,14 +40,9 @@ def chunk_fwd_o(
     group = HV // H
     scale = default_scale(K) if scale is None else float(scale)
     g = np.zeros((B, T, HV)) if g is None else np.asarray(g, dtype=np.float64)
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]  # (batch row, start, end)
-    else:
-        bounds = np.asarray(cu_seqlens, dtype=np.int64)
-        spans = [(0, int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
     o = np.zeros(v.shape, dtype=np.float64)
     first_chunk = 0  # h row of the current sequence's first chunk (varlen packs all sequences' chunks)
-    for b, start, end in spans:
+    for b, start, end in _sequence_spans(B, T, cu_seqlens):
         for c, t0 in enumerate(range(start, end, CHUNK_SIZE)):
             t1 = min(t0 + CHUNK_SIZE, end)
             causal = np.tri(t1 - t0, dtype=bool)  # j <= i
@@ -84,11 +87,7 @@ def recurrent_gated_delta_rule(
     HV, V = v.shape[2], v.shape[3]
     group = HV // H
     scale = default_scale(K) if scale is None else float(scale)
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]  # (batch row, start, end), one per sequence
-    else:
-        bounds = np.asarray(cu_seqlens, dtype=np.int64)
-        spans = [(0, int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
+    spans = _sequence_spans(B, T, cu_seqlens)
     states = (np.zeros((len(spans), HV, K, V)) if initial_state is None
               else np.array(initial_state, dtype=np.float64))  # a copy: updated in place below
     o = np.zeros(v.shape, dtype=np.float64)
@@ -101,14 +100,6 @@ def recurrent_gated_delta_rule(
                 S += np.outer(k_t, beta[b, t, hv] * (v[b, t, hv] - k_t @ S))
                 o[b, t, hv] = scale * (q_t @ S)
     return o, (states if output_final_state else None)
-
-
-def _sequence_spans(B: int, T: int, cu_seqlens: np.ndarray | None) -> list[tuple[int, int, int]]:
-    """(batch row, start, end) of every sequence: the B rows, or the packed spans of cu_seqlens (B = 1)."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    bounds = np.asarray(cu_seqlens, dtype=np.int64)
-    return [(0, int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
 def chunk_prepare(
