@@ -38,8 +38,8 @@ class OpInputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    """One chunk_fwd_o problem. seqlens set → varlen (B = 1, packed along T)."""
+class _Shapes:
+    """Sizes of a chunked problem: B rows of T tokens, or with seqlens, varlen (B = 1, packed along T)."""
 
     T: int
     H: int
@@ -47,17 +47,27 @@ class Case:
     K: int
     V: int
     B: int = 1
-    gated: bool = True
     seqlens: tuple[int, ...] | None = None
 
     @property
-    def id(self) -> str:
+    def shape_id(self) -> str:
         lengths = f"varlen{list(self.seqlens)}".replace(" ", "") if self.seqlens else f"B{self.B}-T{self.T}"
-        return f"{lengths}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}-{'g' if self.gated else 'nog'}"
+        return f"{lengths}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}"
 
     @property
     def cu_seqlens(self) -> np.ndarray | None:
         return None if self.seqlens is None else np.cumsum((0,) + self.seqlens).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case(_Shapes):
+    """One chunk_fwd_o problem."""
+
+    gated: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape_id}-{'g' if self.gated else 'nog'}"
 
     @property
     def state_rows(self) -> int:
@@ -154,26 +164,14 @@ dots, as FLA does; float32 runs tf32x3 dots (exact float32 in the interpreters).
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardCase:
-    """One chunk_gated_delta_rule problem. seqlens set → varlen (B = 1, packed along T)."""
+class ForwardCase(_Shapes):
+    """One chunk_gated_delta_rule problem."""
 
-    T: int
-    H: int
-    HV: int
-    K: int
-    V: int
-    B: int = 1
-    seqlens: tuple[int, ...] | None = None
     initial_state: bool = True
 
     @property
     def id(self) -> str:
-        lengths = f"varlen{list(self.seqlens)}".replace(" ", "") if self.seqlens else f"B{self.B}-T{self.T}"
-        return f"{lengths}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}-{'s0' if self.initial_state else 'nos0'}"
-
-    @property
-    def cu_seqlens(self) -> np.ndarray | None:
-        return None if self.seqlens is None else np.cumsum((0,) + self.seqlens).astype(np.int32)
+        return f"{self.shape_id}-{'s0' if self.initial_state else 'nos0'}"
 
     @property
     def N(self) -> int:

@@ -16,13 +16,15 @@ def reference_output(inputs: OpInputs) -> np.ndarray:
     return reference.chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], inputs.scale, a["cu_seqlens"])
 
 
-def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference") -> None:
-    assert out.shape == ref.shape
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference",
+                 tolerances: dict[str, float] = TOLERANCE) -> None:
+    """Same shape, all finite, and max |out − ref| / max |ref| within the dtype's tolerance."""
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
     assert np.isfinite(out).all(), f"{what}: {np.count_nonzero(~np.isfinite(out))} non-finite outputs"
     if ref.size == 0:  # T = 0: nothing to compare beyond the shape
         return
     rel_err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
-    assert rel_err <= TOLERANCE[dtype], f"{what}: max abs err / max |ref| = {rel_err:.3g} > {TOLERANCE[dtype]}"
+    assert rel_err <= tolerances[dtype], f"{what}: max abs err / max |ref| = {rel_err:.3g} > {tolerances[dtype]}"
 
 
 def skip_unsupported(backend, dtype: str) -> None:
@@ -121,8 +123,14 @@ def _mutations() -> list[tuple[str, Case, dict, dict, type[Exception], str]]:
 
 @pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
 def test_contract_errors(backend, mutation) -> None:
+    assert_refused(backend.run, mutation, spec.CHUNK_O_OP)
+
+
+def assert_refused(call, mutation: tuple, op: str) -> None:
+    """call on the mutated float32 inputs of (id, case, array replacements, dtype replacements, error, message
+    regex) raises that error, its message starting with "<op>: " and the regex."""
     _, case, arrays, dtypes, error, message = mutation
     inputs = case.inputs("float32").replace(**arrays)
     inputs.dtypes.update(dtypes)
-    with pytest.raises(error, match=f"^chunk_fwd_o: {message}"):
-        backend.run(inputs)
+    with pytest.raises(error, match=f"^{op}: {message}"):
+        call(inputs)

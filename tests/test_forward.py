@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from gdn.common import reference, spec
+from tests import test_chunk_o
 from tests.backends import BACKENDS
 from tests.cases import FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs, seed_of
-from tests.test_chunk_o import DTYPES
+from tests.test_chunk_o import DTYPES, skip_unsupported
 
 
 def recurrent_reference(inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -20,18 +21,7 @@ def recurrent_reference(inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> None:
-    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
-    assert np.isfinite(out).all(), f"{what}: {np.count_nonzero(~np.isfinite(out))} non-finite values"
-    if ref.size == 0:
-        return
-    rel_err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
-    tolerance = FORWARD_TOLERANCE[dtype]
-    assert rel_err <= tolerance, f"{what}: max abs err / max |ref| = {rel_err:.3g} > {tolerance}"
-
-
-def skip_unsupported(backend, dtype: str) -> None:
-    if not backend.supports(dtype):
-        pytest.skip(f"{backend.name} does not run {dtype} on this machine (see tests/backends.py)")
+    test_chunk_o.assert_close(out, ref, dtype, what, FORWARD_TOLERANCE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,11 +177,7 @@ def _mutations() -> list[tuple[str, ForwardCase, dict, dict, type[Exception], st
 
 @pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
 def test_contract_errors(backend, mutation) -> None:
-    _, case, arrays, dtypes, error, message = mutation
-    inputs = case.inputs("float32").replace(**arrays)
-    inputs.dtypes.update(dtypes)
-    with pytest.raises(error, match=f"^chunk_gated_delta_rule: {message}"):
-        backend.forward(inputs)
+    test_chunk_o.assert_refused(backend.forward, mutation, spec.FORWARD_OP)
 
 
 def test_no_tokens_returns_the_initial_state(backend) -> None:

@@ -22,25 +22,22 @@ settings.load_profile(os.environ.get("GDN_HYPOTHESIS_PROFILE", "ci"))
 HEAD_SIZES = [16, 24, 48, 64, 100, 128]
 
 
-def heads(draw: st.DrawFn) -> tuple[int, int, int, int]:
-    """H, HV = m·H, K, V."""
-    H = draw(st.integers(1, 3))
-    return H, H * draw(st.integers(1, 3)), draw(st.sampled_from(HEAD_SIZES)), draw(st.sampled_from(HEAD_SIZES))
-
-
 @st.composite
-def cases(draw: st.DrawFn) -> tuple[Case, str]:
-    H, HV, K, V = heads(draw)
-    gated = draw(st.booleans())
+def problems(draw: st.DrawFn, case_type: type, flag: str, max_sequences: int) -> tuple[Case | ForwardCase, str]:
+    """A case_type (Case or ForwardCase) with random heads H, HV = m·H, K, V, its boolean flag, dense B rows
+    or up to max_sequences varlen sequences (empty ones included), and a dtype."""
+    H = draw(st.integers(1, 3))
+    HV, K, V = H * draw(st.integers(1, 3)), draw(st.sampled_from(HEAD_SIZES)), draw(st.sampled_from(HEAD_SIZES))
+    flags = {flag: draw(st.booleans())}
     if draw(st.booleans()):
-        seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=5)))
-        case = Case(T=sum(seqlens), H=H, HV=HV, K=K, V=V, gated=gated, seqlens=seqlens)
+        seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=max_sequences)))
+        case = case_type(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, **flags)
     else:
-        case = Case(T=draw(st.integers(1, 200)), H=H, HV=HV, K=K, V=V, B=draw(st.integers(1, 2)), gated=gated)
+        case = case_type(T=draw(st.integers(1, 200)), H=H, HV=HV, K=K, V=V, B=draw(st.integers(1, 2)), **flags)
     return case, draw(st.sampled_from(["float32", "float16", "bfloat16"]))
 
 
-@given(drawn=cases(), seed=st.integers(0, 2**31 - 1))
+@given(drawn=problems(Case, "gated", 5), seed=st.integers(0, 2**31 - 1))
 def test_backends_agree_with_reference_and_each_other(drawn: tuple[Case, str], seed: int) -> None:
     case, dtype = drawn
     inputs = case.inputs(dtype, seed=seed)
@@ -52,21 +49,8 @@ def test_backends_agree_with_reference_and_each_other(drawn: tuple[Case, str], s
         assert_close(outputs["pallas"], outputs["triton"], dtype, f"pallas vs triton {case.id} {dtype}")
 
 
-@st.composite
-def forward_cases(draw: st.DrawFn) -> tuple[ForwardCase, str]:
-    H, HV, K, V = heads(draw)
-    initial_state = draw(st.booleans())
-    if draw(st.booleans()):
-        seqlens = tuple(draw(st.lists(st.integers(0, 150), min_size=1, max_size=4)))
-        case = ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, initial_state=initial_state)
-    else:
-        case = ForwardCase(T=draw(st.integers(1, 200)), H=H, HV=HV, K=K, V=V, B=draw(st.integers(1, 2)),
-                           initial_state=initial_state)
-    return case, draw(st.sampled_from(["float32", "float16", "bfloat16"]))
-
-
 @settings(max_examples=max(4, settings().max_examples // 2))
-@given(drawn=forward_cases(), seed=st.integers(0, 2**31 - 1))
+@given(drawn=problems(ForwardCase, "initial_state", 4), seed=st.integers(0, 2**31 - 1))
 def test_forward_backends_agree_with_recurrence_and_each_other(drawn: tuple[ForwardCase, str], seed: int) -> None:
     """chunk_gated_delta_rule: o and final state against the token-by-token float64 recurrence and across
     backends (half the examples of the chunk_fwd_o property: each draws a new compiled shape)."""
