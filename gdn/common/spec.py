@@ -142,14 +142,16 @@ def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
 
     T never enters (one token per call); neither does N, so a batch of 1 and one of 512 share a program.
     """
-    # Not measured in gdn yet (benchmarks/decode.py sweeps it): FLA's fused_recurrent_gated_delta_rule row
-    # (BV = 8, one warp). A decode step reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of
-    # S: memory-bound, so the row's job is enough programs to fill the SMs at small N (K = V = 128, HV = 32:
-    # 16 V tiles, 512 programs per sequence), each with a [BK, 8] float32 tile of at most 64 registers per
-    # thread. S is float32 whatever the input dtype, so dtype selects nothing yet. No loop: nothing for
-    # num_stages to pipeline.
-    del dtype, V  # V ≥ MIN_HEAD_DIM > 8: every V gets 8-column tiles (the last masked if 8 ∤ V)
-    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=8, num_warps=1, num_stages=1)
+    # Measured on an H100 (benchmarks/decode.py, bf16, H = 16, HV = 32, K = V = 128; RESULTS.md): a decode step
+    # reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of S, so it is memory-bound and the
+    # tile's job is to stream S in long rows. 64-column tiles with 4 warps reach 90-96 % of the copy-bandwidth
+    # floor at N = 64 and 256 (99 and 373 µs; FLA's fused_recurrent 115 and 441 µs), where gdn's first tiling
+    # (BV = 8, one warp, 32-byte row segments) reached 27-31 % (290 and 1309 µs); at N = 1 and 16 every tile
+    # ties within 1 µs (launch latency). S is float32
+    # whatever the input dtype, so dtype selects nothing. No loop: nothing for num_stages to pipeline.
+    del dtype
+    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=min(_next_power_of_2(V), 64),
+                  num_warps=4, num_stages=1)
 
 
 SUBBLOCK = 16
