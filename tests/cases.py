@@ -204,6 +204,10 @@ FORWARD_CASES: list[ForwardCase] = [
     # varlen: empty and 1-token sequences, chunk-boundary lengths
     _forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 32, 32),
     _forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
+    # K and V of different tile widths: Triton 3.6 on Hopper got u wrong with 64-wide w tiles beside 32-wide
+    # u tiles (spec.prepare_tiling), at K = 48, V = 16 (found by the GPU property run) and the mirror image
+    ForwardCase(17, 1, 1, 48, 16, initial_state=False),
+    ForwardCase(17, 1, 2, 16, 128),
 ]
 
 LARGE_FORWARD_CASES: list[ForwardCase] = [

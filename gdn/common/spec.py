@@ -165,12 +165,14 @@ def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
     value head): K and V walked in block_k / block_v column steps."""
     # 64-column steps as in chunk_fwd_o's K loop; measured on an H100 (bf16, K = V = 128, T = 8192, H = 16:
     # benchmarks/RESULTS.md): 8 warps lose (390 against 214 µs before the [NB, BS, BS] substitution), one
-    # 128-column step or a second pipeline stage change nothing. At least 32 columns: Triton 3.6 on an H100
-    # computes a 16-bit dot with a 16-column operand built in registers wrongly (w and u garbage at K or
-    # V = 16); wider tiles are masked down to K and V.
+    # 128-column step or a second pipeline stage change nothing. Two Triton 3.6 miscompiles on Hopper shape
+    # this row, so wider tiles are masked down to K and V instead: a 16-bit dot with a 16-column operand built
+    # in registers is wrong (w and u garbage at K or V = 16), and so is u when its tiles are narrower than w's
+    # (block_k 64 with block_v 32: u off by 25-110 % at K ≥ 48, V ≤ 32 in fp16 and bf16, while 64/64 and
+    # 32/32 are exact; found by the GPU run of tests/test_properties.py). Hence one width for both, ≥ 32.
     del dtype
-    return Tiling(block_k=min(max(_next_power_of_2(K), 32), 64),
-                  block_v=min(max(_next_power_of_2(V), 32), 64), num_warps=4, num_stages=1)
+    block = min(max(_next_power_of_2(max(K, V)), 32), 64)
+    return Tiling(block_k=block, block_v=block, num_warps=4, num_stages=1)
 
 
 def state_tiling(K: int, V: int, dtype: str) -> Tiling:
