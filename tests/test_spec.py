@@ -47,3 +47,13 @@ def test_decode_tiling_never_depends_on_batch_or_length() -> None:
         # the whole K in one tile, padded to a power of two; V in power-of-two tiles
         assert K <= tiling.block_k < 2 * K and tiling.block_k & (tiling.block_k - 1) == 0, (K, V, dtype)
         assert tiling.block_v & (tiling.block_v - 1) == 0, (K, V, dtype)
+
+
+def test_prepare_tiles_avoid_the_triton_36_miscompiles() -> None:
+    """spec.prepare_tiling's two workarounds (found on Hopper with Triton 3.6; the interpreters cannot show
+    them): w and u tiles of one width, and never 16 columns."""
+    for K in (16, 24, 48, 64, 100, 128, 256):
+        for V in (16, 32, 40, 128, 256):
+            tiling = spec.prepare_tiling(K, V, "bfloat16")
+            assert tiling.block_k == tiling.block_v, (K, V)
+            assert tiling.block_k in (32, 64), (K, V)
