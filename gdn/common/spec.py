@@ -147,8 +147,8 @@ def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     # tile's job is to stream S in long rows. 64-column tiles with 4 warps reach 90-96 % of the copy-bandwidth
     # floor at N = 64 and 256 (99 and 373 µs; FLA's fused_recurrent 115 and 441 µs), where gdn's first tiling
     # (BV = 8, one warp, 32-byte row segments) reached 27-31 % (290 and 1309 µs); at N = 1 and 16 every tile
-    # ties within 1 µs (launch latency). S is float32
-    # whatever the input dtype, so dtype selects nothing. No loop: nothing for num_stages to pipeline.
+    # ties within 1 µs (launch latency). S is float32 whatever the input dtype, so dtype selects nothing. No
+    # loop: nothing for num_stages to pipeline.
     del dtype
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=min(_next_power_of_2(V), 64),
                   num_warps=4, num_stages=1)
