@@ -50,12 +50,14 @@ def profile_launches() -> None:
 
 
 def host_breakdown(calls: int = 2000) -> None:
-    """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop)."""
+    """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop), and
+    of whole chunk_gated_delta_rule (T = 512) and decode_step (N = 64) calls."""
     import torch
 
-    from gdn.common import spec
-    from gdn.triton import chunk_o
+    from gdn.common import example, spec
+    from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step
     from gdn.triton.arrays import tensor_key, validated
+    from gdn.triton.launcher import launch_kernel
 
     a = _inputs(1, 512, 16, 16)
     q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
@@ -65,19 +67,28 @@ def host_breakdown(calls: int = 2000) -> None:
     problem = validated(spec.validate_chunk_o_inputs, keys)
     tiling = problem.tiling
     grid = (problem.num_programs,)
-
-    def raw_launch() -> None:
-        chunk_o.chunk_fwd_o_kernel[grid](
-            q, k, v, h, g, o, None, None, 0.088, 512, H=16, HV=16, K=128, V=128, BT=spec.CHUNK_SIZE,
-            BK=tiling.block_k, BV=tiling.block_v, NV=1, USE_G=True, IS_VARLEN=False, DOT_PRECISION="tf32",
-            num_warps=tiling.num_warps, num_stages=tiling.num_stages)
-
+    runtime_args = (q, k, v, h, g, o, None, None, 0.088, 512)
+    constexprs = dict(H=16, HV=16, K=128, V=128, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=1,
+                      USE_G=True, IS_VARLEN=False, DOT_PRECISION="tf32")
+    f = {n: torch.from_numpy(x).cuda() for n, x in
+         example.random_recurrent_inputs(1, 512, 16, 16, 128, 128, "bfloat16", seed=0).items()}
+    d = {n: torch.from_numpy(x).cuda() for n, x in
+         example.random_recurrent_inputs(64, 1, 16, 32, 128, 128, "bfloat16", seed=0).items()}
+    fq, fk, fv, dq, dk, dv = (x.to(torch.bfloat16) for x in (f["q"], f["k"], f["v"], d["q"][:, 0], d["k"][:, 0],
+                                                                d["v"][:, 0]))
+    dg, dbeta, d_state = d["g"][:, 0].contiguous(), d["beta"][:, 0].contiguous(), d["initial_state"]
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
         "contract check (cached)": lambda: validated(spec.validate_chunk_o_inputs, tuple(
             tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))),
         "torch.empty_like": lambda: torch.empty_like(v),
-        "triton kernel[grid](...)": raw_launch,
+        "triton kernel[grid](...)": lambda: chunk_o.chunk_fwd_o_kernel[grid](
+            *runtime_args, **constexprs, num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        "launch_kernel (compiled)": lambda: launch_kernel(chunk_o.chunk_fwd_o_kernel, grid, runtime_args, tiling,
+                                                          **constexprs),
+        "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
+                                                                      output_final_state=True),
+        "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),
     }
     for name, fn in layers.items():
         for _ in range(100):

@@ -65,6 +65,7 @@ arithmetic: the WY form of the delta rule's S updates within a chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -107,6 +108,8 @@ class Tiling:
         ≥ 16, masked when K is not a multiple.
     block_v: V columns per program (a power of two, masked likewise).
     num_warps, num_stages: Triton launch parameters.
+    max_registers: a cap on registers per thread (ptxas maxnreg) for the Triton backend, or None; the
+        Pallas-Triton lowering has no such option, so the Pallas backend compiles without it.
     The tile height of chunk_fwd_o is always CHUNK_SIZE.
     """
 
@@ -114,12 +117,14 @@ class Tiling:
     block_v: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def tiling_for(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_fwd_o for head sizes K, V and input dtype name.
 
@@ -137,6 +142,7 @@ def tiling_for(K: int, V: int, dtype: str) -> Tiling:
     return Tiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=256)
 def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of decode_step for head sizes K, V and input dtype name.
 
@@ -160,6 +166,7 @@ Its blocked merge (I + N)⁻¹ = (I − N)(I + N²) needs N⁴ = 0: exactly four
 assert CHUNK_SIZE == 4 * SUBBLOCK
 
 
+@functools.lru_cache(maxsize=256)
 def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's prepare kernel (A, (I + A)⁻¹, w, u for one chunk and
     value head): K and V walked in block_k / block_v column steps."""
@@ -175,6 +182,7 @@ def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
     return Tiling(block_k=block, block_v=block, num_warps=4, num_stages=1)
 
 
+@functools.lru_cache(maxsize=256)
 def state_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's states kernel: the whole K (a power of two) by block_v
     columns of S per program; the chunk loop is pipelined num_stages deep."""

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from gdn.common import spec
 from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
+from gdn.triton.launcher import launch_kernel
 
 
 @triton.jit
@@ -129,13 +130,13 @@ def launch(problem: spec.ChunkOProblem, tiling: spec.Tiling, q: torch.Tensor, k:
     if problem.num_programs == 0:
         return
     num_v_tiles = -(-problem.V // tiling.block_v)
-    chunk_fwd_o_kernel[(problem.num_chunks_total * problem.HV * num_v_tiles,)](
-        q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T,
+    launch_kernel(
+        chunk_fwd_o_kernel, (problem.num_chunks_total * problem.HV * num_v_tiles,),
+        (q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
         DOT_PRECISION=spec.dot_precision(problem.dtype),
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
 
 

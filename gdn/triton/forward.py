@@ -16,6 +16,7 @@ from gdn.common import spec
 from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
+from gdn.triton.launcher import launch_kernel
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -168,11 +169,11 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
     if problem.num_chunks_total * HV == 0:
         return g_cum, w, u
     tiling = tiling or problem.prepare
-    chunk_prepare_kernel[(problem.num_chunks_total * HV,)](
-        k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
+    launch_kernel(
+        chunk_prepare_kernel, (problem.num_chunks_total * HV,),
+        (k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T), tiling,
         H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return g_cum, w, u
 
@@ -196,12 +197,12 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
     if problem.N * HV == 0:
         return h, v_new, final_state
     tiling = tiling or problem.state
-    chunk_states_kernel[problem.state_grid(tiling)](
-        k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T,
+    launch_kernel(
+        chunk_states_kernel, problem.state_grid(tiling),
+        (k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T), tiling,
         H=problem.H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v,
         USE_INITIAL_STATE=problem.use_initial_state, STORE_FINAL_STATE=problem.output_final_state,
         IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return h, v_new, final_state
 

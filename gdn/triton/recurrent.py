@@ -16,6 +16,7 @@ import triton.language as tl
 
 from gdn.common import spec
 from gdn.triton.arrays import tensor_key, validated
+from gdn.triton.launcher import launch_kernel
 
 
 @triton.jit
@@ -93,8 +94,7 @@ def launch(problem: spec.DecodeProblem, tiling: spec.Tiling, q: torch.Tensor, k:
     pass other tilings)."""
     if problem.N == 0:
         return
-    decode_step_kernel[problem.grid(tiling)](
-        q, k, v, g, beta, state, o, new_state, scale,
+    launch_kernel(
+        decode_step_kernel, problem.grid(tiling), (q, k, v, g, beta, state, o, new_state, scale), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BK=tiling.block_k, BV=tiling.block_v,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
