@@ -29,7 +29,8 @@ K = V = 128
 DEVICE = "cuda"
 STATE_CANDIDATES = [spec.Tiling(K, bv, warps, stages)
                     for bv, warps, stages in itertools.product((16, 32, 64), (2, 4, 8), (1, 2, 3))]
-PREPARE_CANDIDATES = [spec.Tiling(64, 64, 4, 1), spec.Tiling(64, 64, 8, 1), spec.Tiling(128, 128, 4, 1),
+PREPARE_CANDIDATES = [spec.Tiling(64, 64, 4, 1, 168), spec.Tiling(64, 64, 4, 1),
+                      spec.Tiling(64, 64, 8, 1), spec.Tiling(64, 64, 8, 1, 128), spec.Tiling(128, 128, 4, 1),
                       spec.Tiling(64, 64, 4, 2), spec.Tiling(32, 32, 4, 1)]
 
 
@@ -93,7 +94,8 @@ def sweep(stage: str, candidates: list[spec.Tiling]) -> list[dict]:
             harness.progress(f"{stage} {tiling}: failed: {type(failure).__name__}: {failure}"[:300])
             continue
         row = {"stage": stage, "BK": tiling.block_k, "BV": tiling.block_v, "warps": tiling.num_warps,
-               "stages": tiling.num_stages, "us": round(us, 1), "rel_err_vs_spec": f"{error:.1e}",
+               "stages": tiling.num_stages, "maxnreg": tiling.max_registers, "us": round(us, 1),
+               "rel_err_vs_spec": f"{error:.1e}",
                "spec": tiling == (problem.prepare if stage == "prepare" else problem.state)}
         harness.progress("  ".join(f"{key}={value}" for key, value in row.items()))
         rows.append(row)

@@ -57,3 +57,17 @@ def test_prepare_tiles_avoid_the_triton_36_miscompiles() -> None:
             tiling = spec.prepare_tiling(K, V, "bfloat16")
             assert tiling.block_k == tiling.block_v, (K, V)
             assert tiling.block_k in (32, 64), (K, V)
+
+
+def test_prepare_register_cap_fits_three_blocks_per_sm() -> None:
+    """16-bit inputs: the cap lets 3 blocks of the prepare kernel share an SM's 65 536 registers; float32 (whose
+    tf32x3 dots need more registers) is not capped."""
+    for dtype in ("float16", "bfloat16"):
+        tiling = spec.prepare_tiling(128, 128, dtype)
+        threads = tiling.num_warps * 32
+        assert 3 * threads * tiling.max_registers <= 65536 < 4 * threads * tiling.max_registers
+        assert tiling.max_registers % 8 == 0
+    assert spec.prepare_tiling(128, 128, "float32").max_registers is None
+    assert all(t.max_registers is None for t in (spec.tiling_for(128, 128, "bfloat16"),
+                                                 spec.state_tiling(128, 128, "bfloat16"),
+                                                 spec.decode_tiling(128, 128, "bfloat16")))
