@@ -49,6 +49,17 @@ def profile_launches() -> None:
         print(f"launched B{B}-T{T}-H{H}-HV{HV}", flush=True)
 
 
+def _c_launcher_only(kernel, grid: tuple[int, ...], runtime_args: tuple) -> None:
+    """The launch launch_kernel ends in, alone: the cached compiled variant's C launcher (Triton internals)."""
+    from triton.runtime.driver import driver
+
+    from gdn.triton import launcher
+
+    (compiled, constexpr_values), = [entry for key, entry in launcher._compiled.items() if key[0] is kernel]
+    compiled.run(grid[0], 1, 1, driver.active.get_current_stream(driver.active.get_current_device()),
+                 compiled.function, compiled.packed_metadata, None, None, None, *runtime_args, *constexpr_values)
+
+
 def host_breakdown(calls: int = 2000) -> None:
     """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop), and
     of whole chunk_gated_delta_rule (T = 512) and decode_step (N = 64) calls."""
@@ -86,6 +97,7 @@ def host_breakdown(calls: int = 2000) -> None:
             *runtime_args, **constexprs, num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         "launch_kernel (compiled)": lambda: launch_kernel(chunk_o.chunk_fwd_o_kernel, grid, runtime_args, tiling,
                                                           **constexprs),
+        "compiled kernel's C launcher alone": lambda: _c_launcher_only(chunk_o.chunk_fwd_o_kernel, grid, runtime_args),
         "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
                                                                       output_final_state=True),
         "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),
