@@ -9,7 +9,8 @@ options; same dtypes and the same arguments None; every tensor 16-byte aligned; 
 (Triton specializes pointers on 16-byte alignment and ints on their range, on 1 and on divisibility by 16:
 ints that are not do_not_specialize enter the key by those properties too). Every other call takes Triton's
 own path, and so does every call while the kernel has pre-run hooks, while a launch hook is set (profilers),
-or under TRITON_INTERPRET.
+or under TRITON_INTERPRET. Triton options read from the environment at compile time (TRITON_DEBUG and the
+like) are not part of the key: a variant cached before they change keeps being launched.
 """
 
 from __future__ import annotations
