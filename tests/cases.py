@@ -208,6 +208,10 @@ FORWARD_CASES: list[ForwardCase] = [
     # u tiles (spec.prepare_tiling), at K = 48, V = 16 (found by the GPU property run) and the mirror image
     ForwardCase(17, 1, 1, 48, 16, initial_state=False),
     ForwardCase(17, 1, 2, 16, 128),
+    # batches large enough for the states kernel's wider V tiles (spec.state_tiling's size class): N·HV = 32
+    # selects 32 columns, N·HV = 64 selects 64
+    ForwardCase(70, 1, 4, 16, 128, B=8, initial_state=False),
+    _forward_varlen((1, 9, 64, 2) * 4, 2, 4, 16, 128),
 ]
 
 LARGE_FORWARD_CASES: list[ForwardCase] = [

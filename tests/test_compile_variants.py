@@ -140,8 +140,9 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
     before = compiled_variants()
     for T in T_VALUES:
         t = {n: torch.from_numpy(x).cuda() for n, x in _forward_inputs(T).items()}
-        for cu in (None, torch.tensor([0, T // 3, T], dtype=torch.int32, device="cuda")):
-            N = 1 if cu is None else 2
+        # one sequence, two, and batches past each states size class (spec.state_tiling: 64 and 200 walks)
+        for N in (1, 2, 32, 100):
+            cu = None if N == 1 else torch.linspace(0, T, N + 1, device="cuda").round().to(torch.int32)
             chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
                                    initial_state=torch.zeros(N, 2, 32, 32, device="cuda"),
                                    output_final_state=True, cu_seqlens=cu)

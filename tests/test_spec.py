@@ -69,5 +69,25 @@ def test_prepare_register_cap_fits_three_blocks_per_sm() -> None:
         assert tiling.max_registers % 8 == 0
     assert spec.prepare_tiling(128, 128, "float32").max_registers is None
     assert all(t.max_registers is None for t in (spec.tiling_for(128, 128, "bfloat16"),
-                                                 spec.state_tiling(128, 128, "bfloat16"),
+                                                 spec.state_tiling(128, 128, "bfloat16", 16),
                                                  spec.decode_tiling(128, 128, "bfloat16")))
+
+
+def test_state_tiling_size_class() -> None:
+    """The states kernel's V tile widens with the number of walks N·HV (never with T): the widest width that
+    keeps STATE_MIN_PROGRAMS programs, else the narrowest; and the warmup's sequence counts reach every width a
+    batch of any size selects."""
+    for K, V, HV in ((128, 128, 16), (128, 128, 1), (64, 64, 2), (16, 128, 4), (32, 32, 8), (128, 16, 4)):
+        widths = []
+        for walks in range(1, 4 * spec.STATE_MIN_PROGRAMS):
+            tiling = spec.state_tiling(K, V, "bfloat16", walks)
+            programs = walks * -(-V // tiling.block_v)
+            assert tiling.block_v in spec.STATE_BLOCK_V or tiling.block_v == V
+            assert programs >= spec.STATE_MIN_PROGRAMS or tiling.block_v == min(spec.STATE_BLOCK_V)
+            assert not widths or tiling.block_v >= widths[-1]  # monotone in the batch
+            widths.append(tiling.block_v)
+        assert widths[-1] == min(max(spec.STATE_BLOCK_V), V if V >= 16 else 16)
+        warmed = {spec.state_tiling(K, V, "bfloat16", n * HV) for n in spec.state_warmup_sequence_counts(HV, V)}
+        assert {spec.state_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
+    assert spec.state_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
+    assert spec.state_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs

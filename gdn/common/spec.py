@@ -192,17 +192,40 @@ def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
                   max_registers=_register_cap(3, num_warps=4) if dtype in ("float16", "bfloat16") else None)
 
 
+STATE_MIN_PROGRAMS = 128
+"""The states kernel's V tiles are as wide as keeps at least this many programs walking (about one per SM of
+an H100, 132): spec.state_tiling's size class."""
+
+STATE_BLOCK_V = (16, 32, 64)
+"""The V-tile widths of the states kernel, narrowest first."""
+
+
 @functools.lru_cache(maxsize=256)
-def state_tiling(K: int, V: int, dtype: str) -> Tiling:
-    """The static tiling of chunk_gated_delta_rule's states kernel: the whole K (a power of two) by block_v
-    columns of S per program; the chunk loop is pipelined num_stages deep."""
-    # Measured on an H100 (bf16, K = V = 128, B = 1, T = 8192, H = 16; the sweep in benchmarks/RESULTS.md):
-    # the walk over chunks is sequential, so the time is the chunk count times one chunk's latency, and what
-    # helps is more programs (V tiles) and loads of the next chunks in flight: BV = 16, 4 warps, 3 stages
-    # 137 µs; BV = 32: 163 µs; BV = 64: 216 µs; 2 stages 202 µs; 1 stage 303 µs; 8 warps 170 µs.
+def state_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's states kernel for sequence_heads = N·HV walks (sequences
+    times value heads): the whole K (a power of two) by block_v columns of S per program; the chunk loop is
+    pipelined num_stages deep. block_v is the widest of STATE_BLOCK_V (masked down to V) that still gives
+    STATE_MIN_PROGRAMS programs, else the narrowest: a coarse size class on the batch, never on T."""
+    # Measured on an H100 (bf16, K = V = 128, µs of the states kernel; benchmarks/RESULTS.md): the walk over
+    # chunks is sequential, so a program's time is its chunk count times one chunk's latency. With few walks,
+    # narrow tiles put more programs on the SMs: N·HV = 16 (T = 8192): BV 16 132, 32 167, 64 230; N·HV = 32:
+    # 107 / 91 / 113. With enough walks, wide tiles win because every V tile re-reads the chunk's w and k:
+    # N·HV = 64: 205 / 176 / 150; 256 (B8 T2048 HV32): 422 / 356 / 280; 1024: 842 / 764 / 630. 4 warps and 3
+    # stages throughout (2 stages: 202 µs against 137 at N·HV = 16; 8 warps 170).
     del dtype
-    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)),
-                  block_v=min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 16), num_warps=4, num_stages=3)
+    widths = [min(width, _next_power_of_2(max(V, MIN_HEAD_DIM))) for width in STATE_BLOCK_V]
+    block_v = next((width for width in reversed(widths) if sequence_heads * -(-V // width) >= STATE_MIN_PROGRAMS),
+                   widths[0])
+    return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=block_v, num_warps=4, num_stages=3)
+
+
+def state_warmup_sequence_counts(HV: int, V: int) -> tuple[int, ...]:
+    """Sequence counts N whose calls select every distinct spec.state_tiling width for HV value heads and V:
+    what a warmup runs so that no later batch size compiles another states variant."""
+    counts = {1}
+    for width in STATE_BLOCK_V:
+        counts.add(-(-STATE_MIN_PROGRAMS // (HV * -(-V // width))))
+    return tuple(sorted(counts))
 
 
 def num_chunks(T: int) -> int:
@@ -238,15 +261,19 @@ def prepare_chunk_indices(cu_seqlens: Sequence[int] | np.ndarray, num_rows: int 
     return np.concatenate([indices, padding])
 
 
-def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varlen: bool) -> dict:
-    """A one-sequence call of T tokens for the backends' warmups: the shapes of q (also k), v, h, g (None when
-    not gated), beta (the forward's) and state (its initial state), and host cu_seqlens / chunk_indices (None
-    when not varlen)."""
+def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varlen: bool,
+                     num_sequences: int = 1) -> dict:
+    """A call of num_sequences sequences of T tokens each for the backends' warmups (dense: B = num_sequences;
+    varlen: packed in B = 1): the shapes of q (also k), v, h, g (None when not gated), beta (the forward's) and
+    state (its initial state), and host cu_seqlens / chunk_indices (None when not varlen)."""
+    N = num_sequences
+    B, rows = (1, N * T) if varlen else (N, T)
+    cu_seqlens = np.arange(N + 1, dtype=np.int32) * T
     return {
-        "q": (1, T, H, K), "v": (1, T, HV, V), "h": (1, num_chunks(T), HV, K, V),
-        "g": (1, T, HV) if gated else None, "beta": (1, T, HV), "state": (1, HV, K, V),
-        "cu_seqlens": np.array([0, T], np.int32) if varlen else None,
-        "chunk_indices": prepare_chunk_indices([0, T]) if varlen else None,
+        "q": (B, rows, H, K), "v": (B, rows, HV, V), "h": (B, N * num_chunks(T) if varlen else num_chunks(T), HV, K, V),
+        "g": (B, rows, HV) if gated else None, "beta": (B, rows, HV), "state": (N, HV, K, V),
+        "cu_seqlens": cu_seqlens if varlen else None,
+        "chunk_indices": prepare_chunk_indices(cu_seqlens) if varlen else None,
     }
 
 
@@ -535,7 +562,7 @@ class ForwardProblem:
 
     @property
     def state(self) -> Tiling:
-        return state_tiling(self.K, self.V, self.dtype)
+        return state_tiling(self.K, self.V, self.dtype, self.N * self.HV)
 
     def state_grid(self, tiling: Tiling) -> tuple[int, int]:
         """The 2-D grid of the states kernel with this tiling: (V tile, sequence·value head)."""

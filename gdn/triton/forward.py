@@ -257,15 +257,17 @@ def warmup_forward(
     device: str | torch.device = "cuda",
 ) -> None:
     """Compile everything a later chunk_gated_delta_rule call with these dtypes, sizes and flags needs, for
-    any T: one call at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included). Every tiling comes from the
-    static tables in gdn.common.spec, never from timing this shape."""
-    call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen)
-    q = torch.zeros(call["q"], dtype=dtype, device=device)
-    v = torch.zeros(call["v"], dtype=dtype, device=device)
-    g = torch.zeros(call["g"], dtype=torch.float32, device=device)
-    beta = torch.zeros(call["beta"], dtype=beta_dtype, device=device)
-    state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
-    cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
-                                 for n in ("cu_seqlens", "chunk_indices"))
-    chunk_gated_delta_rule(q, q, v, g, beta, initial_state=state, output_final_state=output_final_state,
-                           cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    any T and any batch: calls at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included), one per states
+    tiling size class (spec.state_warmup_sequence_counts: the batch sizes that select each V-tile width).
+    Every tiling comes from the static tables in gdn.common.spec, never from timing these shapes."""
+    for num_sequences in spec.state_warmup_sequence_counts(HV, V):
+        call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen, num_sequences)
+        q = torch.zeros(call["q"], dtype=dtype, device=device)
+        v = torch.zeros(call["v"], dtype=dtype, device=device)
+        g = torch.zeros(call["g"], dtype=torch.float32, device=device)
+        beta = torch.zeros(call["beta"], dtype=beta_dtype, device=device)
+        state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
+        cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
+                                     for n in ("cu_seqlens", "chunk_indices"))
+        chunk_gated_delta_rule(q, q, v, g, beta, initial_state=state, output_final_state=output_final_state,
+                               cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
