@@ -51,14 +51,16 @@ def _chunk_fwd_o(dtype: torch.dtype, device: str, misalign: bool = False) -> tor
     return chunk_fwd_o(q, k, v, h, t["g"])
 
 
-def _pinned_to_triton_launch(kernel, fn):
-    """fn() with a no-op pre-run hook on kernel: launch_kernel then takes Triton's own path."""
+def _pinned_to_triton_launch(kernels, fn):
+    """fn() with a no-op pre-run hook on each of kernels: launch_kernel then takes Triton's own path."""
     hook = lambda *args, **kwargs: None  # noqa: E731
-    kernel.add_pre_run_hook(hook)
+    for kernel in kernels:
+        kernel.add_pre_run_hook(hook)
     try:
         return fn()
     finally:
-        kernel.pre_run_hooks.remove(hook)
+        for kernel in kernels:
+            kernel.pre_run_hooks.remove(hook)
 
 
 @pytest.mark.gpu
@@ -66,7 +68,7 @@ def _pinned_to_triton_launch(kernel, fn):
 def test_direct_launch_is_bit_equal_to_triton_launch(dtype: torch.dtype) -> None:
     from gdn.triton import chunk_o, launcher
 
-    via_triton = _pinned_to_triton_launch(chunk_o.chunk_fwd_o_kernel, lambda: _chunk_fwd_o(dtype, "cuda"))
+    via_triton = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,), lambda: _chunk_fwd_o(dtype, "cuda"))
     first = _chunk_fwd_o(dtype, "cuda")  # compiled already (the hooked call): cached now, or launched direct
     cached = sum(key[0] is chunk_o.chunk_fwd_o_kernel for key in launcher._compiled)
     direct = _chunk_fwd_o(dtype, "cuda")
@@ -104,18 +106,12 @@ def test_forward_and_decode_direct_launches_are_bit_equal() -> None:
 
     def decode_call():
         first = [x[:, 0].contiguous() for x in (q, k, v, a["g"], a["beta"])]
-        return decode_step(*first,
-                           a["initial_state"])
+        return decode_step(*first, a["initial_state"])
 
     for call, kernels in ((forward_call, (forward.chunk_prepare_kernel, forward.chunk_states_kernel,
                                           chunk_o.chunk_fwd_o_kernel)),
                           (decode_call, (recurrent.decode_step_kernel,))):
-        def hooked(kernels=kernels, call=call):
-            if not kernels:
-                return call()
-            return _pinned_to_triton_launch(kernels[0], lambda: hooked(kernels[1:], call))
-
-        via_triton = hooked()
+        via_triton = _pinned_to_triton_launch(kernels, call)
         runs = [call() for _ in range(3)]
         for run in runs:
             for x, ref in zip(run, via_triton):
