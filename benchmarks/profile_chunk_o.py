@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -49,15 +50,17 @@ def profile_launches() -> None:
         print(f"launched B{B}-T{T}-H{H}-HV{HV}", flush=True)
 
 
-def _c_launcher_only(kernel, grid: tuple[int, ...], runtime_args: tuple) -> None:
-    """The launch launch_kernel ends in, alone: the cached compiled variant's C launcher (Triton internals)."""
+def _c_launcher_only(kernel, grid: tuple[int, ...], runtime_args: tuple) -> Callable[[], None]:
+    """The launch launch_kernel ends in, alone: the C launcher of kernel's one cached compiled variant (Triton
+    internals), looked up once here, outside the timed loop."""
     from triton.runtime.driver import driver
 
     from gdn.triton import launcher
 
     (compiled, constexpr_values), = [entry for key, entry in launcher._compiled.items() if key[0] is kernel]
-    compiled.run(grid[0], 1, 1, driver.active.get_current_stream(driver.active.get_current_device()),
-                 compiled.function, compiled.packed_metadata, None, None, None, *runtime_args, *constexpr_values)
+    device = driver.active.get_current_device()
+    return lambda: compiled.run(grid[0], 1, 1, driver.active.get_current_stream(device), compiled.function,
+                                compiled.packed_metadata, None, None, None, *runtime_args, *constexpr_values)
 
 
 def host_breakdown(calls: int = 2000) -> None:
@@ -78,6 +81,7 @@ def host_breakdown(calls: int = 2000) -> None:
     problem = validated(spec.validate_chunk_o_inputs, keys)
     tiling = problem.tiling
     grid = (problem.num_programs,)
+    chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles and caches the variant _c_launcher_only launches
     runtime_args = (q, k, v, h, g, o, None, None, 0.088, 512)
     constexprs = dict(H=16, HV=16, K=128, V=128, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=1,
                       USE_G=True, IS_VARLEN=False, DOT_PRECISION="tf32")
@@ -97,7 +101,7 @@ def host_breakdown(calls: int = 2000) -> None:
             *runtime_args, **constexprs, num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         "launch_kernel (compiled)": lambda: launch_kernel(chunk_o.chunk_fwd_o_kernel, grid, runtime_args, tiling,
                                                           **constexprs),
-        "compiled kernel's C launcher alone": lambda: _c_launcher_only(chunk_o.chunk_fwd_o_kernel, grid, runtime_args),
+        "compiled kernel's C launcher alone": _c_launcher_only(chunk_o.chunk_fwd_o_kernel, grid, runtime_args),
         "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
                                                                       output_final_state=True),
         "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),
