@@ -29,7 +29,7 @@ K = V = 128
 DEVICE = "cuda"
 STATE_CANDIDATES = [spec.Tiling(K, bv, warps, stages)
                     for bv, warps, stages in itertools.product((16, 32, 64), (2, 4, 8), (1, 2, 3))]
-PREPARE_CANDIDATES = [spec.Tiling(64, 64, 4, 1, 168), spec.Tiling(64, 64, 4, 1),
+PREPARE_CANDIDATES = [spec.prepare_tiling(K, V, "bfloat16"), spec.Tiling(64, 64, 4, 1),
                       spec.Tiling(64, 64, 8, 1), spec.Tiling(64, 64, 8, 1, 128), spec.Tiling(128, 128, 4, 1),
                       spec.Tiling(64, 64, 4, 2), spec.Tiling(32, 32, 4, 1)]
 
