@@ -104,15 +104,15 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
 
     from gdn.common import spec
     from gdn.triton import recurrent
-    from gdn.triton.arrays import array_info, tensor_key
+    from gdn.triton.arrays import array_info, tensor_keys
 
     a = _inputs(N)
     t = {n: torch.from_numpy(x).cuda() for n, x in a.items()}
     for n in ("q", "k", "v"):
         t[n] = t[n].to(torch.bfloat16)
     args = [t[n] for n in ("q", "k", "v", "g", "beta", "state")]
-    problem = spec.validate_decode_inputs(*(array_info(tensor_key(n, x, op=spec.DECODE_OP))
-                                            for n, x in zip(("q", "k", "v", "g", "beta", "state"), args)))
+    problem = spec.validate_decode_inputs(*(array_info(key) for key in tensor_keys(
+        ("q", "k", "v", "g", "beta", "state"), args, op=spec.DECODE_OP)))
     reference = torch.empty_like(t["state"])
     o = torch.empty_like(t["v"])
     recurrent.launch(problem, problem.tiling, *args, o, reference, K**-0.5)

@@ -50,41 +50,37 @@ def profile_launches() -> None:
         print(f"launched B{B}-T{T}-H{H}-HV{HV}", flush=True)
 
 
-def _c_launcher_only(kernel, grid: tuple[int, ...], runtime_args: tuple) -> Callable[[], None]:
-    """The launch launch_kernel ends in, alone: the C launcher of kernel's one cached compiled variant (Triton
-    internals), looked up once here, outside the timed loop."""
+def _c_launcher_only(run, runtime_args: tuple) -> Callable[[], None]:
+    """The launch a KernelLaunch ends in, alone: the C launcher of its compiled variant on the current device
+    (Triton internals), looked up once here, outside the timed loop."""
     from triton.runtime.driver import driver
 
-    from gdn.triton import launcher
-
-    (compiled, constexpr_values), = [entry for key, entry in launcher._compiled.items() if key[0] is kernel]
     device = driver.active.get_current_device()
-    return lambda: compiled.run(grid[0], 1, 1, driver.active.get_current_stream(device), compiled.function,
-                                compiled.packed_metadata, None, None, None, *runtime_args, *constexpr_values)
+    variant = run._variants[device]
+    compiled = variant.compiled
+    return lambda: compiled.run(*run.grid, driver.active.get_current_stream(device), compiled.function,
+                                compiled.packed_metadata, None, None, None, *runtime_args, *variant.constexpr_values)
 
 
-def host_breakdown(calls: int = 2000) -> None:
+def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop), and
-    of whole chunk_gated_delta_rule (T = 512) and decode_step (N = 64) calls."""
+    of whole chunk_gated_delta_rule (T = 512) and decode_step (N = 64) calls: per layer, after a warm-up,
+    the median and the least of rounds of calls back to back."""
     import torch
 
     from gdn.common import example, spec
     from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step
-    from gdn.triton.arrays import tensor_key, validated
-    from gdn.triton.launcher import launch_kernel
+    from gdn.triton.arrays import planned, tensor_keys
 
     a = _inputs(1, 512, 16, 16)
     q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
     g = torch.from_numpy(a["g"]).cuda()
     o = torch.empty_like(v)
-    keys = tuple(tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))
-    problem = validated(spec.validate_chunk_o_inputs, keys)
-    tiling = problem.tiling
-    grid = (problem.num_programs,)
-    chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles and caches the variant _c_launcher_only launches
-    runtime_args = (q, k, v, h, g, o, None, None, 0.088, 512)
-    constexprs = dict(H=16, HV=16, K=128, V=128, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=1,
-                      USE_G=True, IS_VARLEN=False, DOT_PRECISION="tf32")
+    args = (q, k, v, h, g, None, None)
+    keys = tensor_keys(chunk_o._ARG_NAMES, args)
+    problem, run = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)  # chunk_fwd_o's
+    chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles the variant and records it in run
+    runtime_args = (q, k, v, h, g, o, None, None, spec.default_scale(problem.K), problem.T)
     f = {n: torch.from_numpy(x).cuda() for n, x in
          example.random_recurrent_inputs(1, 512, 16, 16, 128, 128, "bfloat16", seed=0).items()}
     d = {n: torch.from_numpy(x).cuda() for n, x in
@@ -94,30 +90,26 @@ def host_breakdown(calls: int = 2000) -> None:
     dg, dbeta, d_state = d["g"][:, 0].contiguous(), d["beta"][:, 0].contiguous(), d["initial_state"]
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
-        "contract check (cached)": lambda: validated(spec.validate_chunk_o_inputs, tuple(
-            tensor_key(n, x) for n, x in zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)))),
+        "contract check + plan (cached)": lambda: planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
+                                                          tensor_keys(chunk_o._ARG_NAMES, args)),
         "torch.empty_like": lambda: torch.empty_like(v),
-        "triton kernel[grid](...)": lambda: chunk_o.chunk_fwd_o_kernel[grid](
-            *runtime_args, **constexprs, num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-        "launch_kernel (compiled)": lambda: launch_kernel(chunk_o.chunk_fwd_o_kernel, grid, runtime_args, tiling,
-                                                          **constexprs),
-        "compiled kernel's C launcher alone": _c_launcher_only(chunk_o.chunk_fwd_o_kernel, grid, runtime_args),
+        "triton kernel[grid](...)": lambda: run.kernel[run.grid](*runtime_args, **run.constexprs,
+                                                                 **run.launch_options),
+        "KernelLaunch (recorded variant)": lambda: run(*runtime_args),
+        "compiled kernel's C launcher alone": _c_launcher_only(run, runtime_args),
         "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
                                                                       output_final_state=True),
         "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),
     }
     for name, fn in layers.items():
-        for _ in range(100):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(calls // 5):
-                fn()
-            times.append((time.perf_counter() - start) / (calls // 5) * 1e6)
+        us = []
+        for round_number in range(rounds + 1):  # round 0 warms up
             torch.cuda.synchronize()
-        print(f"host µs/call  {name:<28} {np.median(times):7.2f}", flush=True)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            us.append((time.perf_counter() - start) / calls * 1e6)
+        print(f"host µs/call  {name:<34} median {np.median(us[1:]):7.2f}  least {min(us[1:]):7.2f}", flush=True)
 
 
 def cold_compile() -> None:

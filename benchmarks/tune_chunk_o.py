@@ -17,7 +17,7 @@ import triton
 
 from gdn.common import example, spec
 from gdn.triton import chunk_o
-from gdn.triton.arrays import tensor_key, validated
+from gdn.triton.arrays import planned, tensor_keys
 
 Tiling = spec.Tiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
@@ -47,8 +47,8 @@ def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.Til
     t = {n: torch.from_numpy(a).cuda() for n, a in arrays.items() if a is not None}
     q, k, v, h = (t[n].to(getattr(torch, dtype)) for n in "qkvh")
     g = t["g"]
-    problem = validated(spec.validate_chunk_o_inputs, tuple(tensor_key(n, x) for n, x in
-                                                            zip(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))))
+    problem, _ = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
+                         tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)), None)
     moved = sum(x.numel() * x.element_size() for x in (q, k, v, h, g)) + v.numel() * v.element_size()
     floor_us = moved / bandwidth * 1e6
     reference = torch.empty_like(v)

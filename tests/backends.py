@@ -82,11 +82,12 @@ class TritonBackend:
 
     def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
         from gdn.triton import forward
-        from gdn.triton.arrays import array_info, tensor_key
+        from gdn.triton.arrays import array_info, tensor_keys
 
         a = self.convert(inputs)
+        keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
         problem = spec.validate_forward_inputs(
-            *(None if a[n] is None else array_info(tensor_key(n, a[n])) for n in FORWARD_ARGS),
+            *(None if key is None else array_info(key) for key in keys),
             cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
         cu = a["cu_seqlens"]
         ci = None if cu is None else self.torch.from_numpy(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))

@@ -25,34 +25,65 @@ def test_argument_key_separates_what_triton_specializes_on() -> None:
     assert _argument_key(True) is False and _argument_key("x") is False
 
 
-def test_interpreted_kernels_are_never_cached() -> None:
-    """Under TRITON_INTERPRET (the CPU test run) every launch goes through Triton's interpreter."""
-    import triton.runtime.jit
+def test_variant_matches_only_what_its_first_launch_was_specialized_for() -> None:
+    """A recorded variant is reused only for the same tensor dtypes at 16-byte aligned addresses, the same None
+    arguments and ints, and a float where a float was: anything else goes back through Triton."""
+    from gdn.triton.launcher import _Variant
 
-    from gdn.triton import chunk_o, launcher
+    x = torch.zeros(64, dtype=torch.float16)
+    y = torch.zeros(64, dtype=torch.float32)
+    variant = _Variant.record(None, (), (x, y, None, 0.5, 512))
+    assert variant.matches((x.clone(), y.clone(), None, 0.25, 512))  # other tensors, another float value
+    assert not variant.matches((x[1:], y, None, 0.5, 512))  # unaligned
+    assert not variant.matches((y, y, None, 0.5, 512))  # another dtype
+    assert not variant.matches((x, y, y, 0.5, 512))  # a tensor where None was
+    assert not variant.matches((x, None, None, 0.5, 512))  # None where a tensor was
+    assert not variant.matches((x, y, None, 1, 512))  # an int where a float was
+    assert not variant.matches((x, y, None, 0.5, 513)) and not variant.matches((x, y, None, 0.5, 512.0))
+    assert _Variant.record(None, (), (x[1:], y, None, 0.5, 512)) is None  # nothing recorded for unaligned
+    assert _Variant.record(None, (), (x, y, None, 0.5, 2**31)) is None  # nor for an int64
 
-    if isinstance(chunk_o.chunk_fwd_o_kernel, triton.runtime.jit.JITFunction):
-        pytest.skip("compiled kernels (GPU run): see the GPU tests below")
-    _chunk_fwd_o(torch.float32, "cpu")
-    assert not launcher._compiled
 
-
-def _chunk_fwd_o(dtype: torch.dtype, device: str, misalign: bool = False) -> torch.Tensor:
-    from gdn.triton import chunk_fwd_o
-
+def _inputs(dtype: torch.dtype, device: str, misalign: bool = False,
+            h_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """chunk_fwd_o's (q, k, v, h, g) at T = 200, H = 2, HV = 4, K = 64, V = 32."""
     a = example.random_inputs(1, 200, 2, 4, 64, 32, "float16", True, None, seed=3)
     t = {n: torch.from_numpy(a[n]).to(device) for n in ("q", "k", "v", "h", "g")}
-    q, k, v, h = (t[n].to(dtype) for n in "qkvh")
+    q, k, v = (t[n].to(dtype) for n in "qkv")
+    h = t["h"].to(h_dtype or dtype)
     if misalign:  # the same values at an address 2 or 4 bytes past a 16-byte boundary (still contiguous)
         buffer = torch.empty(q.numel() + 1, dtype=dtype, device=device)
         buffer[1:].copy_(q.flatten())
         q = buffer[1:].view(q.shape)
         assert q.data_ptr() % 16 != 0
-    return chunk_fwd_o(q, k, v, h, t["g"])
+    return q, k, v, h, t["g"]
+
+
+def _chunk_fwd_o_launch(q, k, v, h, g):
+    """The KernelLaunch that chunk_fwd_o(q, k, v, h, g) uses: the cached plan of its call signature."""
+    from gdn.common import spec
+    from gdn.triton import chunk_o
+    from gdn.triton.arrays import planned, tensor_keys
+
+    keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
+    return planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)[1]
+
+
+def test_interpreted_kernels_are_never_recorded() -> None:
+    """Under TRITON_INTERPRET (the CPU test run) every launch goes through Triton's interpreter."""
+    import triton.runtime.jit
+
+    from gdn.triton import chunk_fwd_o, chunk_o
+
+    if isinstance(chunk_o.chunk_fwd_o_kernel, triton.runtime.jit.JITFunction):
+        pytest.skip("compiled kernels (GPU run): see the GPU tests below")
+    inputs = _inputs(torch.float32, "cpu")
+    chunk_fwd_o(*inputs)
+    assert not _chunk_fwd_o_launch(*inputs)._variants
 
 
 def _pinned_to_triton_launch(kernels, fn):
-    """fn() with a no-op pre-run hook on each of kernels: launch_kernel then takes Triton's own path."""
+    """fn() with a no-op pre-run hook on each of kernels: a KernelLaunch then takes Triton's own path."""
     hook = lambda *args, **kwargs: None  # noqa: E731
     for kernel in kernels:
         kernel.add_pre_run_hook(hook)
@@ -66,26 +97,55 @@ def _pinned_to_triton_launch(kernels, fn):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_direct_launch_is_bit_equal_to_triton_launch(dtype: torch.dtype) -> None:
-    from gdn.triton import chunk_o, launcher
+    from gdn.triton import chunk_fwd_o, chunk_o
 
-    via_triton = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,), lambda: _chunk_fwd_o(dtype, "cuda"))
-    first = _chunk_fwd_o(dtype, "cuda")  # compiled already (the hooked call): cached now, or launched direct
-    cached = sum(key[0] is chunk_o.chunk_fwd_o_kernel for key in launcher._compiled)
-    direct = _chunk_fwd_o(dtype, "cuda")
-    assert cached >= 1
+    inputs = _inputs(dtype, "cuda")
+    via_triton = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,), lambda: chunk_fwd_o(*inputs))
+    first = chunk_fwd_o(*inputs)  # records the variant (the hooked call went through Triton alone)
+    assert _chunk_fwd_o_launch(*inputs)._variants
+    direct = chunk_fwd_o(*inputs)
     assert torch.equal(direct, via_triton) and torch.equal(first, via_triton)
 
 
 @pytest.mark.gpu
 def test_unaligned_tensor_takes_triton_path() -> None:
-    from gdn.triton import launcher
+    """chunk_fwd_o's call signature with an unaligned q: its plan's launch (fixed signature) goes through
+    Triton, gives Triton's bits and keeps the variant the aligned call recorded."""
+    from gdn.triton import chunk_fwd_o, chunk_o
 
-    aligned = _chunk_fwd_o(torch.float16, "cuda")
-    before = dict(launcher._compiled)
-    unaligned = _chunk_fwd_o(torch.float16, "cuda", misalign=True)
-    unaligned_again = _chunk_fwd_o(torch.float16, "cuda", misalign=True)
-    assert launcher._compiled == before  # nothing cached for the unaligned specialization
-    assert torch.equal(unaligned, aligned) and torch.equal(unaligned_again, aligned)
+    aligned = _inputs(torch.float16, "cuda")
+    chunk_fwd_o(*aligned)
+    run = _chunk_fwd_o_launch(*aligned)
+    recorded = dict(run._variants)
+    unaligned = _inputs(torch.float16, "cuda", misalign=True)
+    assert recorded and _chunk_fwd_o_launch(*unaligned) is run
+    via_triton = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,), lambda: chunk_fwd_o(*unaligned))
+    assert torch.equal(chunk_fwd_o(*unaligned), via_triton) and torch.equal(chunk_fwd_o(*unaligned), via_triton)
+    assert run._variants == recorded
+
+
+@pytest.mark.gpu
+def test_shared_launch_matches_each_call_in_full() -> None:
+    """chunk_o.launch's KernelLaunch is shared by every call with one problem and tiling, and the problem does
+    not fix h's dtype: a launch with h in float32 after one with h in float16 goes through Triton and gives
+    Triton's bits."""
+    from gdn.common import spec
+    from gdn.triton import chunk_o
+    from gdn.triton.arrays import planned, tensor_keys
+
+    outputs = []
+    for h_dtype in (torch.float16, torch.float32, torch.float32):
+        q, k, v, h, g = _inputs(torch.float16, "cuda", h_dtype=h_dtype)
+        keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
+        problem, _ = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)
+        o = torch.empty_like(v)
+        chunk_o.launch(problem, problem.tiling, q, k, v, h, g, o, 0.125, None, None)
+        outputs.append(o)
+    run = chunk_o.kernel_launch(problem, problem.tiling)
+    assert [variant.tensors[3] for variant in run._variants.values()] == [(3, torch.float16)]  # h at the first
+    expected = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,),
+                                        lambda: chunk_o.chunk_fwd_o(q, k, v, h, g, scale=0.125))
+    assert torch.equal(outputs[1], expected) and torch.equal(outputs[2], expected)
 
 
 @pytest.mark.gpu

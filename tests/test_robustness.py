@@ -190,7 +190,7 @@ def test_grid_is_one_dimensional_beyond_65535_sequence_heads(monkeypatch: pytest
     inputs = _many_sequences(70_000)
     t = _torch_inputs(inputs)
     chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"], cu_seqlens=t["cu_seqlens"])
-    assert grids == [(70_000 * 2,)]
+    assert grids == [(70_000 * 2, 1, 1)]  # x, y, z
 
 
 def _many_sequences(count: int) -> OpInputs:

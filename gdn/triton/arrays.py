@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 
@@ -15,16 +15,22 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
 
 
-def tensor_key(name: str, x: torch.Tensor | None, op: str = spec.CHUNK_O_OP) -> TensorKey:
-    """(shape, dtype, device) of an argument, after the per-call checks that the key cannot carry."""
-    if x is None:
-        return None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
-    if not x.is_contiguous():
-        raise ValueError(f"{op}: {name}: expected a contiguous tensor (call .contiguous()); "
-                         f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
-    return x.shape, x.dtype, x.device
+def tensor_keys(names: Sequence[str], args: Sequence[torch.Tensor | None],
+                op: str = spec.CHUNK_O_OP) -> tuple[TensorKey, ...]:
+    """(shape, dtype, device) of each argument, None for None, after the per-call checks that a key cannot
+    carry: each is a torch.Tensor and contiguous."""
+    keys = []
+    for name, x in zip(names, args):
+        if x is None:
+            keys.append(None)
+        elif isinstance(x, torch.Tensor) and x.is_contiguous():
+            keys.append((x.shape, x.dtype, x.device))
+        elif not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
+        else:
+            raise ValueError(f"{op}: {name}: expected a contiguous tensor (call .contiguous()); "
+                             f"got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+    return tuple(keys)
 
 
 def array_info(key: TensorKey) -> spec.ArrayInfo:
@@ -34,14 +40,18 @@ def array_info(key: TensorKey) -> spec.ArrayInfo:
 
 
 Problem = TypeVar("Problem")
+Plan = TypeVar("Plan")
 
 
 @functools.lru_cache(maxsize=1024)
-def validated(contract: Callable[..., Problem], keys: tuple[TensorKey, ...], **options) -> Problem:
-    """A spec contract (validate_chunk_o_inputs, validate_forward_inputs, validate_decode_inputs) on the
-    arrays of keys, with hashable options (host cu_seqlens values as a tuple); cached, so a repeated call
-    signature costs a dict lookup."""
-    return contract(*(None if key is None else array_info(key) for key in keys), **options)
+def planned(contract: Callable[..., Problem], plan: Callable[[Problem], Plan], keys: tuple[TensorKey, ...],
+            *options: Hashable) -> tuple[Problem, Plan]:
+    """(problem, plan(problem)): a spec contract (validate_chunk_o_inputs, validate_forward_inputs,
+    validate_decode_inputs) on the arrays of keys, then its further positional arguments (host cu_seqlens
+    values as a tuple, flags), and the op's kernel launches for that problem; cached, so a repeated call
+    signature costs one lookup."""
+    problem = contract(*(None if key is None else array_info(key) for key in keys), *options)
+    return problem, plan(problem)
 
 
 def host_cu_seqlens(cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -6,13 +6,15 @@ chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts: gd
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
-from gdn.triton.launcher import launch_kernel
+from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
+from gdn.triton.launcher import KernelLaunch
 
 
 @triton.jit
@@ -111,33 +113,54 @@ def chunk_fwd_o(
     chunk_indices, cu_seqlens is copied to the host once (a device sync) to build them and check its values;
     pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
     """
-    args = (q, k, v, h, g, cu_seqlens, chunk_indices)
-    keys = tuple(tensor_key(name, x) for name, x in zip(_ARG_NAMES, args))
+    keys = tensor_keys(_ARG_NAMES, (q, k, v, h, g, cu_seqlens, chunk_indices))
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem = validated(spec.validate_chunk_o_inputs, keys, cu_seqlens_values=cu_values)
+    problem, run = planned(spec.validate_chunk_o_inputs, spec_tiling_launch, keys, cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)
-    scale = spec.default_scale(problem.K) if scale is None else float(scale)
-    launch(problem, problem.tiling, q, k, v, h, g, o, scale, cu_seqlens, chunk_indices)
+    if run is not None:
+        scale = spec.default_scale(problem.K) if scale is None else float(scale)
+        run(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T)
     return o
+
+
+def new_kernel_launch(problem: spec.ChunkOProblem, tiling: spec.Tiling,
+                      fixed_signature: bool = False) -> KernelLaunch | None:
+    """The kernel launch of a validated problem with a tiling, None when it has no programs."""
+    num_v_tiles = -(-problem.V // tiling.block_v)
+    num_programs = problem.num_chunks_total * problem.HV * num_v_tiles
+    if num_programs == 0:
+        return None
+    return KernelLaunch(
+        chunk_fwd_o_kernel, (num_programs,), tiling, fixed_signature=fixed_signature,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
+        USE_G=problem.gated, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=spec.dot_precision(problem.dtype),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel_launch(problem: spec.ChunkOProblem, tiling: spec.Tiling) -> KernelLaunch | None:
+    """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
+    launcher; calls with another h dtype share it, so each launch is matched in full."""
+    return new_kernel_launch(problem, tiling)
+
+
+def spec_tiling_launch(problem: spec.ChunkOProblem) -> KernelLaunch | None:
+    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (spec.tiling_for),
+    with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
+    return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
 
 
 def launch(problem: spec.ChunkOProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None, o: torch.Tensor, scale: float,
            cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> None:
     """Launch the kernel for a validated problem with the given tiling, writing o (benchmarks pass others)."""
-    if problem.num_programs == 0:
-        return
-    num_v_tiles = -(-problem.V // tiling.block_v)
-    launch_kernel(
-        chunk_fwd_o_kernel, (problem.num_chunks_total * problem.HV * num_v_tiles,),
-        (q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T), tiling,
-        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
-        BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
-        USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=spec.dot_precision(problem.dtype),
-    )
+    run = kernel_launch(problem, tiling)
+    if run is not None:
+        run(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T)
 
 
 def warmup(

@@ -8,15 +8,17 @@ b_ register tiles, BT = CHUNK_SIZE).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import host_cu_seqlens, tensor_key, validated
+from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
-from gdn.triton.launcher import launch_kernel
+from gdn.triton.launcher import KernelLaunch
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -157,6 +159,28 @@ def chunk_states_kernel(
 _ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
 
 
+@functools.lru_cache(maxsize=1024)
+def prepare_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLaunch:
+    """The prepare kernel's launch for a validated problem with chunks, cached per (problem, tiling)."""
+    return KernelLaunch(
+        chunk_prepare_kernel, (problem.num_chunks_total * problem.HV,), tiling,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def states_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLaunch:
+    """The states kernel's launch for a validated problem with sequences, cached per (problem, tiling)."""
+    return KernelLaunch(
+        chunk_states_kernel, problem.state_grid(tiling), tiling,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
+        STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=spec.dot_precision(problem.dtype),
+    )
+
+
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
             tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,13 +192,8 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
     u = torch.empty_like(v)
     if problem.num_chunks_total * HV == 0:
         return g_cum, w, u
-    tiling = tiling or problem.prepare
-    launch_kernel(
-        chunk_prepare_kernel, (problem.num_chunks_total * HV,),
-        (k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T), tiling,
-        H=problem.H, HV=HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
-    )
+    run = prepare_launch(problem, tiling or problem.prepare)
+    run(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T)
     return g_cum, w, u
 
 
@@ -196,14 +215,8 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
         chunk_offsets = torch.cumsum(counts, 0) - counts
     if problem.N * HV == 0:
         return h, v_new, final_state
-    tiling = tiling or problem.state
-    launch_kernel(
-        chunk_states_kernel, problem.state_grid(tiling),
-        (k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T), tiling,
-        H=problem.H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v,
-        USE_INITIAL_STATE=problem.use_initial_state, STORE_FINAL_STATE=problem.output_final_state,
-        IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
-    )
+    run = states_launch(problem, tiling or problem.state)
+    run(k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T)
     return h, v_new, final_state
 
 
@@ -227,18 +240,16 @@ def chunk_gated_delta_rule(
     output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] and chunk_indices as
     for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once).
     """
-    args = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices)
-    keys = tuple(tensor_key(name, x, op=spec.FORWARD_OP) for name, x in zip(_ARG_NAMES, args))
+    keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem = validated(spec.validate_forward_inputs, keys, cu_seqlens_values=cu_values,
-                        output_final_state=bool(output_final_state))
+    problem, chunk_o = planned(spec.validate_forward_inputs, spec.ForwardProblem.chunk_o, keys, cu_values,
+                               bool(output_final_state))
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices)
     h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens)
     o = torch.empty_like(v)
     scale = spec.default_scale(problem.K) if scale is None else float(scale)
-    chunk_o = problem.chunk_o()
     launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
     return o, final_state
 

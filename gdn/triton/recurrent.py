@@ -10,13 +10,15 @@ they would waste a tensor-core tile on one row, and the Triton 3.9 interpreter's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import spec
-from gdn.triton.arrays import tensor_key, validated
-from gdn.triton.launcher import launch_kernel
+from gdn.triton.arrays import planned, tensor_keys
+from gdn.triton.launcher import KernelLaunch
 
 
 @triton.jit
@@ -77,14 +79,36 @@ def decode_step(
     float32; state [N, HV, K, V] float32, S before the token. new_state is S after it, a new float32 tensor
     (state is not modified); scale defaults to K**-0.5.
     """
-    args = (q, k, v, g, beta, state)
-    problem = validated(spec.validate_decode_inputs,
-                        tuple(tensor_key(name, x, op=spec.DECODE_OP) for name, x in zip(_ARG_NAMES, args)))
+    keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, state), op=spec.DECODE_OP)
+    problem, run = planned(spec.validate_decode_inputs, spec_tiling_launch, keys)
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
-    scale = spec.default_scale(problem.K) if scale is None else float(scale)
-    launch(problem, problem.tiling, q, k, v, g, beta, state, o, new_state, scale)
+    if run is not None:
+        scale = spec.default_scale(problem.K) if scale is None else float(scale)
+        run(q, k, v, g, beta, state, o, new_state, scale)
     return o, new_state
+
+
+def new_kernel_launch(problem: spec.DecodeProblem, tiling: spec.Tiling,
+                      fixed_signature: bool = False) -> KernelLaunch | None:
+    """The kernel launch of a validated problem with a tiling, None when N = 0."""
+    if problem.N == 0:
+        return None
+    return KernelLaunch(decode_step_kernel, problem.grid(tiling), tiling, fixed_signature=fixed_signature,
+                        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BK=tiling.block_k, BV=tiling.block_v)
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel_launch(problem: spec.DecodeProblem, tiling: spec.Tiling) -> KernelLaunch | None:
+    """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
+    launcher (each launch matched in full: benchmarks pass their own arguments)."""
+    return new_kernel_launch(problem, tiling)
+
+
+def spec_tiling_launch(problem: spec.DecodeProblem) -> KernelLaunch | None:
+    """decode_step's plan for one call signature: its own launch with the problem's tiling
+    (spec.decode_tiling), with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
+    return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
 
 
 def launch(problem: spec.DecodeProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -92,9 +116,6 @@ def launch(problem: spec.DecodeProblem, tiling: spec.Tiling, q: torch.Tensor, k:
            scale: float) -> None:
     """Launch the kernel for a validated problem with the given tiling, writing o and new_state (benchmarks
     pass other tilings)."""
-    if problem.N == 0:
-        return
-    launch_kernel(
-        decode_step_kernel, problem.grid(tiling), (q, k, v, g, beta, state, o, new_state, scale), tiling,
-        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BK=tiling.block_k, BV=tiling.block_v,
-    )
+    run = kernel_launch(problem, tiling)
+    if run is not None:
+        run(q, k, v, g, beta, state, o, new_state, scale)
