@@ -1,12 +1,14 @@
 """Sweep chunk_gated_delta_rule's stage tilings on the GPU, and time its stages: the measurements behind
 spec.prepare_tiling / spec.state_tiling and the stage table of benchmarks/RESULTS.md.
 
-    python -m benchmarks.tune_forward [--out DIR] [--stages-only]
+    python -m benchmarks.tune_forward [--out DIR] [--stages-only | --state-batches]
 
 bf16, K = V = 128, unit-norm q/k rows, log-sigmoid gates, sigmoid beta (gdn.common.example). For each shape:
 the stage breakdown with the spec's tilings (prepare, states, chunk_fwd_o, and the whole call), then, at
 B1 T8192 H16, every candidate tiling of prepare and of states, checked against the spec tiling's output
 (max |Δ| / max |ref| of w, u or h, final state) and timed with triton.testing.do_bench (median, L2 flushed).
+--state-batches instead times the states kernel with each V-tile width of spec.STATE_BLOCK_V (4 warps, 3
+stages) at batches from N·HV = 16 to 1024 walks: the sweep behind spec.state_tiling's size class.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import triton
 from benchmarks import harness
 from gdn.common import example, spec
 from gdn.triton import chunk_gated_delta_rule, chunk_o, forward
-from gdn.triton.arrays import array_info, tensor_key
+from gdn.triton.arrays import array_info, tensor_keys
 
 SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
 SWEEP_SHAPE = (1, 8192, 16, 16)
+STATE_BATCH_SHAPES = [(1, 8192, 16, 16), (2, 4096, 16, 16), (4, 4096, 16, 16), (8, 2048, 16, 16), (8, 2048, 16, 32),
+                      (64, 1024, 16, 16)]
 K = V = 128
 DEVICE = "cuda"
 STATE_CANDIDATES = [spec.Tiling(K, bv, warps, stages)
@@ -39,8 +43,8 @@ def _inputs(B: int, T: int, H: int, HV: int) -> tuple[spec.ForwardProblem, dict[
     t = {n: torch.from_numpy(x).to(DEVICE) for n, x in a.items() if n != "initial_state"}
     for n in ("q", "k", "v"):
         t[n] = t[n].to(torch.bfloat16)
-    keys = [tensor_key(n, t.get(n)) for n in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens",
-                                              "chunk_indices")]
+    names = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
+    keys = tensor_keys(names, [t.get(n) for n in names])
     problem = spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
                                            output_final_state=True)
     return problem, t
@@ -72,9 +76,10 @@ def stage_breakdown(B: int, T: int, H: int, HV: int) -> dict:
     }
 
 
-def sweep(stage: str, candidates: list[spec.Tiling]) -> list[dict]:
-    """Time one stage with every candidate tiling at SWEEP_SHAPE; outputs checked against the spec tiling's."""
-    problem, t = _inputs(*SWEEP_SHAPE)
+def sweep(stage: str, candidates: list[spec.Tiling], shape: tuple[int, int, int, int] = SWEEP_SHAPE) -> list[dict]:
+    """Time one stage with every candidate tiling at shape (B, T, H, HV); outputs checked against the spec
+    tiling's."""
+    problem, t = _inputs(*shape)
     k, v, g, beta = (t[n] for n in ("k", "v", "g", "beta"))
     g_cum, w, u = forward.prepare(problem, k, v, g, beta, None, None)
     if stage == "prepare":
@@ -93,7 +98,8 @@ def sweep(stage: str, candidates: list[spec.Tiling]) -> list[dict]:
         except Exception as failure:  # a tiling that does not compile (registers, shared memory) is reported
             harness.progress(f"{stage} {tiling}: failed: {type(failure).__name__}: {failure}"[:300])
             continue
-        row = {"stage": stage, "BK": tiling.block_k, "BV": tiling.block_v, "warps": tiling.num_warps,
+        row = {"shape": "B{}-T{}-H{}-HV{}".format(*shape), "stage": stage, "BK": tiling.block_k,
+               "BV": tiling.block_v, "warps": tiling.num_warps,
                "stages": tiling.num_stages, "maxnreg": tiling.max_registers, "us": round(us, 1),
                "rel_err_vs_spec": f"{error:.1e}",
                "spec": tiling == (problem.prepare if stage == "prepare" else problem.state)}
@@ -106,18 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--stages-only", action="store_true", help="the stage breakdown, no tiling sweeps")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--stages-only", action="store_true", help="the stage breakdown, no tiling sweeps")
+    mode.add_argument("--state-batches", action="store_true", help="only the states V-tile sweep over batches")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     env = harness.environment("benchmarks.tune_forward")
     print(harness.format_header(env), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.state_batches:
+        candidates = [spec.Tiling(K, width, 4, 3) for width in spec.STATE_BLOCK_V]
+        rows = [row for shape in STATE_BATCH_SHAPES for row in sweep("states", candidates, shape)]
+        print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
+        harness.write_csv(args.out / "state_tiling_sweep.csv", rows)
+        return 0
     stages = []
     for shape in SHAPES:
         stages.append(stage_breakdown(*shape))
         harness.progress(str(stages[-1]))
     print(harness.format_table(stages, [(c, c) for c in stages[0]]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     harness.write_csv(args.out / "forward_stages.csv", stages)
     if not args.stages_only:
         tilings = sweep("prepare", PREPARE_CANDIDATES) + sweep("states", STATE_CANDIDATES)
