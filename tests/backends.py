@@ -126,6 +126,19 @@ class PallasBackend:
                           args["cu_seqlens"], args["chunk_indices"])
         return self.numpy(out)
 
+    def run_on_grid(self, inputs: OpInputs, programs: int | None) -> tuple[np.ndarray, int]:
+        """chunk_fwd_o with a grid of ``programs`` programs (None: the spec's choice), and its work items."""
+        from gdn.pallas.arrays import resolve_interpret
+        from gdn.pallas.chunk_o import launch, validated
+
+        a = self.convert(inputs)
+        problem, cu_seqlens, chunk_indices = validated(*(a[n] for n in ("q", "k", "v", "h", "g", "cu_seqlens",
+                                                                         "chunk_indices")))
+        scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
+        out = launch(a["q"], a["k"], a["v"], a["h"], a["g"], scale, cu_seqlens, chunk_indices, problem=problem,
+                     interpret=resolve_interpret(None), programs=programs)
+        return self.numpy(out), problem.num_programs
+
     def decode_step(self, inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
         from gdn.pallas import decode_step
 

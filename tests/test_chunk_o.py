@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gdn.common import reference, spec
+from tests.backends import BACKENDS
 from tests.cases import CASES, LARGE_CASES, TOLERANCE, Case, OpInputs, seed_of
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -134,3 +135,29 @@ def assert_refused(call, mutation: tuple, op: str) -> None:
     inputs.dtypes.update(dtypes)
     with pytest.raises(error, match=f"^{op}: {message}"):
         call(inputs)
+
+
+
+# Pallas-only: the grid size (spec.persistent_programs) never changes a bit of o.
+def _assert_grid_sizes_agree(case: Case, dtype: str) -> None:
+    """Persistent programs that loop over the work items (with a last step past the end) equal one program per
+    item bit for bit, and so does the spec's own choice (persistent for long inputs on a GPU)."""
+    pallas = BACKENDS["pallas"]
+    inputs = case.inputs(dtype, seed=13)
+    spec_choice, items = pallas.run_on_grid(inputs, programs=None)
+    assert_close(spec_choice, reference_output(inputs), dtype)
+    for programs in (1, 3, spec.PERSISTENT_PROGRAMS_PER_SM * 132, items):
+        if programs <= items:
+            assert np.array_equal(pallas.run_on_grid(inputs, programs)[0], spec_choice), f"{programs} programs"
+
+
+@pytest.mark.parametrize("case", [Case(T=300, H=2, HV=4, K=48, V=32),
+                                  Case(T=200, H=1, HV=2, K=64, V=64, seqlens=(1, 0, 70, 129))], ids=lambda c: c.id)
+def test_pallas_persistent_grid_gives_the_same_bits(case: Case) -> None:
+    _assert_grid_sizes_agree(case, "float16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
+def test_pallas_persistent_grid_gives_the_same_bits_large(case: Case) -> None:
+    _assert_grid_sizes_agree(case, "bfloat16")

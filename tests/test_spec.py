@@ -91,3 +91,15 @@ def test_state_tiling_size_class() -> None:
         assert {spec.state_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
     assert spec.state_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
     assert spec.state_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs
+
+
+def test_persistent_programs_size_class() -> None:
+    """One program per work item off the GPU and for short inputs; PERSISTENT_PROGRAMS_PER_SM per SM from
+    PERSISTENT_MIN_ITEMS_PER_PROGRAM items per program on."""
+    programs = spec.PERSISTENT_PROGRAMS_PER_SM * 132
+    threshold = spec.PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs
+    assert spec.persistent_programs(10**6, None) == 10**6
+    assert spec.persistent_programs(1, 132) == 1
+    assert spec.persistent_programs(threshold - 1, 132) == threshold - 1
+    assert spec.persistent_programs(threshold, 132) == programs
+    assert spec.persistent_programs(16 * threshold, 132) == programs

@@ -142,6 +142,37 @@ def tiling_for(K: int, V: int, dtype: str) -> Tiling:
     return Tiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
 
 
+PERSISTENT_PROGRAMS_PER_SM = 1
+"""Programs per SM of the Pallas chunk_fwd_o's persistent grid: one is resident per SM anyway, since its
+2-stage pipeline of the q, k, h and v tiles takes 172 KB of shared memory."""
+
+PERSISTENT_MIN_ITEMS_PER_PROGRAM = 12
+"""The Pallas chunk_fwd_o loops over work items in persistent programs once each program would take at least
+this many; below, one program per item."""
+
+
+def persistent_programs(num_items: int, multiprocessors: int | None) -> int:
+    """Grid size of the Pallas chunk_fwd_o for num_items (chunk, value head, V tile) work items on a GPU with
+    that many SMs (None: not a GPU, one program per item).
+
+    A coarse size class on the item count, which grows with T; the Pallas backend compiles per shape anyway,
+    and every grid size gives the same bits.
+    """
+    # Measured on an H100 (bf16, K = V = 128, Nsight Compute kernel time, µs, one program per item →
+    # persistent; benchmarks/RESULTS.md): programs that loop over items with a static trip count let Triton
+    # pipeline the next item's loads under this item's dots, which one program per item (2 resident per SM,
+    # register-bound) cannot. From 15.5 items per program on, it wins: T = 8192 H = 16 (2048 items) 75-76 → 74;
+    # T = 16384 148 → 140; T = 65536 580 → 540 (the copy floor); B = 8 T = 2048 HV = 32 266 → 245; varlen
+    # 65536 tokens 608 → 567; H = 2 HV = 8 T = 16384 64-65 → 63-64. At 7.8 items per program it loses:
+    # T = 4096 H = 16 39 → 40-41, few heads (H = 2 HV = 8 T = 8192) 32.6 → 35, where the pipeline's prologue and
+    # the tail cost more than it hides. The Triton backend keeps one program per item: its kernel streams at
+    # the copy bandwidth at T = 65536 without it.
+    if multiprocessors is None:
+        return num_items
+    programs = PERSISTENT_PROGRAMS_PER_SM * multiprocessors
+    return programs if num_items >= PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs else num_items
+
+
 @functools.lru_cache(maxsize=256)
 def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of decode_step for head sizes K, V and input dtype name.

@@ -3,6 +3,8 @@ share."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,13 @@ def resolve_interpret(interpret: bool | None) -> bool:
 MAX_TOKEN_ROWS = 2**31 - spec.CHUNK_SIZE
 """B·T bound of the kernels' int32 token rows: o_t of the last chunk's padding rows (up to B·T + CHUNK_SIZE − 1)
 must not wrap negative, or a masked-off row would pass the mask o_t < eos."""
+
+
+@functools.cache
+def multiprocessor_count() -> int | None:
+    """SMs of the default device when it is a GPU (what spec.persistent_programs sizes a grid by), else None."""
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) if device.platform == "gpu" else None
 
 
 def check_token_rows(B: int, T: int, *, op: str) -> None:

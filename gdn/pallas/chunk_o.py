@@ -32,6 +32,7 @@ from gdn.pallas.arrays import (
     host_cu_seqlens,
     index_or_placeholder,
     input_dot_precision,
+    multiprocessor_count,
     resolve_interpret,
 )
 
@@ -53,26 +54,24 @@ def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: b
     return bos + i_t * BT, eos
 
 
-def chunk_fwd_o_kernel(
-    q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
+def chunk_o_item(
+    i_flat, live, q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, NV: int,
     USE_G: bool, IS_VARLEN: bool, DOT_PRECISION: jax.lax.Precision | None,
 ):
-    # The Triton kernel's arguments, o last (Pallas passes outputs after inputs); scale is a [1] ref, a runtime
-    # value like Triton's scalar argument, so a new scale compiles nothing.
-    # One program per (chunk, value head, V tile), V tile fastest, then value head: the programs that read
-    # the same q/k chunk run side by side and share it through L2.
-    i_flat = pl.program_id(0)
+    """o of one work item i_flat = one (chunk, value head, V tile); live is False for a persistent program's
+    steps past the last item (every load and store masked off), None when every item is live."""
+    # Items are ordered V tile fastest, then value head: the programs that read the same q/k chunk run side by
+    # side and share it through L2.
     i_v = i_flat % NV
     i_hv = (i_flat // NV) % HV
     i_tg = i_flat // (NV * HV)  # global chunk number = row of h
     i_h = i_hv // (HV // H)  # the q/k head this value head reads
     t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=IS_VARLEN)
     o_t = t0 + jnp.arange(BT, dtype=jnp.int32)  # [BT] token rows of the packed T axis
-    m_t = o_t < eos
+    m_t = o_t < eos if live is None else (o_t < eos) & live
     o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
     m_v = o_v < V
-    scale = scale[0]
 
     # v and g first: every load of the program is in flight before the first dot waits on q, k and h
     m_tv = m_t[:, None] & m_v[None, :]
@@ -110,12 +109,41 @@ def chunk_fwd_o_kernel(
     plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "interpret"))
-def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool):
+def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *, ITEMS: int, PROGRAMS: int,
+                       **item_constants):
+    # The Triton kernel's arguments, o last (Pallas passes outputs after inputs); scale is a [1] ref, a runtime
+    # value like Triton's scalar argument, so a new scale compiles nothing.
+    refs = (q, k, v, h, g, cu_seqlens, chunk_indices, scale[0], o)
+    if PROGRAMS == ITEMS:  # one program per work item
+        chunk_o_item(pl.program_id(0), None, *refs, **item_constants)
+        return
+
+    # Persistent grid (spec.persistent_programs): program p takes items p, p + PROGRAMS, ... in a loop with a
+    # static trip count, which Triton software-pipelines: the next item's loads fly during this item's dots.
+    i_program = pl.program_id(0)  # read outside the loop body, as the interpreter requires
+
+    def step(i_step, carry):
+        i_item = i_program + i_step * PROGRAMS
+        chunk_o_item(jnp.minimum(i_item, ITEMS - 1), i_item < ITEMS, *refs, **item_constants)
+        return carry
+
+    jax.lax.fori_loop(0, -(-ITEMS // PROGRAMS), step, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "interpret", "programs"))
+def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool,
+           programs: int | None = None):
     """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None); jitted, and
-    inlined into a caller's jit (gdn.pallas.forward's stage 3)."""
-    if problem.num_programs == 0:
+    inlined into a caller's jit (gdn.pallas.forward's stage 3). programs: the grid size, by default
+    spec.persistent_programs's choice for the default device (one program per work item, or a persistent
+    grid for long inputs on a GPU); any count from 1 to problem.num_programs gives the same bits."""
+    items = problem.num_programs
+    if items == 0:
         return jnp.zeros(v.shape, v.dtype)
+    if programs is None:
+        programs = spec.persistent_programs(items, None if interpret else multiprocessor_count())
+    if not 1 <= programs <= items:
+        raise ValueError(f"{spec.CHUNK_O_OP}: programs: expected 1 to {items} (the work items); got {programs}")
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     tiling = problem.tiling
     # Row-major views with the token axis flattened (free in XLA); absent optional inputs become 1-element
@@ -127,19 +155,19 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.Chu
     chunk_indices = index_or_placeholder(chunk_indices, (1, 2))
     scale = jnp.asarray(scale, jnp.float32).reshape(1)
     kernel = functools.partial(
-        chunk_fwd_o_kernel, T=T, H=H, HV=HV, K=K, V=V,
+        chunk_fwd_o_kernel, ITEMS=items, PROGRAMS=programs, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
         DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
     )
-    # Every o element of a real token is stored by exactly one program (chunks tile [0, T) of every batch
+    # Every o element of a real token is stored by exactly one work item (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no
     # initialization, like torch.empty_like in the Triton backend. (A traced cu_seqlens is not value-checked:
     # one that ends before T leaves the rows after it unwritten, as in the Triton backend.)
     o = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B * T, HV, V), v.dtype),
-        grid=(problem.num_programs,),
+        grid=(programs,),
         interpret=interpret,
         name="chunk_fwd_o_kernel",
         compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
@@ -168,6 +196,17 @@ def chunk_fwd_o(
     array) to build them; under jax.jit (a traced cu_seqlens) chunk_indices must be passed. Every array
     argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
     """
+    problem, cu_seqlens, chunk_indices = validated(q, k, v, h, g, cu_seqlens, chunk_indices)
+    if scale is None:
+        scale = spec.default_scale(problem.K)
+    return launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, problem=problem,
+                  interpret=resolve_interpret(interpret))
+
+
+def validated(q, k, v, h, g, cu_seqlens, chunk_indices) -> tuple[spec.ChunkOProblem, jax.Array | None,
+                                                                   jax.Array | None]:
+    """chunk_fwd_o's contract check: (problem, cu_seqlens, chunk_indices) with the index arrays int32 on the
+    device and chunk_indices built from a concrete cu_seqlens when missing; what launch takes."""
     device = call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
     problem = spec.validate_chunk_o_inputs(
@@ -177,10 +216,7 @@ def chunk_fwd_o(
     check_token_rows(problem.B, problem.T, op=spec.CHUNK_O_OP)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = spec.prepare_chunk_indices(cu_values)
-    if scale is None:
-        scale = spec.default_scale(problem.K)
-    return launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices),
-                   problem=problem, interpret=resolve_interpret(interpret))
+    return problem, as_index(cu_seqlens), as_index(chunk_indices)
 
 
 def warmup(
