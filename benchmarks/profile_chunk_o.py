@@ -51,15 +51,14 @@ def profile_launches() -> None:
 
 
 def _c_launcher_only(run, runtime_args: tuple) -> Callable[[], None]:
-    """The launch a KernelLaunch ends in, alone: the C launcher of its compiled variant on the current device
-    (Triton internals), looked up once here, outside the timed loop."""
+    """The launch a KernelLaunch ends in, alone: its recorded variant's launch function (Triton internals: the C
+    launch function on Triton 3.6, else CompiledKernel.run) on the current device, looked up once here."""
     from triton.runtime.driver import driver
 
     device = driver.active.get_current_device()
     variant = run._variants[device]
-    compiled = variant.compiled
-    return lambda: compiled.run(*run.grid, driver.active.get_current_stream(device), compiled.function,
-                                compiled.packed_metadata, None, None, None, *runtime_args, *variant.constexpr_values)
+    return lambda: variant.launch(*run.grid, driver.active.get_current_stream(device), *variant.launch_head,
+                                  *runtime_args, *variant.constexpr_values)
 
 
 def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
@@ -96,7 +95,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
         "triton kernel[grid](...)": lambda: run.kernel[run.grid](*runtime_args, **run.constexprs,
                                                                  **run.launch_options),
         "KernelLaunch (recorded variant)": lambda: run(*runtime_args),
-        "compiled kernel's C launcher alone": _c_launcher_only(run, runtime_args),
+        "the variant's launch function alone": _c_launcher_only(run, runtime_args),
         "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
                                                                       output_final_state=True),
         "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),

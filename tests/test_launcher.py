@@ -32,7 +32,7 @@ def test_variant_matches_only_what_its_first_launch_was_specialized_for() -> Non
 
     x = torch.zeros(64, dtype=torch.float16)
     y = torch.zeros(64, dtype=torch.float32)
-    variant = _Variant.record(None, (), (x, y, None, 0.5, 512))
+    variant = _Variant.record(_FakeCompiled(_FakeLauncher()), (), (x, y, None, 0.5, 512))
     assert variant.matches((x.clone(), y.clone(), None, 0.25, 512))  # other tensors, another float value
     assert not variant.matches((x[1:], y, None, 0.5, 512))  # unaligned
     assert not variant.matches((y, y, None, 0.5, 512))  # another dtype
@@ -42,6 +42,43 @@ def test_variant_matches_only_what_its_first_launch_was_specialized_for() -> Non
     assert not variant.matches((x, y, None, 0.5, 513)) and not variant.matches((x, y, None, 0.5, 512.0))
     assert _Variant.record(None, (), (x[1:], y, None, 0.5, 512)) is None  # nothing recorded for unaligned
     assert _Variant.record(None, (), (x, y, None, 0.5, 2**31)) is None  # nor for an int64
+
+
+class _FakeLauncher:
+    """Stands for Triton 3.6's CudaLauncher: its C launch function and the scratch sizes it allocates."""
+
+    launch_cooperative_grid = launch_pdl = False
+
+    def __init__(self, global_scratch_size: int = 0, profile_scratch_size: int = 0) -> None:
+        self.global_scratch_size, self.profile_scratch_size = global_scratch_size, profile_scratch_size
+
+    def launch(self, *args) -> None:
+        pass
+
+    def __call__(self, *args) -> None:
+        pass
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self, launcher: _FakeLauncher) -> None:
+        self.run = launcher
+
+
+def test_c_launch_function_only_on_the_checked_triton_and_without_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorded variant launches through CudaLauncher's C function (skipping its Python scratch allocation)
+    only on Triton 3.6, whose signature was checked on the GPU, and only when the variant needs no scratch."""
+    from gdn.triton import launcher as launcher_module
+
+    plain, scratch = _FakeCompiled(_FakeLauncher()), _FakeCompiled(_FakeLauncher(global_scratch_size=8))
+    monkeypatch.setattr(launcher_module, "_C_LAUNCH", True)
+    function, head = launcher_module._launch_call(plain)
+    assert function == plain.run.launch
+    assert head == ("function", False, False, None, None, "metadata", None, None, None)
+    assert launcher_module._launch_call(scratch) == (scratch.run, ("function", "metadata", None, None, None))
+    monkeypatch.setattr(launcher_module, "_C_LAUNCH", False)
+    assert launcher_module._launch_call(plain) == (plain.run, ("function", "metadata", None, None, None))
 
 
 def _inputs(dtype: torch.dtype, device: str, misalign: bool = False,

@@ -2,8 +2,8 @@
 
 ``kernel[grid](*args, **constexprs)`` binds and specializes every argument in Python on every call: 18 µs of
 CPU per launch on the H100 machine (Triton 3.6), more than chunk_fwd_o's device time at T = 512. Once Triton
-has compiled the variant a call needs, that variant's C launcher (``CompiledKernel.run``, what Triton calls
-after the binding; 5.8 µs there) can be called directly.
+has compiled the variant a call needs, that variant's launcher (``CompiledKernel.run``, what Triton calls
+after the binding; 5.9 µs there), or on Triton 3.6 the C function under it (4.9 µs), can be called directly.
 
 A ``KernelLaunch`` fixes everything of a launch but the runtime argument values: kernel, grid, tiling and
 constexprs. chunk_fwd_o and decode_step build theirs once per call signature, together with the contract check
@@ -39,6 +39,12 @@ _INT32 = range(-(2**31), 2**31)
 # *all arguments, constexprs included) is the launch call of Triton 3.6 (checked on the GPU) through 3.9
 _TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 _DIRECT_LAUNCH = _TRITON_VERSION >= (3, 6) and hasattr(triton, "knobs")
+# Triton 3.6's CompiledKernel.run is a CudaLauncher whose Python __call__ allocates the global and profile
+# scratch buffers, then calls its C function launch(grid x, y, z, stream, function, cooperative grid, PDL,
+# global scratch, profile scratch, packed metadata, launch metadata, enter hook, exit hook, *all arguments).
+# For a variant that needs no scratch, gdn calls that C function itself (1 µs less per launch on the H100
+# machine); only on 3.6, where the signature was checked on the GPU.
+_C_LAUNCH = _TRITON_VERSION == (3, 6)
 
 
 def _argument_key(x: Any) -> Any:
@@ -60,15 +66,31 @@ def _launch_hooks_set() -> bool:
                 or (leave is not None and getattr(leave, "calls", True)))
 
 
+def _launch_call(compiled: Any) -> tuple[Any, tuple]:
+    """(launch function, its arguments between the stream and the kernel's arguments) of a compiled variant
+    that has run once: the C launch function on Triton 3.6 when the variant needs no scratch memory, else
+    CompiledKernel.run."""
+    launcher = compiled.run
+    if (_C_LAUNCH and hasattr(launcher, "launch") and not getattr(launcher, "global_scratch_size", 1)
+            and not getattr(launcher, "profile_scratch_size", 1)):
+        return launcher.launch, (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None,
+                                 None, compiled.packed_metadata, None, None, None)
+    return launcher, (compiled.function, compiled.packed_metadata, None, None, None)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Variant:
     """A compiled variant and the arguments its first launch had: (position, dtype) of every tensor, and
-    (position, type, value) of every other argument, value None for floats (only their type is specialized)."""
+    (position, type, value) of every other argument, value None for floats (only their type is specialized);
+    launch(grid x, y, z, stream, *launch_head, *arguments, *constexpr_values) launches it."""
 
     compiled: Any
     constexpr_values: tuple
     tensors: tuple[tuple[int, torch.dtype], ...]
     scalars: tuple[tuple[int, type, Any], ...]
+    tensor_positions: tuple[int, ...]
+    launch: Any
+    launch_head: tuple
 
     @staticmethod
     def record(compiled: Any, constexpr_values: tuple, args: tuple) -> _Variant | None:
@@ -79,7 +101,8 @@ class _Variant:
         tensors = tuple((i, x.dtype) for i, x in enumerate(args) if isinstance(x, torch.Tensor))
         scalars = tuple((i, type(x), None if isinstance(x, float) else x)
                         for i, x in enumerate(args) if not isinstance(x, torch.Tensor))
-        return _Variant(compiled, constexpr_values, tensors, scalars)
+        return _Variant(compiled, constexpr_values, tensors, scalars, tuple(i for i, _ in tensors),
+                        *_launch_call(compiled))
 
     def matches(self, args: tuple) -> bool:
         """Whether Triton would select this variant for args (see the module docstring)."""
@@ -95,7 +118,7 @@ class _Variant:
 
     def aligned(self, args: tuple) -> bool:
         """Whether every tensor argument is 16-byte aligned: all a fixed-signature launch checks."""
-        for i, _ in self.tensors:
+        for i in self.tensor_positions:
             if args[i].data_ptr() & 15:
                 return False
         return True
@@ -134,9 +157,8 @@ class KernelLaunch:
         variant = self._variants.get(device)
         if (variant is not None and not self.kernel.pre_run_hooks and not _launch_hooks_set()
                 and (variant.aligned(args) if self.fixed_signature else variant.matches(args))):
-            compiled = variant.compiled
-            compiled.run(*self.grid, driver.active.get_current_stream(device), compiled.function,
-                         compiled.packed_metadata, None, None, None, *args, *variant.constexpr_values)
+            variant.launch(*self.grid, driver.active.get_current_stream(device), *variant.launch_head, *args,
+                           *variant.constexpr_values)
             return
         compiled = self.kernel[self.grid](*args, **self.constexprs, **self.launch_options)
         constexpr_names = self.kernel.arg_names[len(args):]
