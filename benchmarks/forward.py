@@ -31,6 +31,7 @@ run) of each implementation in a fresh process with an empty TRITON_CACHE_DIR an
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import fnmatch
 import gc
@@ -125,6 +126,46 @@ def set_bytes(shape: Shape) -> int:
     """Bytes of one input set (q, k, v, g, beta, initial state), for the rotating JAX sets."""
     qkv = (2 * shape.H * shape.K + shape.HV * shape.V) * shape.B * shape.T * 2
     return qkv + 8 * shape.B * shape.T * shape.HV + 4 * shape.B * shape.HV * shape.K * shape.V
+
+
+def stage_bytes(shape: Shape) -> dict[str, int]:
+    """Bytes each stage of gdn's staged forward must read and write once (16-bit q, k, v, w, u, v_new, h, o;
+    float32 g, g_cum, beta and states; the float32 initial state of dense shapes, as make_inputs draws it),
+    and "fused": what any forward must move (q, k, v, g, beta, initial state in; o, final state out)."""
+    B, T, H, HV, K, V = shape.B, shape.T, shape.H, shape.HV, shape.K, shape.V
+    e = 2
+    sequences = B if shape.seqlens is None else len(shape.seqlens)
+    k = q = B * T * H * K * e
+    v = u = v_new = o = B * T * HV * V * e
+    w = B * T * HV * K * e
+    g = g_cum = beta = B * T * HV * 4
+    h = B * shape.state_rows * HV * K * V * e
+    state = sequences * HV * K * V * 4
+    initial = state if shape.seqlens is None else 0
+    return {"prepare": k + v + g + beta + g_cum + w + u,
+            "states": k + w + u + g_cum + initial + h + v_new + state,
+            "chunk_fwd_o": q + k + v_new + g_cum + h + o,
+            "fused": q + k + v + g + beta + initial + o + state}
+
+
+def print_floors(bandwidth_tbps: float, csv_path: Path) -> None:
+    """Per shape: the memory floor of each stage and of the staged forward at bandwidth_tbps, the floor of any
+    forward (fused), and 0.5× FLA's time from a forward.csv of this benchmark (the issue's goal)."""
+    fla: dict[str, float] = {}
+    if csv_path.exists():
+        with csv_path.open() as f:
+            fla = {r["shape"]: float(r["us_compare"]) for r in csv.DictReader(f)
+                   if r["impl"] == "fla" and r["us_compare"]}
+    rows = []
+    for shape in shapes():
+        us = {stage: n / (bandwidth_tbps * 1e6) for stage, n in stage_bytes(shape).items()}
+        staged = us["prepare"] + us["states"] + us["chunk_fwd_o"]
+        half_fla = fla[shape.name] / 2 if shape.name in fla else None
+        rows.append({"shape": shape.name, **{stage: fmt(t, 1) for stage, t in us.items()}, "staged": fmt(staged, 1),
+                     "0.5x FLA": fmt(half_fla, 1),
+                     "staged floor / 0.5x FLA": None if half_fla is None else f"{staged / half_fla:.2f}"})
+    print(f"memory floors in µs at {bandwidth_tbps} TB/s (read + write once); FLA times from {csv_path}")
+    print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ impls
@@ -398,6 +439,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jax-runs", type=int, default=50, help="timed synchronized JAX calls per shape (default 50)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--list", action="store_true", help="print the selected shape names and exit")
+    parser.add_argument("--floors", type=float, metavar="TBPS", help="print each shape's memory floors at this "
+                        "copy bandwidth (TB/s) against 0.5x FLA's time in --out's forward.csv, and exit (no GPU)")
     parser.add_argument("--cold-child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [n for n in args.impls.split(",") if n and n not in IMPLS]
@@ -440,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         return cold_child(args.cold_child, args.selected[0])
     if args.list:
         print("\n".join(s.name for s in args.selected))
+        return 0
+    if args.floors:
+        print_floors(args.floors, args.out / "forward.csv")
         return 0
     wanted = [n for n in IMPLS if n in args.impls.split(",")]
 

@@ -4,6 +4,7 @@
         python -m benchmarks.profile_chunk_o
     python -m benchmarks.profile_chunk_o --host      # where the Triton call's CPU time goes
     python -m benchmarks.profile_chunk_o --cold      # first-call compile times from an empty Triton cache
+    python -m benchmarks.profile_chunk_o --pallas-grids   # under ncu: the Pallas grids behind spec.persistent_programs
 
 Order of launches: per shape, triton (warm-up, profiled) then pallas (warm-up, profiled).
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 8192, 2, 8)]
+SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 8192, 2, 8), (1, 65536, 16, 16), (8, 2048, 16, 32)]
 
 
 def _inputs(B: int, T: int, H: int, HV: int) -> dict:
@@ -142,15 +143,58 @@ def cold_compile() -> None:
               f"(variants {gdn.triton.compiled_variants()})", flush=True)
 
 
+PALLAS_GRID_SHAPES = [(1, 2048, 16, 16), (1, 4096, 16, 16), (1, 8192, 16, 16), (1, 16384, 16, 16), (1, 65536, 16, 16),
+                      (1, 8192, 2, 8), (1, 16384, 2, 8), (8, 2048, 16, 32)]
+
+
+def pallas_grids() -> None:
+    """The measurement behind spec.persistent_programs: gdn's Pallas chunk_fwd_o at each shape (and the chunk_o
+    benchmark's varlen batch) with the spec's grid, one program per work item, and persistent grids of 1 and 2
+    programs per SM, each launched once to warm up and three times for Nsight Compute; every grid's output is
+    checked bit for bit against the spec grid's. Prints the launch order."""
+    import jax.numpy as jnp
+
+    from benchmarks.chunk_o import varlen_seqlens
+    from gdn.common import example, spec
+    from gdn.pallas.arrays import multiprocessor_count
+    from gdn.pallas.chunk_o import launch, validated
+
+    sms = multiprocessor_count()
+    lengths = varlen_seqlens()
+    shapes = [shape + (None,) for shape in PALLAS_GRID_SHAPES] + [(1, sum(lengths), 16, 16, lengths)]
+    for B, T, H, HV, seqlens in shapes:
+        cu = None if seqlens is None else np.cumsum((0,) + seqlens).astype(np.int32)
+        a = example.random_inputs(B, T, H, HV, 128, 128, "bfloat16", True, cu, seed=0)
+        q, k, v, h = (jnp.asarray(a[n], jnp.bfloat16) for n in "qkvh")
+        g = jnp.asarray(a["g"])
+        problem, cu_seqlens, chunk_indices = validated(q, k, v, h, g, None if cu is None else jnp.asarray(cu), None)
+        items = problem.num_programs
+        name = f"B{B}-T{T}-H{H}-HV{HV}" + ("" if seqlens is None else f"-varlen{len(seqlens)}")
+        spec_grid = None
+        for label, programs in [("spec", None), ("one per item", items), ("1 per SM", sms), ("2 per SM", 2 * sms)]:
+            if programs is not None and programs > items:
+                continue
+            for _ in range(4):
+                o = launch(q, k, v, h, g, spec.default_scale(128), cu_seqlens, chunk_indices, problem=problem,
+                           interpret=False, programs=programs).block_until_ready()
+            spec_grid = o if spec_grid is None else spec_grid
+            print(f"launched 4x {name} {label} (items {items}, spec grid {spec.persistent_programs(items, sms)}): "
+                  f"bit-equal to the spec grid {bool(jnp.array_equal(o, spec_grid))}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", action="store_true", help="print the host-time breakdown instead")
     parser.add_argument("--cold", action="store_true", help="print cold first-call times (empty Triton cache)")
+    parser.add_argument("--pallas-grids", action="store_true",
+                        help="launch the Pallas kernel on the grids behind spec.persistent_programs (for ncu)")
     args = parser.parse_args()
     if args.host:
         host_breakdown()
     elif args.cold:
         cold_compile()
+    elif args.pallas_grids:
+        pallas_grids()
     else:
         profile_launches()
 

@@ -1,7 +1,7 @@
 """Sweep chunk_gated_delta_rule's stage tilings on the GPU, and time its stages: the measurements behind
 spec.prepare_tiling / spec.state_tiling and the stage table of benchmarks/RESULTS.md.
 
-    python -m benchmarks.tune_forward [--out DIR] [--stages-only | --state-batches]
+    python -m benchmarks.tune_forward [--out DIR] [--stages-only | --state-batches | --pipeline]
 
 bf16, K = V = 128, unit-norm q/k rows, log-sigmoid gates, sigmoid beta (gdn.common.example). For each shape:
 the stage breakdown with the spec's tilings (prepare, states, chunk_fwd_o, and the whole call), then, at
@@ -9,6 +9,8 @@ B1 T8192 H16, every candidate tiling of prepare and of states, checked against t
 (max |Δ| / max |ref| of w, u or h, final state) and timed with triton.testing.do_bench (median, L2 flushed).
 --state-batches instead times the states kernel with each V-tile width of spec.STATE_BLOCK_V (4 warps, 3
 stages) at batches from N·HV = 16 to 1024 walks: the sweep behind spec.state_tiling's size class.
+--pipeline instead times the forward of one sequence in one pass against the pipeline of segments on CUDA
+streams, called from Python and in a CUDA graph: the measurement behind spec.pipeline_segment_chunks.
 """
 
 from __future__ import annotations
@@ -108,6 +110,46 @@ def sweep(stage: str, candidates: list[spec.Tiling], shape: tuple[int, int, int,
     return rows
 
 
+PIPELINE_SHAPES = [(1, 8192, 16, 16), (1, 8192, 2, 8), (1, 16384, 2, 8), (1, 65536, 16, 16)]
+
+
+def pipeline_rows() -> list[dict]:
+    """The measurement behind spec.pipeline_segment_chunks: the forward of one sequence in one pass against the
+    pipeline of segments (the spec's length where it pipelines, else PIPELINE_MIN_SEGMENT_CHUNKS), do_bench µs
+    called from Python and replayed from a CUDA graph (no host time), outputs compared bit for bit."""
+    rows = []
+    for shape in PIPELINE_SHAPES:
+        problem, t = _inputs(*shape)
+        args = (t["q"], t["k"], t["v"], t["g"], t["beta"], spec.default_scale(K), None)
+        segment_chunks = problem.segment_chunks or spec.PIPELINE_MIN_SEGMENT_CHUNKS
+        runs = {"one pass": lambda: forward.pipelined(problem, problem.chunks_per_row, *args),
+                "pipelined": lambda: forward.pipelined(problem, segment_chunks, *args)}
+        outputs = {name: run() for name, run in runs.items()}
+        row = {"shape": "B{}-T{}-H{}-HV{}".format(*shape), "segment_chunks": segment_chunks,
+               "spec_pipelines": problem.segment_chunks is not None,
+               "bit_equal": all(torch.equal(x, y) for x, y in zip(*outputs.values()))}
+        for name, run in runs.items():
+            row[f"{name} µs"] = round(_median_us(run), 1)
+            row[f"{name} graph µs"] = round(_median_us(_graphed(run).replay), 1)
+        harness.progress("  ".join(f"{key}={value}" for key, value in row.items()))
+        rows.append(row)
+    return rows
+
+
+def _graphed(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph (after two warm-up calls on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,12 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--stages-only", action="store_true", help="the stage breakdown, no tiling sweeps")
     mode.add_argument("--state-batches", action="store_true", help="only the states V-tile sweep over batches")
+    mode.add_argument("--pipeline", action="store_true", help="only one pass against the pipelined forward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     env = harness.environment("benchmarks.tune_forward")
     print(harness.format_header(env), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pipeline:
+        rows = pipeline_rows()
+        print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
+        harness.write_csv(args.out / "forward_pipeline.csv", rows)
+        return 0
     if args.state_batches:
         candidates = [spec.Tiling(K, width, 4, 3) for width in spec.STATE_BLOCK_V]
         rows = [row for shape in STATE_BATCH_SHAPES for row in sweep("states", candidates, shape)]

@@ -80,6 +80,22 @@ class TritonBackend:
                                           output_final_state=output_final_state)
         return self.numpy(o), None if state is None else self.numpy(state)
 
+    def pipelined(self, inputs: OpInputs, segment_chunks: int,
+                  output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The forward of one dense sequence run as a pipeline of segment_chunks-chunk segments (on CUDA
+        streams on a GPU), whatever spec.pipeline_segment_chunks would choose."""
+        from gdn.triton import forward
+        from gdn.triton.arrays import array_info, tensor_keys
+
+        a = self.convert(inputs)
+        keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
+        problem = spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+                                               output_final_state=output_final_state)
+        scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
+        o, state = forward.pipelined(problem, segment_chunks, a["q"], a["k"], a["v"], a["g"], a["beta"], scale,
+                                     a["initial_state"])
+        return self.numpy(o), None if state is None else self.numpy(state)
+
     def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
         from gdn.triton import forward
         from gdn.triton.arrays import array_info, tensor_keys

@@ -218,4 +218,6 @@ LARGE_FORWARD_CASES: list[ForwardCase] = [
     # model-sized heads: compiled GPU runs only
     ForwardCase(2048, 4, 8, 128, 128),
     _forward_varlen((1, 1000, 63, 700, 0, 300), 2, 4, 128, 128),
+    # one long sequence with few heads: the Triton forward pipelines it (spec.pipeline_segment_chunks)
+    ForwardCase(16384, 2, 8, 128, 128),
 ]

@@ -150,6 +150,26 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
     assert compiled_variants() == before
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True), (False, True)])
+def test_forward_warmup_covers_the_pipelined_forward(initial_state: bool, output_final_state: bool) -> None:
+    """A long dense sequence runs pipelined (spec.pipeline_segment_chunks), its segments with other states
+    flags than the call's; warmup_forward compiles those too."""
+    from gdn.triton import chunk_gated_delta_rule, compiled_variants, warmup_forward
+
+    T = spec.PIPELINE_MIN_SEGMENTS * spec.PIPELINE_MIN_SEGMENT_CHUNKS * spec.CHUNK_SIZE
+    assert spec.pipeline_segment_chunks(1, 1, 2, spec.num_chunks(T), False) is not None
+    warmup_forward(torch.float16, 32, 32, HV=2, H=1, initial_state=initial_state,
+                   output_final_state=output_final_state, device="cuda")
+    before = compiled_variants()
+    t = {n: torch.from_numpy(x).cuda() for n, x in _forward_inputs(T).items()}
+    chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
+                           initial_state=torch.zeros(1, 2, 32, 32, device="cuda") if initial_state else None,
+                           output_final_state=output_final_state)
+    torch.cuda.synchronize()
+    assert compiled_variants() == before
+
+
 def test_pallas_forward_warmup_covers_every_padded_length() -> None:
     """After gdn.pallas.warmup_forward over the buckets, forward calls at any T padded with
     pad_forward_to_bucket compile nothing, and their real rows of o and their final state are the unpadded

@@ -236,3 +236,34 @@ def test_triton_refuses_non_contiguous_inputs() -> None:
     assert torch.equal(v_view, inputs["v"]) and not v_view.is_contiguous()
     with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: v: expected a contiguous tensor"):
         chunk_gated_delta_rule(inputs["q"], inputs["k"], v_view, inputs["g"], inputs["beta"])
+
+
+# Triton-only: a long dense sequence runs as a pipeline of segments (on CUDA streams on a GPU) with the bits of
+# one pass.
+@pytest.mark.parametrize("output_final_state", [True, False])
+@pytest.mark.parametrize("case", [ForwardCase(300, 1, 2, 32, 32), ForwardCase(300, 2, 4, 16, 32, initial_state=False)],
+                         ids=lambda c: c.id)
+def test_triton_pipelined_forward_gives_the_bits_of_one_pass(case: ForwardCase, output_final_state: bool) -> None:
+    triton = BACKENDS["triton"]
+    inputs = case.inputs("float16", seed=21)
+    o, state = triton.forward(inputs, output_final_state)  # one pass: too short for spec.pipeline_segment_chunks
+    for segment_chunks in (1, 2, 4, spec.num_chunks(case.T)):
+        o_pipe, state_pipe = triton.pipelined(inputs, segment_chunks, output_final_state)
+        assert np.array_equal(o_pipe, o), f"o, {segment_chunks}-chunk segments"
+        same_state = (state_pipe is None and state is None) or np.array_equal(state_pipe, state)
+        assert same_state, f"final state, {segment_chunks}-chunk segments"
+    o_ref, state_ref = recurrent_reference(inputs)
+    assert_close(o, o_ref, "float16", "o")
+
+
+@pytest.mark.gpu
+def test_triton_pipelined_forward_of_a_long_sequence_gives_the_bits_of_one_pass() -> None:
+    """At a size where spec.pipeline_segment_chunks pipelines the forward on CUDA streams, the public call equals
+    one segment (one pass) bit for bit; its accuracy against the reference is test_large_forward's."""
+    case = LARGE_FORWARD_CASES[-1]
+    triton = BACKENDS["triton"]
+    inputs = case.inputs("bfloat16", seed=22)
+    assert spec.pipeline_segment_chunks(1, 1, case.HV, spec.num_chunks(case.T), False) is not None
+    o, state = triton.forward(inputs)
+    o_one, state_one = triton.pipelined(inputs, spec.num_chunks(case.T))
+    assert np.array_equal(o, o_one) and np.array_equal(state, state_one)

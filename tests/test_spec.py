@@ -103,3 +103,30 @@ def test_persistent_programs_size_class() -> None:
     assert spec.persistent_programs(threshold - 1, 132) == threshold - 1
     assert spec.persistent_programs(threshold, 132) == programs
     assert spec.persistent_programs(16 * threshold, 132) == programs
+
+
+def test_pipeline_segments_size_class() -> None:
+    """One dense sequence with few walks and at least PIPELINE_MIN_SEGMENTS minimum segments is pipelined, in
+    at most PIPELINE_MAX_SEGMENTS segments; batches, varlen, many walks and shorter inputs run in one pass."""
+    least = spec.PIPELINE_MIN_SEGMENTS * spec.PIPELINE_MIN_SEGMENT_CHUNKS
+    assert spec.pipeline_segment_chunks(1, 1, 16, least, False) == spec.PIPELINE_MIN_SEGMENT_CHUNKS
+    assert spec.pipeline_segment_chunks(1, 1, 16, least - 1, False) is None
+    assert spec.pipeline_segment_chunks(2, 2, 16, 4 * least, False) is None
+    assert spec.pipeline_segment_chunks(1, 3, 16, 4 * least, True) is None
+    assert spec.pipeline_segment_chunks(1, 1, spec.STATE_MIN_PROGRAMS, 4 * least, False) is None
+    many = 100 * least * spec.PIPELINE_MAX_SEGMENTS
+    assert -(-many // spec.pipeline_segment_chunks(1, 1, 16, many, False)) == spec.PIPELINE_MAX_SEGMENTS
+
+
+@pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True)])
+def test_forward_segments_cover_the_sequence_and_chain_states(initial_state: bool, output_final_state: bool) -> None:
+    C = spec.CHUNK_SIZE
+    problem = spec.ForwardProblem(B=1, T=5 * C + 7, H=2, HV=4, K=32, V=32, N=1, chunks_per_row=6, varlen=False,
+                                  dtype="float16", use_initial_state=initial_state,
+                                  output_final_state=output_final_state)
+    segments = problem.segments(2)
+    assert [(t0, t1) for t0, t1, _ in segments] == [(0, 2 * C), (2 * C, 4 * C), (4 * C, 5 * C + 7)]
+    assert [p.T for _, _, p in segments] == [2 * C, 2 * C, C + 7]
+    assert [p.chunks_per_row for _, _, p in segments] == [2, 2, 2]
+    assert [p.use_initial_state for _, _, p in segments] == [initial_state, True, True]
+    assert [p.output_final_state for _, _, p in segments] == [True, True, output_final_state]

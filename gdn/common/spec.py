@@ -250,6 +250,38 @@ def state_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=block_v, num_warps=4, num_stages=3)
 
 
+PIPELINE_MIN_SEGMENT_CHUNKS = 64
+"""Chunks per segment, at least, when the Triton forward pipelines one long sequence (spec.pipeline_segment_chunks)."""
+
+PIPELINE_MIN_SEGMENTS = 4
+PIPELINE_MAX_SEGMENTS = 8
+"""Segments of a pipelined Triton forward: at least 4 of PIPELINE_MIN_SEGMENT_CHUNKS for the pipeline to pay
+for its host time, at most 8 (each costs three more launches)."""
+
+
+def pipeline_segment_chunks(B: int, N: int, HV: int, chunks_per_row: int, varlen: bool) -> int | None:
+    """Chunks per segment when the Triton forward runs one dense sequence (B = 1) as a pipeline over CUDA
+    streams, or None for the three stages once over the whole input: a coarse size class on the chunk count.
+
+    The pipeline runs prepare, the states walk and chunk_fwd_o segment by segment, the walk of segment s on a
+    high-priority stream while prepare(s + 1) and chunk_fwd_o(s − 1) fill the SMs the walk leaves idle. It
+    applies when the walk is latency-bound (fewer than STATE_MIN_PROGRAMS walks, N·HV) and the sequence has
+    PIPELINE_MIN_SEGMENTS segments of PIPELINE_MIN_SEGMENT_CHUNKS chunks or more; segments are that long, or
+    longer so there are at most PIPELINE_MAX_SEGMENTS. The bits are those of one pass: the state crosses a
+    segment boundary through float32 memory exactly as it would stay in registers.
+    """
+    # Measured on an H100 (bf16, K = V = 128, do_bench µs, one pass → pipelined; benchmarks/RESULTS.md):
+    # H = 16 T = 65536 2177 → 1903-1923 (8 segments of 128 chunks); H = 2 HV = 8 T = 16384 420 → 393 (4 of 64).
+    # Shorter inputs lose on host time: each segment costs about 130 µs of CPU (three launches, stream
+    # switches, events), so at T = 8192 the pipeline took 242 against 221 µs (H = 2 HV = 8) and 322 against
+    # 308 (H = 16), although in a CUDA graph, where host time does not enter, it ran 191 against 213 and 281
+    # against 292.
+    if (varlen or B != 1 or N * HV >= STATE_MIN_PROGRAMS
+            or chunks_per_row < PIPELINE_MIN_SEGMENTS * PIPELINE_MIN_SEGMENT_CHUNKS):
+        return None
+    return max(PIPELINE_MIN_SEGMENT_CHUNKS, -(-chunks_per_row // PIPELINE_MAX_SEGMENTS))
+
+
 def state_warmup_sequence_counts(HV: int, V: int) -> tuple[int, ...]:
     """Sequence counts N whose calls select every distinct spec.state_tiling width for HV value heads and V:
     what a warmup runs so that no later batch size compiles another states variant."""
@@ -598,6 +630,23 @@ class ForwardProblem:
     def state_grid(self, tiling: Tiling) -> tuple[int, int]:
         """The 2-D grid of the states kernel with this tiling: (V tile, sequence·value head)."""
         return -(-self.V // tiling.block_v), self.N * self.HV
+
+    @property
+    def segment_chunks(self) -> int | None:
+        """Chunks per segment of a pipelined Triton forward (pipeline_segment_chunks), or None."""
+        return pipeline_segment_chunks(self.B, self.N, self.HV, self.chunks_per_row, self.varlen)
+
+    @functools.lru_cache(maxsize=256)
+    def segments(self, segment_chunks: int) -> tuple[tuple[int, int, ForwardProblem], ...]:
+        """(first token, end token, problem) of each segment of segment_chunks chunks of a dense B = 1 problem:
+        every segment but the first starts from the state the one before it ends with, and every one returns
+        its final state (the last one, only if this problem does)."""
+        assert self.B == 1 and not self.varlen, "segments of one dense sequence"
+        bounds = [(t0, min(self.T, t0 + segment_chunks * CHUNK_SIZE))
+                  for t0 in range(0, self.T, segment_chunks * CHUNK_SIZE)]
+        return tuple((t0, t1, dataclasses.replace(
+            self, T=t1 - t0, chunks_per_row=num_chunks(t1 - t0), use_initial_state=self.use_initial_state or i > 0,
+            output_final_state=self.output_final_state or i < len(bounds) - 1)) for i, (t0, t1) in enumerate(bounds))
 
     def chunk_o(self) -> ChunkOProblem:
         """Stage 3, chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""

@@ -183,13 +183,15 @@ def states_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLa
 
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-            tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tiling: spec.Tiling | None = None,
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype. tiling defaults to spec.prepare_tiling's (benchmarks pass others)."""
+    in k's dtype, written into out when given. tiling defaults to spec.prepare_tiling's (benchmarks pass
+    others)."""
     B, T, HV = problem.B, problem.T, problem.HV
-    g_cum = torch.empty_like(g)
-    w = torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device)
-    u = torch.empty_like(v)
+    g_cum, w, u = out or (torch.empty_like(g), torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device),
+                          torch.empty_like(v))
     if problem.num_chunks_total * HV == 0:
         return g_cum, w, u
     run = prepare_launch(problem, tiling or problem.prepare)
@@ -199,15 +201,17 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
 
 def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
            g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-           tiling: spec.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+           tiling: spec.Tiling | None = None,
+           out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
-    [N, HV, K, V] float32 or None). With cu_seqlens, h has the chunk rows of prepare_chunk_indices. tiling
-    defaults to spec.state_tiling's (benchmarks pass others)."""
+    [N, HV, K, V] float32 or None), written into out when given. With cu_seqlens, h has the chunk rows of
+    prepare_chunk_indices. tiling defaults to spec.state_tiling's (benchmarks pass others)."""
     B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
-    h = torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
-    v_new = torch.empty_like(u)
-    final_state = (torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device)
-                   if problem.output_final_state else None)
+    h, v_new, final_state = out or (
+        torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device), torch.empty_like(u),
+        torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device) if problem.output_final_state
+        else None)
     chunk_offsets = None
     if problem.varlen:  # first h row of each sequence, on the device: no host sync
         counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
@@ -246,12 +250,109 @@ def chunk_gated_delta_rule(
                                bool(output_final_state))
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
+    scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    if problem.segment_chunks is not None:
+        return pipelined(problem, problem.segment_chunks, q, k, v, g, beta, scale, initial_state)
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices)
     h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens)
     o = torch.empty_like(v)
-    scale = spec.default_scale(problem.K) if scale is None else float(scale)
     launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
     return o, final_state
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream, torch.cuda.Stream]:
+    """(prepare, walk, output) streams of pipelined forwards on a CUDA device; the walk's has the highest
+    priority, so its programs take the SMs first: measured without it, the pipeline is slower than one pass."""
+    high = torch.cuda.Stream.priority_range()[1] if hasattr(torch.cuda.Stream, "priority_range") else -1
+    return (torch.cuda.Stream(device), torch.cuda.Stream(device, priority=high), torch.cuda.Stream(device))
+
+
+def pipelined(problem: spec.ForwardProblem, segment_chunks: int, q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+              initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward of one dense sequence (B = 1) in segments of segment_chunks chunks (spec.ForwardProblem
+    .segments): on a GPU, prepare, the states walk and chunk_fwd_o each on its own stream, segment s's walk
+    overlapping prepare(s + 1) and chunk_fwd_o(s − 1); elsewhere one segment after the other. Same bits as one
+    pass; returns (o, final_state or None), ready on the caller's stream."""
+    T, HV, K, V = problem.T, problem.HV, problem.K, problem.V
+    segments = problem.segments(segment_chunks)
+    # Every buffer is allocated here on the caller's stream, which waits for the pipeline's streams before it
+    # returns, so the caching allocator never hands one out while a pipeline stream still uses it.
+    g_cum, u, v_new, o = torch.empty_like(g), torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
+    w = torch.empty((1, T, HV, K), dtype=k.dtype, device=k.device)
+    h = torch.empty((1, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
+    # the state each segment but the last ends with, which the next one starts from; and the final state
+    carried = torch.empty((len(segments) - 1, HV, K, V), dtype=torch.float32, device=k.device)
+    final_state = (torch.empty((1, HV, K, V), dtype=torch.float32, device=k.device)
+                   if problem.output_final_state else None)
+    pipeline = _Pipeline(q.device) if q.is_cuda else None
+    state = initial_state
+    try:
+        for i, (t0, t1, segment) in enumerate(segments):
+            # views of the segment's tokens and chunks (narrow: a cheaper call than indexing)
+            q_s, k_s, v_s, g_s, beta_s, g_cum_s, w_s, u_s, v_new_s, o_s = (
+                x.narrow(1, t0, t1 - t0) for x in (q, k, v, g, beta, g_cum, w, u, v_new, o))
+            h_s = h.narrow(1, t0 // spec.CHUNK_SIZE, segment.chunks_per_row)
+            end = carried[i:i + 1] if i < len(segments) - 1 else final_state
+            _switch(pipeline, _PREPARE)
+            prepare(segment, k_s, v_s, g_s, beta_s, None, None, out=(g_cum_s, w_s, u_s))
+            _switch(pipeline, _WALK, after=_PREPARE)
+            states(segment, k_s, w_s, u_s, g_cum_s, state, None, out=(h_s, v_new_s, end))
+            _switch(pipeline, _OUTPUT, after=_WALK)
+            chunk_o = segment.chunk_o()
+            launch_chunk_o(chunk_o, chunk_o.tiling, q_s, k_s, v_new_s, h_s, g_cum_s, o_s, scale, None, None)
+            state = end
+    finally:
+        if pipeline is not None:
+            pipeline.join()
+    return o, final_state
+
+
+_PREPARE, _WALK, _OUTPUT = range(3)
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
+    """The (prepare, walk, output) streams of pipelined forwards on a CUDA device; the walk's has a higher
+    priority, so its programs take the SMs first (without it, measured, the pipeline is slower than one pass)."""
+    return torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
+
+
+class _Pipeline:
+    """One pipelined forward: its streams, forked from the caller's; the one launches go to now, and the last
+    event recorded on each."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.caller = torch.cuda.current_stream(device)
+        self.streams = _pipeline_streams(device)
+        self.current: int | None = None
+        self.events: list[torch.cuda.Event | None] = [None] * len(self.streams)
+        for stream in self.streams:
+            stream.wait_stream(self.caller)
+
+    def switch(self, index: int, after: int | None) -> None:
+        """Record the end of the current stream's work, then launch on stream index, after the last work
+        recorded on stream `after`."""
+        if self.current is not None:
+            self.events[self.current] = self.streams[self.current].record_event()
+        stream = self.streams[index]
+        if after is not None:
+            stream.wait_event(self.events[after])
+        torch.cuda.set_stream(stream)
+        self.current = index
+
+    def join(self) -> None:
+        """Back on the caller's stream, which waits for every stream of the pipeline."""
+        torch.cuda.set_stream(self.caller)
+        for stream in self.streams:
+            self.caller.wait_stream(stream)
+
+
+def _switch(pipeline: _Pipeline | None, index: int, after: int | None = None) -> None:
+    """pipeline.switch(index, after); nothing without a pipeline (the current stream, in order)."""
+    if pipeline is not None:
+        pipeline.switch(index, after)
 
 
 def warmup_forward(
@@ -269,16 +370,27 @@ def warmup_forward(
 ) -> None:
     """Compile everything a later chunk_gated_delta_rule call with these dtypes, sizes and flags needs, for
     any T and any batch: calls at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included), one per states
-    tiling size class (spec.state_warmup_sequence_counts: the batch sizes that select each V-tile width).
-    Every tiling comes from the static tables in gdn.common.spec, never from timing these shapes."""
+    tiling size class (spec.state_warmup_sequence_counts: the batch sizes that select each V-tile width), and
+    without varlen a pipelined call of three one-chunk segments (spec.pipeline_segment_chunks: a segment
+    after the first starts from a state, one before the last stores its final state). Every tiling comes from
+    the static tables in gdn.common.spec, never from timing these shapes."""
+    def zeros(call: dict) -> tuple[torch.Tensor, ...]:
+        """q (also k), v, g, beta and the initial state (or None) of a warmup call, zeros."""
+        state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
+        return (torch.zeros(call["q"], dtype=dtype, device=device), torch.zeros(call["v"], dtype=dtype, device=device),
+                torch.zeros(call["g"], dtype=torch.float32, device=device),
+                torch.zeros(call["beta"], dtype=beta_dtype, device=device), state)
+
     for num_sequences in spec.state_warmup_sequence_counts(HV, V):
         call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen, num_sequences)
-        q = torch.zeros(call["q"], dtype=dtype, device=device)
-        v = torch.zeros(call["v"], dtype=dtype, device=device)
-        g = torch.zeros(call["g"], dtype=torch.float32, device=device)
-        beta = torch.zeros(call["beta"], dtype=beta_dtype, device=device)
-        state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
+        q, v, g, beta, state = zeros(call)
         cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
                                      for n in ("cu_seqlens", "chunk_indices"))
         chunk_gated_delta_rule(q, q, v, g, beta, initial_state=state, output_final_state=output_final_state,
                                cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    if not varlen:
+        q, v, g, beta, state = zeros(spec.warmup_arguments(3 * spec.CHUNK_SIZE, H, HV, K, V, True, False))
+        keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, None, None), op=spec.FORWARD_OP)
+        problem, _ = planned(spec.validate_forward_inputs, spec.ForwardProblem.chunk_o, keys, None,
+                             bool(output_final_state))
+        pipelined(problem, 1, q, q, v, g, beta, spec.default_scale(K), state)
