@@ -1,6 +1,7 @@
 """chunk_gated_delta_rule for PyTorch: the whole chunked Gated DeltaNet forward in three Triton kernels.
 
-prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o.
+prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o;
+one long dense sequence runs them segment by segment on three CUDA streams (pipelined).
 Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule); tilings: spec.prepare_tiling,
 spec.state_tiling, spec.tiling_for. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks,
 b_ register tiles, BT = CHUNK_SIZE).
@@ -260,14 +261,6 @@ def chunk_gated_delta_rule(
     return o, final_state
 
 
-@functools.lru_cache(maxsize=64)
-def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream, torch.cuda.Stream]:
-    """(prepare, walk, output) streams of pipelined forwards on a CUDA device; the walk's has the highest
-    priority, so its programs take the SMs first: measured without it, the pipeline is slower than one pass."""
-    high = torch.cuda.Stream.priority_range()[1] if hasattr(torch.cuda.Stream, "priority_range") else -1
-    return (torch.cuda.Stream(device), torch.cuda.Stream(device, priority=high), torch.cuda.Stream(device))
-
-
 def pipelined(problem: spec.ForwardProblem, segment_chunks: int, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -320,7 +313,7 @@ def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
 
 
 class _Pipeline:
-    """One pipelined forward: its streams, forked from the caller's; the one launches go to now, and the last
+    """One pipelined forward: its streams (forked from the caller's), the one launches go to now, and the last
     event recorded on each."""
 
     def __init__(self, device: torch.device) -> None:
