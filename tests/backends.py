@@ -85,26 +85,29 @@ class TritonBackend:
         """The forward of one dense sequence run as a pipeline of segment_chunks-chunk segments (on CUDA
         streams on a GPU), whatever spec.pipeline_segment_chunks would choose."""
         from gdn.triton import forward
-        from gdn.triton.arrays import array_info, tensor_keys
 
         a = self.convert(inputs)
-        keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
-        problem = spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
-                                               output_final_state=output_final_state)
+        problem = self._forward_problem(a, None, output_final_state)
         scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
         o, state = forward.pipelined(problem, segment_chunks, a["q"], a["k"], a["v"], a["g"], a["beta"], scale,
                                      a["initial_state"])
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
-        from gdn.triton import forward
+    @staticmethod
+    def _forward_problem(a: dict, cu_seqlens_values: np.ndarray | None,
+                         output_final_state: bool) -> spec.ForwardProblem:
+        """The spec's forward problem of converted arguments, as chunk_gated_delta_rule checks them."""
         from gdn.triton.arrays import array_info, tensor_keys
 
-        a = self.convert(inputs)
         keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
-        problem = spec.validate_forward_inputs(
-            *(None if key is None else array_info(key) for key in keys),
-            cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
+        return spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+                                            cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state)
+
+    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+        from gdn.triton import forward
+
+        a = self.convert(inputs)
+        problem = self._forward_problem(a, inputs.arrays["cu_seqlens"], True)
         cu = a["cu_seqlens"]
         ci = None if cu is None else self.torch.from_numpy(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))
         g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu,

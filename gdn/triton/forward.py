@@ -182,6 +182,22 @@ def states_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLa
     )
 
 
+def prepare_outputs(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor,
+                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (g_c, w, u) of stage 1 for the whole problem."""
+    return (torch.empty_like(g), torch.empty((problem.B, problem.T, problem.HV, problem.K), dtype=k.dtype,
+                                             device=k.device), torch.empty_like(v))
+
+
+def state_outputs(problem: spec.ForwardProblem, k: torch.Tensor,
+                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Empty (h, v_new, final_state or None) of stage 2 for the whole problem."""
+    B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
+    return (torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device), torch.empty_like(u),
+            torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device) if problem.output_final_state
+            else None)
+
+
 def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
             tiling: spec.Tiling | None = None,
@@ -190,13 +206,11 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
     in k's dtype, written into out when given. tiling defaults to spec.prepare_tiling's (benchmarks pass
     others)."""
-    B, T, HV = problem.B, problem.T, problem.HV
-    g_cum, w, u = out or (torch.empty_like(g), torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device),
-                          torch.empty_like(v))
-    if problem.num_chunks_total * HV == 0:
+    g_cum, w, u = out or prepare_outputs(problem, k, v, g)
+    if problem.num_chunks_total * problem.HV == 0:
         return g_cum, w, u
     run = prepare_launch(problem, tiling or problem.prepare)
-    run(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T)
+    run(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, problem.T)
     return g_cum, w, u
 
 
@@ -208,17 +222,13 @@ def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: to
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
     [N, HV, K, V] float32 or None), written into out when given. With cu_seqlens, h has the chunk rows of
     prepare_chunk_indices. tiling defaults to spec.state_tiling's (benchmarks pass others)."""
-    B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
-    h, v_new, final_state = out or (
-        torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device), torch.empty_like(u),
-        torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device) if problem.output_final_state
-        else None)
+    h, v_new, final_state = out or state_outputs(problem, k, u)
     chunk_offsets = None
     if problem.varlen:  # first h row of each sequence, on the device: no host sync
         counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
                            rounding_mode="floor")
         chunk_offsets = torch.cumsum(counts, 0) - counts
-    if problem.N * HV == 0:
+    if problem.N * problem.HV == 0:
         return h, v_new, final_state
     run = states_launch(problem, tiling or problem.state)
     run(k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T)
@@ -268,17 +278,15 @@ def pipelined(problem: spec.ForwardProblem, segment_chunks: int, q: torch.Tensor
     .segments): on a GPU, prepare, the states walk and chunk_fwd_o each on its own stream, segment s's walk
     overlapping prepare(s + 1) and chunk_fwd_o(s − 1); elsewhere one segment after the other. Same bits as one
     pass; returns (o, final_state or None), ready on the caller's stream."""
-    T, HV, K, V = problem.T, problem.HV, problem.K, problem.V
     segments = problem.segments(segment_chunks)
     # Every buffer is allocated here on the caller's stream, which waits for the pipeline's streams before it
     # returns, so the caching allocator never hands one out while a pipeline stream still uses it.
-    g_cum, u, v_new, o = torch.empty_like(g), torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
-    w = torch.empty((1, T, HV, K), dtype=k.dtype, device=k.device)
-    h = torch.empty((1, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
-    # the state each segment but the last ends with, which the next one starts from; and the final state
-    carried = torch.empty((len(segments) - 1, HV, K, V), dtype=torch.float32, device=k.device)
-    final_state = (torch.empty((1, HV, K, V), dtype=torch.float32, device=k.device)
-                   if problem.output_final_state else None)
+    g_cum, w, u = prepare_outputs(problem, k, v, g)
+    h, v_new, final_state = state_outputs(problem, k, u)
+    o = torch.empty_like(v)
+    # the state each segment but the last ends with, which the next one starts from
+    carried = torch.empty((len(segments) - 1, problem.HV, problem.K, problem.V), dtype=torch.float32,
+                          device=k.device)
     pipeline = _Pipeline(q.device) if q.is_cuda else None
     state = initial_state
     try:
@@ -305,7 +313,7 @@ def pipelined(problem: spec.ForwardProblem, segment_chunks: int, q: torch.Tensor
 _PREPARE, _WALK, _OUTPUT = range(3)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
     """The (prepare, walk, output) streams of pipelined forwards on a CUDA device; the walk's has a higher
     priority, so its programs take the SMs first (without it, measured, the pipeline is slower than one pass)."""

@@ -88,7 +88,6 @@ class _Variant:
     constexpr_values: tuple
     tensors: tuple[tuple[int, torch.dtype], ...]
     scalars: tuple[tuple[int, type, Any], ...]
-    tensor_positions: tuple[int, ...]
     launch: Any
     launch_head: tuple
 
@@ -101,8 +100,7 @@ class _Variant:
         tensors = tuple((i, x.dtype) for i, x in enumerate(args) if isinstance(x, torch.Tensor))
         scalars = tuple((i, type(x), None if isinstance(x, float) else x)
                         for i, x in enumerate(args) if not isinstance(x, torch.Tensor))
-        return _Variant(compiled, constexpr_values, tensors, scalars, tuple(i for i, _ in tensors),
-                        *_launch_call(compiled))
+        return _Variant(compiled, constexpr_values, tensors, scalars, *_launch_call(compiled))
 
     def matches(self, args: tuple) -> bool:
         """Whether Triton would select this variant for args (see the module docstring)."""
@@ -118,7 +116,7 @@ class _Variant:
 
     def aligned(self, args: tuple) -> bool:
         """Whether every tensor argument is 16-byte aligned: all a fixed-signature launch checks."""
-        for i in self.tensor_positions:
+        for i, _ in self.tensors:
             if args[i].data_ptr() & 15:
                 return False
         return True
