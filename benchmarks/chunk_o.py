@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "  jax rows: wall time per call with block_until_ready (dispatch + sync included); 'pipelined' = 10 calls"
         " per sync;",
         "  memory-floor = bytes moved / copy bandwidth; % copy BW = floor time / time; vs FLA = FLA time / time;",
-        "  fla gets g·log2(e) (exp2 gates), precomputed; fp32: gdn uses tf32x3 dots (spec.FLOAT32_DOT_PRECISION),"
+        "  fla gets g·log2(e) (exp2 gates), precomputed; fp32: gdn uses tf32x3 dots (tilings.FLOAT32_DOT_PRECISION),"
         " FLA and XLA's default TF32, torch-eager IEEE.",
     ]
     failures = [f"  {r['impl']} {r['shape']}: {r['note']}" for r in rows

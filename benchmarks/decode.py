@@ -1,5 +1,5 @@
 """``python -m benchmarks.decode``: decode_step (one token per sequence) on one CUDA GPU, against FLA and the
-memory floor, and the sweep behind spec.decode_tiling.
+memory floor, and the sweep behind tilings.decode_tiling.
 
 Implementations (each skipped with a note when it cannot be imported):
   gdn-triton   gdn.triton.decode_step (torch)
@@ -102,7 +102,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
     """gdn Triton's decode kernel with each candidate tiling at N sequences, checked against the spec's."""
     import torch
 
-    from gdn.common import spec
+    from gdn.common import contract, spec, tilings
     from gdn.triton import recurrent
     from gdn.triton.arrays import array_info, tensor_keys
 
@@ -111,7 +111,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
     for n in ("q", "k", "v"):
         t[n] = t[n].to(torch.bfloat16)
     args = [t[n] for n in ("q", "k", "v", "g", "beta", "state")]
-    problem = spec.validate_decode_inputs(*(array_info(key) for key in tensor_keys(
+    problem = contract.validate_decode_inputs(*(array_info(key) for key in tensor_keys(
         ("q", "k", "v", "g", "beta", "state"), args, op=spec.DECODE_OP)))
     reference = torch.empty_like(t["state"])
     o = torch.empty_like(t["v"])
@@ -119,10 +119,10 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
     floor_us = 2 * t["state"].numel() * 4 / bandwidth * 1e6
     rows = []
     for block_v, warps in TILING_CANDIDATES:
-        tiling = spec.Tiling(problem.tiling.block_k, block_v, warps, 1)
+        tiling = tilings.Tiling(problem.tiling.block_k, block_v, warps, 1)
         new_state = torch.empty_like(t["state"])
 
-        def call(tiling: spec.Tiling = tiling, new_state: torch.Tensor = new_state) -> None:
+        def call(tiling: tilings.Tiling = tiling, new_state: torch.Tensor = new_state) -> None:
             recurrent.launch(problem, tiling, *args, o, new_state, K**-0.5)
 
         call()

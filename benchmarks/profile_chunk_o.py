@@ -4,7 +4,7 @@
         python -m benchmarks.profile_chunk_o
     python -m benchmarks.profile_chunk_o --host      # where the Triton call's CPU time goes
     python -m benchmarks.profile_chunk_o --cold      # first-call compile times from an empty Triton cache
-    python -m benchmarks.profile_chunk_o --pallas-grids   # under ncu: the Pallas grids behind spec.persistent_programs
+    python -m benchmarks.profile_chunk_o --pallas-grids   # under ncu: the Pallas grids behind tilings.persistent_programs
 
 Order of launches: per shape, triton (warm-up, profiled) then pallas (warm-up, profiled).
 """
@@ -68,7 +68,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     the median and the least of rounds of calls back to back."""
     import torch
 
-    from gdn.common import example, spec
+    from gdn.common import contract, example, spec
     from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step
     from gdn.triton.arrays import planned, tensor_keys
 
@@ -78,7 +78,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     o = torch.empty_like(v)
     args = (q, k, v, h, g, None, None)
     keys = tensor_keys(chunk_o._ARG_NAMES, args)
-    problem, run = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)  # chunk_fwd_o's
+    problem, run = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)  # chunk_fwd_o's
     chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles the variant and records it in run
     runtime_args = (q, k, v, h, g, o, None, None, spec.default_scale(problem.K), problem.T)
     f = {n: torch.from_numpy(x).cuda() for n, x in
@@ -90,7 +90,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     dg, dbeta, d_state = d["g"][:, 0].contiguous(), d["beta"][:, 0].contiguous(), d["initial_state"]
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
-        "contract check + plan (cached)": lambda: planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
+        "contract check + plan (cached)": lambda: planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
                                                           tensor_keys(chunk_o._ARG_NAMES, args)),
         "torch.empty_like": lambda: torch.empty_like(v),
         "triton kernel[grid](...)": lambda: run.kernel[run.grid](*runtime_args, **run.constexprs,
@@ -148,14 +148,14 @@ PALLAS_GRID_SHAPES = [(1, 2048, 16, 16), (1, 4096, 16, 16), (1, 8192, 16, 16), (
 
 
 def pallas_grids() -> None:
-    """The measurement behind spec.persistent_programs: gdn's Pallas chunk_fwd_o at each shape (and the chunk_o
+    """The measurement behind tilings.persistent_programs: gdn's Pallas chunk_fwd_o at each shape (and the chunk_o
     benchmark's varlen batch) with the spec's grid, one program per work item, and persistent grids of 1 and 2
     programs per SM, each launched once to warm up and three times for Nsight Compute; every grid's output is
     checked bit for bit against the spec grid's. Prints the launch order."""
     import jax.numpy as jnp
 
     from benchmarks.chunk_o import varlen_seqlens
-    from gdn.common import example, spec
+    from gdn.common import example, spec, tilings
     from gdn.pallas.arrays import multiprocessor_count
     from gdn.pallas.chunk_o import launch, validated
 
@@ -178,7 +178,7 @@ def pallas_grids() -> None:
                 o = launch(q, k, v, h, g, spec.default_scale(128), cu_seqlens, chunk_indices, problem=problem,
                            interpret=False, programs=programs).block_until_ready()
             spec_grid = o if spec_grid is None else spec_grid
-            print(f"launched 4x {name} {label} (items {items}, spec grid {spec.persistent_programs(items, sms)}): "
+            print(f"launched 4x {name} {label} (items {items}, spec grid {tilings.persistent_programs(items, sms)}): "
                   f"bit-equal to the spec grid {bool(jnp.array_equal(o, spec_grid))}", flush=True)
 
 
@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="print the host-time breakdown instead")
     parser.add_argument("--cold", action="store_true", help="print cold first-call times (empty Triton cache)")
     parser.add_argument("--pallas-grids", action="store_true",
-                        help="launch the Pallas kernel on the grids behind spec.persistent_programs (for ncu)")
+                        help="launch the Pallas kernel on the grids behind tilings.persistent_programs (for ncu)")
     args = parser.parse_args()
     if args.host:
         host_breakdown()

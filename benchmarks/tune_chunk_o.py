@@ -15,11 +15,11 @@ import os
 import torch
 import triton
 
-from gdn.common import example, spec
+from gdn.common import contract, example, tilings
 from gdn.triton import chunk_o
 from gdn.triton.arrays import planned, tensor_keys
 
-Tiling = spec.Tiling
+Tiling = tilings.Tiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
 BF16_CANDIDATES = [
     Tiling(64, 128, 4, 2), Tiling(64, 128, 4, 3), Tiling(32, 128, 4, 3), Tiling(32, 128, 4, 4),
@@ -39,7 +39,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.Tiling],
+def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[tilings.Tiling],
           bandwidth: float) -> list[dict]:
     """Time every candidate tiling at one shape; the default tiling's output is the check for the others."""
     K = V = 128
@@ -47,7 +47,7 @@ def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[spec.Til
     t = {n: torch.from_numpy(a).cuda() for n, a in arrays.items() if a is not None}
     q, k, v, h = (t[n].to(getattr(torch, dtype)) for n in "qkvh")
     g = t["g"]
-    problem, _ = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
+    problem, _ = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
                          tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)), None)
     moved = sum(x.numel() * x.element_size() for x in (q, k, v, h, g)) + v.numel() * v.element_size()
     floor_us = moved / bandwidth * 1e6

@@ -1,5 +1,5 @@
 """Sweep chunk_gated_delta_rule's stage tilings on the GPU, and time its stages: the measurements behind
-spec.prepare_tiling / spec.state_tiling and the stage table of benchmarks/RESULTS.md.
+tilings.prepare_tiling / tilings.state_tiling and the stage table of benchmarks/RESULTS.md.
 
     python -m benchmarks.tune_forward [--out DIR] [--stages-only | --state-batches | --pipeline]
 
@@ -7,10 +7,10 @@ bf16, K = V = 128, unit-norm q/k rows, log-sigmoid gates, sigmoid beta (gdn.comm
 the stage breakdown with the spec's tilings (prepare, states, chunk_fwd_o, and the whole call), then, at
 B1 T8192 H16, every candidate tiling of prepare and of states, checked against the spec tiling's output
 (max |Δ| / max |ref| of w, u or h, final state) and timed with triton.testing.do_bench (median, L2 flushed).
---state-batches instead times the states kernel with each V-tile width of spec.STATE_BLOCK_V (4 warps, 3
-stages) at batches from N·HV = 16 to 1024 walks: the sweep behind spec.state_tiling's size class.
+--state-batches instead times the states kernel with each V-tile width of tilings.STATE_BLOCK_V (4 warps, 3
+stages) at batches from N·HV = 16 to 1024 walks: the sweep behind tilings.state_tiling's size class.
 --pipeline instead times the forward of one sequence in one pass against the pipeline of segments on CUDA
-streams, called from Python and in a CUDA graph: the measurement behind spec.pipeline_segment_chunks.
+streams, called from Python and in a CUDA graph: the measurement behind tilings.pipeline_segment_chunks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import triton
 
 from benchmarks import harness
-from gdn.common import example, spec
+from gdn.common import contract, example, spec, tilings
 from gdn.triton import chunk_gated_delta_rule, chunk_o, forward
 from gdn.triton.arrays import array_info, tensor_keys
 
@@ -33,21 +33,21 @@ STATE_BATCH_SHAPES = [(1, 8192, 16, 16), (2, 4096, 16, 16), (4, 4096, 16, 16), (
                       (64, 1024, 16, 16)]
 K = V = 128
 DEVICE = "cuda"
-STATE_CANDIDATES = [spec.Tiling(K, bv, warps, stages)
+STATE_CANDIDATES = [tilings.Tiling(K, bv, warps, stages)
                     for bv, warps, stages in itertools.product((16, 32, 64), (2, 4, 8), (1, 2, 3))]
-PREPARE_CANDIDATES = [spec.prepare_tiling(K, V, "bfloat16"), spec.Tiling(64, 64, 4, 1),
-                      spec.Tiling(64, 64, 8, 1), spec.Tiling(64, 64, 8, 1, 128), spec.Tiling(128, 128, 4, 1),
-                      spec.Tiling(64, 64, 4, 2), spec.Tiling(32, 32, 4, 1)]
+PREPARE_CANDIDATES = [tilings.prepare_tiling(K, V, "bfloat16"), tilings.Tiling(64, 64, 4, 1),
+                      tilings.Tiling(64, 64, 8, 1), tilings.Tiling(64, 64, 8, 1, 128), tilings.Tiling(128, 128, 4, 1),
+                      tilings.Tiling(64, 64, 4, 2), tilings.Tiling(32, 32, 4, 1)]
 
 
-def _inputs(B: int, T: int, H: int, HV: int) -> tuple[spec.ForwardProblem, dict[str, torch.Tensor]]:
+def _inputs(B: int, T: int, H: int, HV: int) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
     a = example.random_recurrent_inputs(B, T, H, HV, K, V, "bfloat16", seed=0)
     t = {n: torch.from_numpy(x).to(DEVICE) for n, x in a.items() if n != "initial_state"}
     for n in ("q", "k", "v"):
         t[n] = t[n].to(torch.bfloat16)
     names = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
     keys = tensor_keys(names, [t.get(n) for n in names])
-    problem = spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+    problem = contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
                                            output_final_state=True)
     return problem, t
 
@@ -78,17 +78,17 @@ def stage_breakdown(B: int, T: int, H: int, HV: int) -> dict:
     }
 
 
-def sweep(stage: str, candidates: list[spec.Tiling], shape: tuple[int, int, int, int] = SWEEP_SHAPE) -> list[dict]:
+def sweep(stage: str, candidates: list[tilings.Tiling], shape: tuple[int, int, int, int] = SWEEP_SHAPE) -> list[dict]:
     """Time one stage with every candidate tiling at shape (B, T, H, HV); outputs checked against the spec
     tiling's."""
     problem, t = _inputs(*shape)
     k, v, g, beta = (t[n] for n in ("k", "v", "g", "beta"))
     g_cum, w, u = forward.prepare(problem, k, v, g, beta, None, None)
     if stage == "prepare":
-        def run(tiling: spec.Tiling | None):
+        def run(tiling: tilings.Tiling | None):
             return forward.prepare(problem, k, v, g, beta, None, None, tiling)[1:]  # w, u
     else:
-        def run(tiling: spec.Tiling | None):
+        def run(tiling: tilings.Tiling | None):
             h, _, final_state = forward.states(problem, k, w, u, g_cum, None, None, tiling)
             return h, final_state
     reference = run(None)
@@ -114,14 +114,14 @@ PIPELINE_SHAPES = [(1, 8192, 16, 16), (1, 8192, 2, 8), (1, 16384, 2, 8), (1, 655
 
 
 def pipeline_rows() -> list[dict]:
-    """The measurement behind spec.pipeline_segment_chunks: the forward of one sequence in one pass against the
+    """The measurement behind tilings.pipeline_segment_chunks: the forward of one sequence in one pass against the
     pipeline of segments (the spec's length where it pipelines, else PIPELINE_MIN_SEGMENT_CHUNKS), do_bench µs
     called from Python and replayed from a CUDA graph (no host time), outputs compared bit for bit."""
     rows = []
     for shape in PIPELINE_SHAPES:
         problem, t = _inputs(*shape)
         args = (t["q"], t["k"], t["v"], t["g"], t["beta"], spec.default_scale(K), None)
-        segment_chunks = problem.segment_chunks or spec.PIPELINE_MIN_SEGMENT_CHUNKS
+        segment_chunks = problem.segment_chunks or tilings.PIPELINE_MIN_SEGMENT_CHUNKS
         runs = {"one pass": lambda: forward.pipelined(problem, problem.chunks_per_row, *args),
                 "pipelined": lambda: forward.pipelined(problem, segment_chunks, *args)}
         outputs = {name: run() for name, run in runs.items()}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.write_csv(args.out / "forward_pipeline.csv", rows)
         return 0
     if args.state_batches:
-        candidates = [spec.Tiling(K, width, 4, 3) for width in spec.STATE_BLOCK_V]
+        candidates = [tilings.Tiling(K, width, 4, 3) for width in tilings.STATE_BLOCK_V]
         rows = [row for shape in STATE_BATCH_SHAPES for row in sweep("states", candidates, shape)]
         print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
         harness.write_csv(args.out / "state_tiling_sweep.csv", rows)
@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_table(stages, [(c, c) for c in stages[0]]), flush=True)
     harness.write_csv(args.out / "forward_stages.csv", stages)
     if not args.stages_only:
-        tilings = sweep("prepare", PREPARE_CANDIDATES) + sweep("states", STATE_CANDIDATES)
-        print(harness.format_table(tilings, [(c, c) for c in tilings[0]]), flush=True)
-        harness.write_csv(args.out / "tune_forward.csv", tilings)
+        rows = sweep("prepare", PREPARE_CANDIDATES) + sweep("states", STATE_CANDIDATES)
+        print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
+        harness.write_csv(args.out / "tune_forward.csv", rows)
     return 0
 
 

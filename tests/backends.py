@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from gdn.common import spec
+from gdn.common import contract, spec
 from tests.cases import OpInputs
 
 
@@ -83,7 +83,7 @@ class TritonBackend:
     def pipelined(self, inputs: OpInputs, segment_chunks: int,
                   output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The forward of one dense sequence run as a pipeline of segment_chunks-chunk segments (on CUDA
-        streams on a GPU), whatever spec.pipeline_segment_chunks would choose."""
+        streams on a GPU), whatever tilings.pipeline_segment_chunks would choose."""
         from gdn.triton import forward
 
         a = self.convert(inputs)
@@ -95,12 +95,12 @@ class TritonBackend:
 
     @staticmethod
     def _forward_problem(a: dict, cu_seqlens_values: np.ndarray | None,
-                         output_final_state: bool) -> spec.ForwardProblem:
+                         output_final_state: bool) -> contract.ForwardProblem:
         """The spec's forward problem of converted arguments, as chunk_gated_delta_rule checks them."""
         from gdn.triton.arrays import array_info, tensor_keys
 
         keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
-        return spec.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+        return contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
                                             cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state)
 
     def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
@@ -179,7 +179,7 @@ class PallasBackend:
 
         a = self.convert(inputs)
         device = call_device(*a.values())
-        problem = spec.validate_forward_inputs(
+        problem = contract.validate_forward_inputs(
             *(array_info(n, a[n], device) for n in FORWARD_ARGS),
             cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
         cu = as_index(a["cu_seqlens"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import reference, spec
+from gdn.common import reference, spec, tilings
 from tests.backends import BACKENDS
 from tests.cases import CASES, LARGE_CASES, TOLERANCE, Case, OpInputs, seed_of
 
@@ -138,7 +138,7 @@ def assert_refused(call, mutation: tuple, op: str) -> None:
 
 
 
-# Pallas-only: the grid size (spec.persistent_programs) never changes a bit of o.
+# Pallas-only: the grid size (tilings.persistent_programs) never changes a bit of o.
 def _assert_grid_sizes_agree(case: Case, dtype: str) -> None:
     """Persistent programs that loop over the work items (with a last step past the end) equal one program per
     item bit for bit, and so does the spec's own choice (persistent for long inputs on a GPU)."""
@@ -146,7 +146,7 @@ def _assert_grid_sizes_agree(case: Case, dtype: str) -> None:
     inputs = case.inputs(dtype, seed=13)
     spec_choice, items = pallas.run_on_grid(inputs, programs=None)
     assert_close(spec_choice, reference_output(inputs), dtype)
-    for programs in (1, 3, spec.PERSISTENT_PROGRAMS_PER_SM * 132, items):
+    for programs in (1, 3, tilings.PERSISTENT_PROGRAMS_PER_SM * 132, items):
         if programs <= items:
             assert np.array_equal(pallas.run_on_grid(inputs, programs)[0], spec_choice), f"{programs} programs"
 

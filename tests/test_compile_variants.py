@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdn.common import example, spec
+from gdn.common import example, spec, tilings
 
 T_VALUES = [1, 17, 63, 64, 65, 1000, 8192]
 VARLEN_BATCHES = [(5, 0, 64, 130), (1,), (1000, 3, 4000)]
@@ -140,7 +140,7 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
     before = compiled_variants()
     for T in T_VALUES:
         t = {n: torch.from_numpy(x).cuda() for n, x in _forward_inputs(T).items()}
-        # one sequence, two, and batches past each states size class (spec.state_tiling: 64 and 200 walks)
+        # one sequence, two, and batches past each states size class (tilings.state_tiling: 64 and 200 walks)
         for N in (1, 2, 32, 100):
             cu = None if N == 1 else torch.linspace(0, T, N + 1, device="cuda").round().to(torch.int32)
             chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
@@ -153,12 +153,12 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True), (False, True)])
 def test_forward_warmup_covers_the_pipelined_forward(initial_state: bool, output_final_state: bool) -> None:
-    """A long dense sequence runs pipelined (spec.pipeline_segment_chunks), its segments with other states
+    """A long dense sequence runs pipelined (tilings.pipeline_segment_chunks), its segments with other states
     flags than the call's; warmup_forward compiles those too."""
     from gdn.triton import chunk_gated_delta_rule, compiled_variants, warmup_forward
 
-    T = spec.PIPELINE_MIN_SEGMENTS * spec.PIPELINE_MIN_SEGMENT_CHUNKS * spec.CHUNK_SIZE
-    assert spec.pipeline_segment_chunks(1, 1, 2, spec.num_chunks(T), False) is not None
+    T = tilings.PIPELINE_MIN_SEGMENTS * tilings.PIPELINE_MIN_SEGMENT_CHUNKS * spec.CHUNK_SIZE
+    assert tilings.pipeline_segment_chunks(1, 1, 2, spec.num_chunks(T), False) is not None
     warmup_forward(torch.float16, 32, 32, HV=2, H=1, initial_state=initial_state,
                    output_final_state=output_final_state, device="cuda")
     before = compiled_variants()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import reference, spec
+from gdn.common import reference, spec, tilings
 from tests import test_chunk_o
 from tests.backends import BACKENDS
 from tests.cases import FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs, seed_of
@@ -150,7 +150,7 @@ def test_large_bf16_matches_recurrent_reference(backend, case: ForwardCase) -> N
 
 
 # The input contract of the forward: what chunk_fwd_o's contract tests do not already cover through the
-# shared checks (spec._check_heads, spec._check_varlen), each mutation with the error and the argument named.
+# shared checks (contract._check_heads, contract._check_varlen), each mutation with the error and the argument named.
 _BASE = ForwardCase(70, 2, 4, 16, 16)
 _VARLEN_BASE = ForwardCase(70, 2, 4, 16, 16, seqlens=(30, 40))
 
@@ -246,7 +246,7 @@ def test_triton_refuses_non_contiguous_inputs() -> None:
 def test_triton_pipelined_forward_gives_the_bits_of_one_pass(case: ForwardCase, output_final_state: bool) -> None:
     triton = BACKENDS["triton"]
     inputs = case.inputs("float16", seed=21)
-    o, state = triton.forward(inputs, output_final_state)  # one pass: too short for spec.pipeline_segment_chunks
+    o, state = triton.forward(inputs, output_final_state)  # one pass: too short for tilings.pipeline_segment_chunks
     for segment_chunks in (1, 2, 4, spec.num_chunks(case.T)):
         o_pipe, state_pipe = triton.pipelined(inputs, segment_chunks, output_final_state)
         assert np.array_equal(o_pipe, o), f"o, {segment_chunks}-chunk segments"
@@ -258,12 +258,12 @@ def test_triton_pipelined_forward_gives_the_bits_of_one_pass(case: ForwardCase, 
 
 @pytest.mark.gpu
 def test_triton_pipelined_forward_of_a_long_sequence_gives_the_bits_of_one_pass() -> None:
-    """At a size where spec.pipeline_segment_chunks pipelines the forward on CUDA streams, the public call equals
+    """At a size where tilings.pipeline_segment_chunks pipelines the forward on CUDA streams, the public call equals
     one segment (one pass) bit for bit; its accuracy against the reference is test_large_forward's."""
     case = LARGE_FORWARD_CASES[-1]
     triton = BACKENDS["triton"]
     inputs = case.inputs("bfloat16", seed=22)
-    assert spec.pipeline_segment_chunks(1, 1, case.HV, spec.num_chunks(case.T), False) is not None
+    assert tilings.pipeline_segment_chunks(1, 1, case.HV, spec.num_chunks(case.T), False) is not None
     o, state = triton.forward(inputs)
     o_one, state_one = triton.pipelined(inputs, spec.num_chunks(case.T))
     assert np.array_equal(o, o_one) and np.array_equal(state, state_one)

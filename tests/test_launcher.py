@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdn.common import example
+from gdn.common import contract, example
 
 
 def test_argument_key_separates_what_triton_specializes_on() -> None:
@@ -98,12 +98,11 @@ def _inputs(dtype: torch.dtype, device: str, misalign: bool = False,
 
 def _chunk_fwd_o_launch(q, k, v, h, g):
     """The KernelLaunch that chunk_fwd_o(q, k, v, h, g) uses: the cached plan of its call signature."""
-    from gdn.common import spec
     from gdn.triton import chunk_o
     from gdn.triton.arrays import planned, tensor_keys
 
     keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
-    return planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)[1]
+    return planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)[1]
 
 
 def test_interpreted_kernels_are_never_recorded() -> None:
@@ -166,7 +165,6 @@ def test_shared_launch_matches_each_call_in_full() -> None:
     """chunk_o.launch's KernelLaunch is shared by every call with one problem and tiling, and the problem does
     not fix h's dtype: a launch with h in float32 after one with h in float16 goes through Triton and gives
     Triton's bits."""
-    from gdn.common import spec
     from gdn.triton import chunk_o
     from gdn.triton.arrays import planned, tensor_keys
 
@@ -174,7 +172,7 @@ def test_shared_launch_matches_each_call_in_full() -> None:
     for h_dtype in (torch.float16, torch.float32, torch.float32):
         q, k, v, h, g = _inputs(torch.float16, "cuda", h_dtype=h_dtype)
         keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
-        problem, _ = planned(spec.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)
+        problem, _ = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)
         o = torch.empty_like(v)
         chunk_o.launch(problem, problem.tiling, q, k, v, h, g, o, 0.125, None, None)
         outputs.append(o)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import spec
+from gdn.common import contract, spec
 from tests.backends import BACKENDS
 from tests.cases import Case, OpInputs
 from tests.test_chunk_o import assert_close, reference_output, skip_unsupported
@@ -140,10 +140,10 @@ def test_inputs_on_different_devices_are_refused() -> None:
 def test_too_many_programs_are_refused_before_launch() -> None:
     """The 1-D grid holds 2³¹ − 1 programs: a larger problem is refused by the contract, with nothing allocated."""
     T = spec.CHUNK_SIZE * (2**31 // 128 + 1)  # chunks × 64 value heads × 2 V tiles (V = 256) > 2³¹ − 1
-    info = lambda shape, dtype="bfloat16": spec.ArrayInfo(shape, dtype, "cuda:0")  # noqa: E731
+    info = lambda shape, dtype="bfloat16": contract.ArrayInfo(shape, dtype, "cuda:0")  # noqa: E731
     NT = spec.num_chunks(T)
     with pytest.raises(ValueError, match=r"q: expected at most 2147483647 \(chunk, value head, V tile\) programs"):
-        spec.validate_chunk_o_inputs(info((1, T, 64, 128)), info((1, T, 64, 128)), info((1, T, 64, 256)),
+        contract.validate_chunk_o_inputs(info((1, T, 64, 128)), info((1, T, 64, 128)), info((1, T, 64, 256)),
                                      info((1, NT, 64, 128, 256)), None, None, None)
 
 

@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 
 
 @pytest.mark.parametrize("T, expected", [(0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (128, 2), (130, 3)])
@@ -30,31 +30,31 @@ def test_prepare_chunk_indices() -> None:
 
 
 def test_tiling_never_depends_on_sequence_length() -> None:
-    assert list(inspect.signature(spec.tiling_for).parameters) == ["K", "V", "dtype"]
+    assert list(inspect.signature(tilings.tiling_for).parameters) == ["K", "V", "dtype"]
     for K in (16, 48, 64, 100, 128, 256):
         for dtype in spec.INPUT_DTYPES:
-            tiling = spec.tiling_for(K, K, dtype)
+            tiling = tilings.tiling_for(K, K, dtype)
             for block in (tiling.block_k, tiling.block_v):
                 assert block >= 16 and block & (block - 1) == 0
             assert tiling.block_k >= min(K, 64) and tiling.block_v >= min(K, 64)
 
 
 def test_decode_tiling_never_depends_on_batch_or_length() -> None:
-    assert list(inspect.signature(spec.decode_tiling).parameters) == ["K", "V", "dtype"]
-    tilings = {(K, V, dtype): spec.decode_tiling(K, V, dtype)
-               for K in (16, 48, 100, 128, 256) for V in (16, 100, 256) for dtype in spec.INPUT_DTYPES}
-    for (K, V, dtype), tiling in tilings.items():
+    assert list(inspect.signature(tilings.decode_tiling).parameters) == ["K", "V", "dtype"]
+    table = {(K, V, dtype): tilings.decode_tiling(K, V, dtype)
+             for K in (16, 48, 100, 128, 256) for V in (16, 100, 256) for dtype in spec.INPUT_DTYPES}
+    for (K, V, dtype), tiling in table.items():
         # the whole K in one tile, padded to a power of two; V in power-of-two tiles
         assert K <= tiling.block_k < 2 * K and tiling.block_k & (tiling.block_k - 1) == 0, (K, V, dtype)
         assert tiling.block_v & (tiling.block_v - 1) == 0, (K, V, dtype)
 
 
 def test_prepare_tiles_avoid_the_triton_36_miscompiles() -> None:
-    """spec.prepare_tiling's two workarounds (found on Hopper with Triton 3.6; the interpreters cannot show
+    """tilings.prepare_tiling's two workarounds (found on Hopper with Triton 3.6; the interpreters cannot show
     them): w and u tiles of one width, and never 16 columns."""
     for K in (16, 24, 48, 64, 100, 128, 256):
         for V in (16, 32, 40, 128, 256):
-            tiling = spec.prepare_tiling(K, V, "bfloat16")
+            tiling = tilings.prepare_tiling(K, V, "bfloat16")
             assert tiling.block_k == tiling.block_v, (K, V)
             assert tiling.block_k in (32, 64), (K, V)
 
@@ -63,14 +63,14 @@ def test_prepare_register_cap_fits_three_blocks_per_sm() -> None:
     """16-bit inputs: the cap lets 3 blocks of the prepare kernel share an SM's 65 536 registers; float32 (whose
     tf32x3 dots need more registers) is not capped."""
     for dtype in ("float16", "bfloat16"):
-        tiling = spec.prepare_tiling(128, 128, dtype)
+        tiling = tilings.prepare_tiling(128, 128, dtype)
         threads = tiling.num_warps * 32
         assert 3 * threads * tiling.max_registers <= 65536 < 4 * threads * tiling.max_registers
         assert tiling.max_registers % 8 == 0
-    assert spec.prepare_tiling(128, 128, "float32").max_registers is None
-    assert all(t.max_registers is None for t in (spec.tiling_for(128, 128, "bfloat16"),
-                                                 spec.state_tiling(128, 128, "bfloat16", 16),
-                                                 spec.decode_tiling(128, 128, "bfloat16")))
+    assert tilings.prepare_tiling(128, 128, "float32").max_registers is None
+    assert all(t.max_registers is None for t in (tilings.tiling_for(128, 128, "bfloat16"),
+                                                 tilings.state_tiling(128, 128, "bfloat16", 16),
+                                                 tilings.decode_tiling(128, 128, "bfloat16")))
 
 
 def test_state_tiling_size_class() -> None:
@@ -79,49 +79,49 @@ def test_state_tiling_size_class() -> None:
     batch of any size selects."""
     for K, V, HV in ((128, 128, 16), (128, 128, 1), (64, 64, 2), (16, 128, 4), (32, 32, 8), (128, 16, 4)):
         widths = []
-        for walks in range(1, 4 * spec.STATE_MIN_PROGRAMS):
-            tiling = spec.state_tiling(K, V, "bfloat16", walks)
+        for walks in range(1, 4 * tilings.STATE_MIN_PROGRAMS):
+            tiling = tilings.state_tiling(K, V, "bfloat16", walks)
             programs = walks * -(-V // tiling.block_v)
-            assert tiling.block_v in spec.STATE_BLOCK_V or tiling.block_v == V
-            assert programs >= spec.STATE_MIN_PROGRAMS or tiling.block_v == min(spec.STATE_BLOCK_V)
+            assert tiling.block_v in tilings.STATE_BLOCK_V or tiling.block_v == V
+            assert programs >= tilings.STATE_MIN_PROGRAMS or tiling.block_v == min(tilings.STATE_BLOCK_V)
             assert not widths or tiling.block_v >= widths[-1]  # monotone in the batch
             widths.append(tiling.block_v)
-        assert widths[-1] == min(max(spec.STATE_BLOCK_V), V if V >= 16 else 16)
-        warmed = {spec.state_tiling(K, V, "bfloat16", n * HV) for n in spec.state_warmup_sequence_counts(HV, V)}
-        assert {spec.state_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
-    assert spec.state_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
-    assert spec.state_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs
+        assert widths[-1] == min(max(tilings.STATE_BLOCK_V), V if V >= 16 else 16)
+        warmed = {tilings.state_tiling(K, V, "bfloat16", n * HV) for n in tilings.state_warmup_sequence_counts(HV, V)}
+        assert {tilings.state_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
+    assert tilings.state_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
+    assert tilings.state_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs
 
 
 def test_persistent_programs_size_class() -> None:
     """One program per work item off the GPU and for short inputs; PERSISTENT_PROGRAMS_PER_SM per SM from
     PERSISTENT_MIN_ITEMS_PER_PROGRAM items per program on."""
-    programs = spec.PERSISTENT_PROGRAMS_PER_SM * 132
-    threshold = spec.PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs
-    assert spec.persistent_programs(10**6, None) == 10**6
-    assert spec.persistent_programs(1, 132) == 1
-    assert spec.persistent_programs(threshold - 1, 132) == threshold - 1
-    assert spec.persistent_programs(threshold, 132) == programs
-    assert spec.persistent_programs(16 * threshold, 132) == programs
+    programs = tilings.PERSISTENT_PROGRAMS_PER_SM * 132
+    threshold = tilings.PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs
+    assert tilings.persistent_programs(10**6, None) == 10**6
+    assert tilings.persistent_programs(1, 132) == 1
+    assert tilings.persistent_programs(threshold - 1, 132) == threshold - 1
+    assert tilings.persistent_programs(threshold, 132) == programs
+    assert tilings.persistent_programs(16 * threshold, 132) == programs
 
 
 def test_pipeline_segments_size_class() -> None:
     """One dense sequence with few walks and at least PIPELINE_MIN_SEGMENTS minimum segments is pipelined, in
     at most PIPELINE_MAX_SEGMENTS segments; batches, varlen, many walks and shorter inputs run in one pass."""
-    least = spec.PIPELINE_MIN_SEGMENTS * spec.PIPELINE_MIN_SEGMENT_CHUNKS
-    assert spec.pipeline_segment_chunks(1, 1, 16, least, False) == spec.PIPELINE_MIN_SEGMENT_CHUNKS
-    assert spec.pipeline_segment_chunks(1, 1, 16, least - 1, False) is None
-    assert spec.pipeline_segment_chunks(2, 2, 16, 4 * least, False) is None
-    assert spec.pipeline_segment_chunks(1, 3, 16, 4 * least, True) is None
-    assert spec.pipeline_segment_chunks(1, 1, spec.STATE_MIN_PROGRAMS, 4 * least, False) is None
-    many = 100 * least * spec.PIPELINE_MAX_SEGMENTS
-    assert -(-many // spec.pipeline_segment_chunks(1, 1, 16, many, False)) == spec.PIPELINE_MAX_SEGMENTS
+    least = tilings.PIPELINE_MIN_SEGMENTS * tilings.PIPELINE_MIN_SEGMENT_CHUNKS
+    assert tilings.pipeline_segment_chunks(1, 1, 16, least, False) == tilings.PIPELINE_MIN_SEGMENT_CHUNKS
+    assert tilings.pipeline_segment_chunks(1, 1, 16, least - 1, False) is None
+    assert tilings.pipeline_segment_chunks(2, 2, 16, 4 * least, False) is None
+    assert tilings.pipeline_segment_chunks(1, 3, 16, 4 * least, True) is None
+    assert tilings.pipeline_segment_chunks(1, 1, tilings.STATE_MIN_PROGRAMS, 4 * least, False) is None
+    many = 100 * least * tilings.PIPELINE_MAX_SEGMENTS
+    assert -(-many // tilings.pipeline_segment_chunks(1, 1, 16, many, False)) == tilings.PIPELINE_MAX_SEGMENTS
 
 
 @pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True)])
 def test_forward_segments_cover_the_sequence_and_chain_states(initial_state: bool, output_final_state: bool) -> None:
     C = spec.CHUNK_SIZE
-    problem = spec.ForwardProblem(B=1, T=5 * C + 7, H=2, HV=4, K=32, V=32, N=1, chunks_per_row=6, varlen=False,
+    problem = contract.ForwardProblem(B=1, T=5 * C + 7, H=2, HV=4, K=32, V=32, N=1, chunks_per_row=6, varlen=False,
                                   dtype="float16", use_initial_state=initial_state,
                                   output_final_state=output_final_state)
     segments = problem.segments(2)

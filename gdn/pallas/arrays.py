@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 
 # Triton launch parameters: jax.experimental.pallas.triton.CompilerParams (older releases:
 # TritonCompilerParams). The one place that knows both names.
@@ -36,14 +36,14 @@ def call_device(*arrays) -> str:
     return devices[0] if devices else "traced"
 
 
-def array_info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> spec.ArrayInfo | None:
+def array_info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> contract.ArrayInfo | None:
     """The spec's framework-neutral view of argument x (None stays None); a tracer or numpy array takes the
     call's device."""
     if x is None:
         return None
     if not isinstance(x, (jax.Array, np.ndarray)):
         raise TypeError(f"{op}: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
-    return spec.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, device_of(x) or device)
+    return contract.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, device_of(x) or device)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -58,7 +58,7 @@ must not wrap negative, or a masked-off row would pass the mask o_t < eos."""
 
 @functools.cache
 def multiprocessor_count() -> int | None:
-    """SMs of the default device when it is a GPU (what spec.persistent_programs sizes a grid by), else None."""
+    """SMs of the default device when it is a GPU (what tilings.persistent_programs sizes a grid by), else None."""
     device = jax.devices()[0]
     return getattr(device, "core_count", None) if device.platform == "gpu" else None
 
@@ -76,13 +76,13 @@ _FLOAT32_DOTS = {"tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
 
 
 def float32_dot_precision(interpret: bool, dtype: str = "float32") -> jax.lax.DotAlgorithmPreset | jax.lax.Precision:
-    """spec.dot_precision(dtype) (spec.FLOAT32_DOT_PRECISION for float32 inputs) as a JAX dot precision;
+    """tilings.dot_precision(dtype) (tilings.FLOAT32_DOT_PRECISION for float32 inputs) as a JAX dot precision;
     XLA:CPU (interpret mode) has no TF32 presets and runs the IEEE float32 dot instead."""
-    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[spec.dot_precision(dtype)]
+    return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[tilings.dot_precision(dtype)]
 
 
 def input_dot_precision(dtype: str, interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision | None:
-    """Precision of the dots on input-dtype operands: spec.FLOAT32_DOT_PRECISION for float32 inputs; None
+    """Precision of the dots on input-dtype operands: tilings.FLOAT32_DOT_PRECISION for float32 inputs; None
     (the 16-bit tensor-core dot) for 16-bit ones."""
     return float32_dot_precision(interpret) if dtype == "float32" else None
 

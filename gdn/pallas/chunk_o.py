@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
     CompilerParams,
     array_info,
@@ -118,7 +118,7 @@ def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *, IT
         chunk_o_item(pl.program_id(0), None, *refs, **item_constants)
         return
 
-    # Persistent grid (spec.persistent_programs): program p takes items p, p + PROGRAMS, ... in a loop with a
+    # Persistent grid (tilings.persistent_programs): program p takes items p, p + PROGRAMS, ... in a loop with a
     # static trip count, which Triton software-pipelines: the next item's loads fly during this item's dots.
     i_program = pl.program_id(0)  # read outside the loop body, as the interpreter requires
 
@@ -131,17 +131,17 @@ def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *, IT
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret", "programs"))
-def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: spec.ChunkOProblem, interpret: bool,
+def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract.ChunkOProblem, interpret: bool,
            programs: int | None = None):
     """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None); jitted, and
     inlined into a caller's jit (gdn.pallas.forward's stage 3). programs: the grid size, by default
-    spec.persistent_programs's choice for the default device (one program per work item, or a persistent
+    tilings.persistent_programs's choice for the default device (one program per work item, or a persistent
     grid for long inputs on a GPU); any count from 1 to problem.num_programs gives the same bits."""
     items = problem.num_programs
     if items == 0:
         return jnp.zeros(v.shape, v.dtype)
     if programs is None:
-        programs = spec.persistent_programs(items, None if interpret else multiprocessor_count())
+        programs = tilings.persistent_programs(items, None if interpret else multiprocessor_count())
     if not 1 <= programs <= items:
         raise ValueError(f"{spec.CHUNK_O_OP}: programs: expected 1 to {items} (the work items); got {programs}")
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
@@ -203,13 +203,13 @@ def chunk_fwd_o(
                   interpret=resolve_interpret(interpret))
 
 
-def validated(q, k, v, h, g, cu_seqlens, chunk_indices) -> tuple[spec.ChunkOProblem, jax.Array | None,
+def validated(q, k, v, h, g, cu_seqlens, chunk_indices) -> tuple[contract.ChunkOProblem, jax.Array | None,
                                                                    jax.Array | None]:
     """chunk_fwd_o's contract check: (problem, cu_seqlens, chunk_indices) with the index arrays int32 on the
     device and chunk_indices built from a concrete cu_seqlens when missing; what launch takes."""
     device = call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
-    problem = spec.validate_chunk_o_inputs(
+    problem = contract.validate_chunk_o_inputs(
         *(array_info(name, x, device) for name, x in (("q", q), ("k", k), ("v", v), ("h", h), ("g", g),
                                                       ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices))),
         cu_seqlens_values=cu_values)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
     CompilerParams,
     array_info,
@@ -165,11 +165,11 @@ def chunk_states_kernel(
         plgpu.store(final_state.at[i_nh, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
 
 
-def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
-            tiling: spec.Tiling | None = None):
+def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
+            tiling: tilings.Tiling | None = None):
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
     in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None. tiling defaults to
-    spec.prepare_tiling's (benchmarks pass others)."""
+    tilings.prepare_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     shapes = {"g_cum": ((B, T, HV), jnp.float32), "w": ((B, T, HV, K), k.dtype), "u": ((B, T, HV, V), v.dtype)}
     if problem.num_chunks_total * HV == 0:
@@ -179,7 +179,7 @@ def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indic
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
         DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
-        # prepare's float32 merge dots: spec.dot_precision, as in the Triton kernel
+        # prepare's float32 merge dots: tilings.dot_precision, as in the Triton kernel
         MERGE_PRECISION=float32_dot_precision(interpret, problem.dtype))
     # Every element of a real token is stored by exactly one program (chunks tile each sequence), as with
     # torch.empty in the Triton backend.
@@ -195,11 +195,11 @@ def prepare(problem: spec.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indic
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
 
 
-def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool,
-           tiling: spec.Tiling | None = None):
+def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool,
+           tiling: tilings.Tiling | None = None):
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
     [N, HV, K, V] float32 or None). With cu_seqlens (int32), h has the chunk rows of the problem. tiling
-    defaults to spec.state_tiling's (benchmarks pass others)."""
+    defaults to tilings.state_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
     rows = problem.num_chunks_total
     if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one (zero-size refs cannot be read)
@@ -236,7 +236,7 @@ def states(problem: spec.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqle
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-                   problem: spec.ForwardProblem, interpret: bool):
+                   problem: contract.ForwardProblem, interpret: bool):
     """The three stages for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None)."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
     h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens, interpret=interpret)
@@ -273,7 +273,7 @@ def chunk_gated_delta_rule(
             "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
     device = call_device(*args.values())
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
-    problem = spec.validate_forward_inputs(
+    problem = contract.validate_forward_inputs(
         *(array_info(name, x, device, op=spec.FORWARD_OP) for name, x in args.items()),
         cu_seqlens_values=cu_values, output_final_state=output_final_state)
     check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)

@@ -2,7 +2,7 @@
 
 Glossary (FLA's naming, as in the Triton kernel): i_ program ids, o_ offsets, m_ masks, b_ register tiles; BK
 the whole K (masked to a power of two), BV the V tile width. S is the [K, V] state of one sequence and value
-head. Math and layouts: gdn.common.spec (decode_step); tiling: gdn.common.spec.decode_tiling.
+head. Math and layouts: gdn.common.spec (decode_step); tiling: gdn.common.tilings.decode_tiling.
 
 The refs are whole arrays, viewed with (sequence, value head) flattened: v, o [N·HV, V]; g, beta [N·HV];
 state, new_state [N·HV, K, V]; q, k stay [N, H, K]. Tiles are read with masked ``plgpu.load(ref.at[...])`` as
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import spec
+from gdn.common import contract, spec
 from gdn.pallas.arrays import CompilerParams, array_info, call_device, resolve_interpret
 
 
@@ -65,7 +65,7 @@ def decode_step_kernel(
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
-def launch(q, k, v, g, beta, state, scale, *, problem: spec.DecodeProblem, interpret: bool):
+def launch(q, k, v, g, beta, state, scale, *, problem: contract.DecodeProblem, interpret: bool):
     N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
     tiling = problem.tiling
     kernel = functools.partial(decode_step_kernel, H=problem.H, HV=HV, K=K, V=V,
@@ -104,7 +104,7 @@ def decode_step(
     """
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "state": state}
     device = call_device(*args.values())
-    problem = spec.validate_decode_inputs(*(array_info(name, x, device, op=spec.DECODE_OP)
+    problem = contract.validate_decode_inputs(*(array_info(name, x, device, op=spec.DECODE_OP)
                                             for name, x in args.items()))
     if problem.N == 0:
         return jnp.zeros(v.shape, v.dtype), jnp.zeros(state.shape, jnp.float32)

@@ -7,7 +7,7 @@ from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 
-from gdn.common import spec
+from gdn.common import contract, spec
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.int32: "int32", torch.int64: "int64"}
@@ -33,10 +33,10 @@ def tensor_keys(names: Sequence[str], args: Sequence[torch.Tensor | None],
     return tuple(keys)
 
 
-def array_info(key: TensorKey) -> spec.ArrayInfo:
+def array_info(key: TensorKey) -> contract.ArrayInfo:
     """The spec's framework-neutral view of a (shape, dtype, device) key."""
     shape, dtype, device = key
-    return spec.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
+    return contract.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
 
 
 Problem = TypeVar("Problem")

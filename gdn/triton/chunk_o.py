@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.launcher import KernelLaunch
 
@@ -115,7 +115,7 @@ def chunk_fwd_o(
     """
     keys = tensor_keys(_ARG_NAMES, (q, k, v, h, g, cu_seqlens, chunk_indices))
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, run = planned(spec.validate_chunk_o_inputs, spec_tiling_launch, keys, cu_values)
+    problem, run = planned(contract.validate_chunk_o_inputs, spec_tiling_launch, keys, cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)
@@ -125,7 +125,7 @@ def chunk_fwd_o(
     return o
 
 
-def new_kernel_launch(problem: spec.ChunkOProblem, tiling: spec.Tiling,
+def new_kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling,
                       fixed_signature: bool = False) -> KernelLaunch | None:
     """The kernel launch of a validated problem with a tiling, None when it has no programs."""
     num_v_tiles = -(-problem.V // tiling.block_v)
@@ -137,24 +137,24 @@ def new_kernel_launch(problem: spec.ChunkOProblem, tiling: spec.Tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
         USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=spec.dot_precision(problem.dtype),
+        DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def kernel_launch(problem: spec.ChunkOProblem, tiling: spec.Tiling) -> KernelLaunch | None:
+def kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
     """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
     launcher; calls with another h dtype share it, so each launch is matched in full."""
     return new_kernel_launch(problem, tiling)
 
 
-def spec_tiling_launch(problem: spec.ChunkOProblem) -> KernelLaunch | None:
-    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (spec.tiling_for),
+def spec_tiling_launch(problem: contract.ChunkOProblem) -> KernelLaunch | None:
+    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (tilings.tiling_for),
     with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
     return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
 
 
-def launch(problem: spec.ChunkOProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor,
+def launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling, q: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None, o: torch.Tensor, scale: float,
            cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> None:
     """Launch the kernel for a validated problem with the given tiling, writing o (benchmarks pass others)."""

@@ -2,8 +2,8 @@
 
 prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o;
 one long dense sequence runs them segment by segment on three CUDA streams (pipelined).
-Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule); tilings: spec.prepare_tiling,
-spec.state_tiling, spec.tiling_for. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks,
+Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule); tilings: tilings.prepare_tiling,
+tilings.state_tiling, tilings.tiling_for. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks,
 b_ register tiles, BT = CHUNK_SIZE).
 """
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
@@ -161,35 +161,35 @@ _ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_
 
 
 @functools.lru_cache(maxsize=1024)
-def prepare_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLaunch:
+def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
     """The prepare kernel's launch for a validated problem with chunks, cached per (problem, tiling)."""
     return KernelLaunch(
         chunk_prepare_kernel, (problem.num_chunks_total * problem.HV,), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=spec.dot_precision(problem.dtype),
+        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def states_launch(problem: spec.ForwardProblem, tiling: spec.Tiling) -> KernelLaunch:
+def states_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
     """The states kernel's launch for a validated problem with sequences, cached per (problem, tiling)."""
     return KernelLaunch(
         chunk_states_kernel, problem.state_grid(tiling), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
         STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=spec.dot_precision(problem.dtype),
+        DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
-def prepare_outputs(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor,
+def prepare_outputs(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor,
                     g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty (g_c, w, u) of stage 1 for the whole problem."""
     return (torch.empty_like(g), torch.empty((problem.B, problem.T, problem.HV, problem.K), dtype=k.dtype,
                                              device=k.device), torch.empty_like(v))
 
 
-def state_outputs(problem: spec.ForwardProblem, k: torch.Tensor,
+def state_outputs(problem: contract.ForwardProblem, k: torch.Tensor,
                   u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Empty (h, v_new, final_state or None) of stage 2 for the whole problem."""
     B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
@@ -198,13 +198,13 @@ def state_outputs(problem: spec.ForwardProblem, k: torch.Tensor,
             else None)
 
 
-def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-            tiling: spec.Tiling | None = None,
+            tiling: tilings.Tiling | None = None,
             out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype, written into out when given. tiling defaults to spec.prepare_tiling's (benchmarks pass
+    in k's dtype, written into out when given. tiling defaults to tilings.prepare_tiling's (benchmarks pass
     others)."""
     g_cum, w, u = out or prepare_outputs(problem, k, v, g)
     if problem.num_chunks_total * problem.HV == 0:
@@ -214,14 +214,14 @@ def prepare(problem: spec.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: t
     return g_cum, w, u
 
 
-def states(problem: spec.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
            g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-           tiling: spec.Tiling | None = None,
+           tiling: tilings.Tiling | None = None,
            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
     [N, HV, K, V] float32 or None), written into out when given. With cu_seqlens, h has the chunk rows of
-    prepare_chunk_indices. tiling defaults to spec.state_tiling's (benchmarks pass others)."""
+    prepare_chunk_indices. tiling defaults to tilings.state_tiling's (benchmarks pass others)."""
     h, v_new, final_state = out or state_outputs(problem, k, u)
     chunk_offsets = None
     if problem.varlen:  # first h row of each sequence, on the device: no host sync
@@ -257,7 +257,7 @@ def chunk_gated_delta_rule(
     """
     keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, chunk_o = planned(spec.validate_forward_inputs, spec.ForwardProblem.chunk_o, keys, cu_values,
+    problem, chunk_o = planned(contract.validate_forward_inputs, contract.ForwardProblem.chunk_o, keys, cu_values,
                                bool(output_final_state))
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
@@ -271,10 +271,10 @@ def chunk_gated_delta_rule(
     return o, final_state
 
 
-def pipelined(problem: spec.ForwardProblem, segment_chunks: int, q: torch.Tensor, k: torch.Tensor,
+def pipelined(problem: contract.ForwardProblem, segment_chunks: int, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The forward of one dense sequence (B = 1) in segments of segment_chunks chunks (spec.ForwardProblem
+    """The forward of one dense sequence (B = 1) in segments of segment_chunks chunks (contract.ForwardProblem
     .segments): on a GPU, prepare, the states walk and chunk_fwd_o each on its own stream, segment s's walk
     overlapping prepare(s + 1) and chunk_fwd_o(s − 1); elsewhere one segment after the other. Same bits as one
     pass; returns (o, final_state or None), ready on the caller's stream."""
@@ -371,8 +371,8 @@ def warmup_forward(
 ) -> None:
     """Compile everything a later chunk_gated_delta_rule call with these dtypes, sizes and flags needs, for
     any T and any batch: calls at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included), one per states
-    tiling size class (spec.state_warmup_sequence_counts: the batch sizes that select each V-tile width), and
-    without varlen a pipelined call of three one-chunk segments (spec.pipeline_segment_chunks: a segment
+    tiling size class (tilings.state_warmup_sequence_counts: the batch sizes that select each V-tile width), and
+    without varlen a pipelined call of three one-chunk segments (tilings.pipeline_segment_chunks: a segment
     after the first starts from a state, one before the last stores its final state). Every tiling comes from
     the static tables in gdn.common.spec, never from timing these shapes."""
     def zeros(call: dict) -> tuple[torch.Tensor, ...]:
@@ -382,7 +382,7 @@ def warmup_forward(
                 torch.zeros(call["g"], dtype=torch.float32, device=device),
                 torch.zeros(call["beta"], dtype=beta_dtype, device=device), state)
 
-    for num_sequences in spec.state_warmup_sequence_counts(HV, V):
+    for num_sequences in tilings.state_warmup_sequence_counts(HV, V):
         call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen, num_sequences)
         q, v, g, beta, state = zeros(call)
         cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
@@ -392,6 +392,6 @@ def warmup_forward(
     if not varlen:
         q, v, g, beta, state = zeros(spec.warmup_arguments(3 * spec.CHUNK_SIZE, H, HV, K, V, True, False))
         keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, None, None), op=spec.FORWARD_OP)
-        problem, _ = planned(spec.validate_forward_inputs, spec.ForwardProblem.chunk_o, keys, None,
+        problem, _ = planned(contract.validate_forward_inputs, contract.ForwardProblem.chunk_o, keys, None,
                              bool(output_final_state))
         pipelined(problem, 1, q, q, v, g, beta, spec.default_scale(K), state)

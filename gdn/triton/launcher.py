@@ -32,7 +32,7 @@ import triton
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from gdn.common import spec
+from gdn.common import tilings
 
 _INT32 = range(-(2**31), 2**31)
 # CompiledKernel.run(grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook,
@@ -133,7 +133,7 @@ class KernelLaunch:
     checks only alignment (0.7 µs of CPU on the H200 machine) instead of the full match (1.4 µs).
     """
 
-    def __init__(self, kernel: Any, grid: tuple[int, ...], tiling: spec.Tiling, *, fixed_signature: bool = False,
+    def __init__(self, kernel: Any, grid: tuple[int, ...], tiling: tilings.Tiling, *, fixed_signature: bool = False,
                  **constexprs: Any) -> None:
         self.kernel = kernel
         self.fixed_signature = fixed_signature

@@ -2,7 +2,7 @@
 
 Glossary (FLA's naming): i_ program ids, o_ offsets, m_ masks, p_ pointer offsets, b_ register tiles; BK the
 whole K (masked to a power of two), BV the V tile width. S is the [K, V] state of one sequence and value head.
-Math and layouts: gdn.common.spec (decode_step); tiling: gdn.common.spec.decode_tiling.
+Math and layouts: gdn.common.spec (decode_step); tiling: gdn.common.tilings.decode_tiling.
 
 The products with S are matrix-vector products, written as an elementwise product and a sum over K (no tl.dot):
 they would waste a tensor-core tile on one row, and the Triton 3.9 interpreter's tl.dot is wrong for bf16.
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.common import spec
+from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import planned, tensor_keys
 from gdn.triton.launcher import KernelLaunch
 
@@ -80,7 +80,7 @@ def decode_step(
     (state is not modified); scale defaults to K**-0.5.
     """
     keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, state), op=spec.DECODE_OP)
-    problem, run = planned(spec.validate_decode_inputs, spec_tiling_launch, keys)
+    problem, run = planned(contract.validate_decode_inputs, spec_tiling_launch, keys)
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
     if run is not None:
@@ -89,7 +89,7 @@ def decode_step(
     return o, new_state
 
 
-def new_kernel_launch(problem: spec.DecodeProblem, tiling: spec.Tiling,
+def new_kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling,
                       fixed_signature: bool = False) -> KernelLaunch | None:
     """The kernel launch of a validated problem with a tiling, None when N = 0."""
     if problem.N == 0:
@@ -99,19 +99,19 @@ def new_kernel_launch(problem: spec.DecodeProblem, tiling: spec.Tiling,
 
 
 @functools.lru_cache(maxsize=1024)
-def kernel_launch(problem: spec.DecodeProblem, tiling: spec.Tiling) -> KernelLaunch | None:
+def kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
     """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
     launcher (each launch matched in full: benchmarks pass their own arguments)."""
     return new_kernel_launch(problem, tiling)
 
 
-def spec_tiling_launch(problem: spec.DecodeProblem) -> KernelLaunch | None:
+def spec_tiling_launch(problem: contract.DecodeProblem) -> KernelLaunch | None:
     """decode_step's plan for one call signature: its own launch with the problem's tiling
-    (spec.decode_tiling), with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
+    (tilings.decode_tiling), with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
     return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
 
 
-def launch(problem: spec.DecodeProblem, tiling: spec.Tiling, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def launch(problem: contract.DecodeProblem, tiling: tilings.Tiling, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, o: torch.Tensor, new_state: torch.Tensor,
            scale: float) -> None:
     """Launch the kernel for a validated problem with the given tiling, writing o and new_state (benchmarks
