@@ -4,7 +4,7 @@
         python -m benchmarks.profile_chunk_o
     python -m benchmarks.profile_chunk_o --host      # where the Triton call's CPU time goes
     python -m benchmarks.profile_chunk_o --cold      # first-call compile times from an empty Triton cache
-    python -m benchmarks.profile_chunk_o --pallas-grids   # under ncu: the Pallas grids behind tilings.persistent_programs
+    python -m benchmarks.profile_chunk_o --pallas-grids   # under ncu: the grids of tilings.persistent_programs
 
 Order of launches: per shape, triton (warm-up, profiled) then pallas (warm-up, profiled).
 """
