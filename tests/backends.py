@@ -80,18 +80,22 @@ class TritonBackend:
                                           output_final_state=output_final_state)
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def pipelined(self, inputs: OpInputs, segment_chunks: int,
-                  output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """The forward of one dense sequence run as a pipeline of segment_chunks-chunk segments (on CUDA
-        streams on a GPU), whatever tilings.pipeline_segment_chunks would choose."""
+    def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
+                          fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The forward with each sequence cut into that many pieces (the context-parallel path from 2 on),
+        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK)."""
         from gdn.triton import forward
 
         a = self.convert(inputs)
-        problem = self._forward_problem(a, None, output_final_state)
+        problem = self._forward_problem(a, inputs.arrays["cu_seqlens"], output_final_state)
         scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
-        o, state = forward.pipelined(problem, segment_chunks, a["q"], a["k"], a["v"], a["g"], a["beta"], scale,
-                                     a["initial_state"])
+        o, state = forward.forward(problem, a["q"], a["k"], a["v"], a["g"], a["beta"], scale, a["initial_state"],
+                                   a["cu_seqlens"], self._chunk_indices(inputs, a), pieces, fused)
         return self.numpy(o), None if state is None else self.numpy(state)
+
+    def _chunk_indices(self, inputs: OpInputs, a: dict):
+        cu = inputs.arrays["cu_seqlens"]
+        return None if cu is None else self.torch.from_numpy(spec.prepare_chunk_indices(cu)).to(a["cu_seqlens"].device)
 
     @staticmethod
     def _forward_problem(a: dict, cu_seqlens_values: np.ndarray | None,
@@ -101,7 +105,8 @@ class TritonBackend:
 
         keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
         return contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
-                                            cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state)
+                                                cu_seqlens_values=cu_seqlens_values,
+                                                output_final_state=output_final_state)
 
     def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
         from gdn.triton import forward
@@ -109,12 +114,9 @@ class TritonBackend:
         a = self.convert(inputs)
         problem = self._forward_problem(a, inputs.arrays["cu_seqlens"], True)
         cu = a["cu_seqlens"]
-        ci = None if cu is None else self.torch.from_numpy(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))
-        g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu,
-                                      None if ci is None else ci.to(cu.device))
+        g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu, self._chunk_indices(inputs, a))
         h, v_new, final_state = forward.states(problem, a["k"], w, u, g_cum, a["initial_state"], cu)
-        return {name: self.numpy(x) for name, x in
-                zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
+        return {name: self.numpy(x) for name, x in zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
 
 
 FORWARD_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
@@ -173,23 +175,46 @@ class PallasBackend:
                                           output_final_state=output_final_state)
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+    def _forward_problem(self, a: dict, cu_seqlens_values: np.ndarray | None,
+                         output_final_state: bool) -> contract.ForwardProblem:
+        from gdn.pallas.arrays import array_info, call_device
+
+        device = call_device(*a.values())
+        return contract.validate_forward_inputs(*(array_info(n, a[n], device) for n in FORWARD_ARGS),
+                                                cu_seqlens_values=cu_seqlens_values,
+                                                output_final_state=output_final_state)
+
+    def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
+                          fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The forward with each sequence cut into that many pieces (the context-parallel path from 2 on),
+        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK)."""
         from gdn.pallas import forward
-        from gdn.pallas.arrays import array_info, as_index, call_device, resolve_interpret
+        from gdn.pallas.arrays import as_index, resolve_interpret
 
         a = self.convert(inputs)
-        device = call_device(*a.values())
-        problem = contract.validate_forward_inputs(
-            *(array_info(n, a[n], device) for n in FORWARD_ARGS),
-            cu_seqlens_values=inputs.arrays["cu_seqlens"], output_final_state=True)
+        cu = inputs.arrays["cu_seqlens"]
+        problem = self._forward_problem(a, cu, output_final_state)
+        scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
+        o, state = forward.jitted_forward(
+            a["q"], a["k"], a["v"], a["g"], a["beta"], scale, a["initial_state"], as_index(a["cu_seqlens"]),
+            None if cu is None else as_index(spec.prepare_chunk_indices(cu)), problem=problem, pieces=pieces,
+            interpret=resolve_interpret(None), fused=fused)
+        return self.numpy(o), None if state is None else self.numpy(state)
+
+    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+        from gdn.pallas import forward
+        from gdn.pallas.arrays import as_index, resolve_interpret
+
+        a = self.convert(inputs)
+        cu_values = inputs.arrays["cu_seqlens"]
+        problem = self._forward_problem(a, cu_values, True)
         cu = as_index(a["cu_seqlens"])
-        ci = None if cu is None else as_index(spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"]))
+        ci = None if cu is None else as_index(spec.prepare_chunk_indices(cu_values))
         interpret = resolve_interpret(None)
         g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu, ci, interpret=interpret)
         h, v_new, final_state = forward.states(problem, a["k"], w, u, g_cum, a["initial_state"], cu,
                                                interpret=interpret)
-        return {name: self.numpy(x) for name, x in
-                zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
+        return {name: self.numpy(x) for name, x in zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
 
 
 BACKENDS = {backend.name: backend for backend in (TritonBackend(), PallasBackend())}

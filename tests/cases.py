@@ -189,7 +189,7 @@ class ForwardCase(_Shapes):
         return OpInputs(arrays, dtypes)
 
 
-def _forward_varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, **kw) -> ForwardCase:
+def forward_varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, **kw) -> ForwardCase:
     return ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, **kw)
 
 
@@ -202,22 +202,22 @@ FORWARD_CASES: list[ForwardCase] = [
     ForwardCase(130, 2, 4, 32, 32, initial_state=False),
     ForwardCase(300, 1, 1, 64, 64),
     # varlen: empty and 1-token sequences, chunk-boundary lengths
-    _forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 32, 32),
-    _forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
-    # K and V of different tile widths: Triton 3.6 on Hopper got u wrong with 64-wide w tiles beside 32-wide
-    # u tiles (tilings.prepare_tiling), at K = 48, V = 16 (found by the GPU property run) and the mirror image
+    forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 32, 32),
+    forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
+    # K and V of different tile widths (Triton 3.6 on Hopper has miscompiled dots of 16-bit tiles of unequal
+    # widths in one kernel: K = 48, V = 16 and the mirror image)
     ForwardCase(17, 1, 1, 48, 16, initial_state=False),
     ForwardCase(17, 1, 2, 16, 128),
-    # batches large enough for the states kernel's wider V tiles (tilings.state_tiling's size class): N·HV = 32
-    # selects 32 columns, N·HV = 64 selects 64
+    # batches large enough for the walk's wider V tiles (tilings.walk_tiling's size class): N·HV = 32 selects
+    # 32 columns, N·HV = 64 selects 64
     ForwardCase(70, 1, 4, 16, 128, B=8, initial_state=False),
-    _forward_varlen((1, 9, 64, 2) * 4, 2, 4, 16, 128),
+    forward_varlen((1, 9, 64, 2) * 4, 2, 4, 16, 128),
 ]
 
 LARGE_FORWARD_CASES: list[ForwardCase] = [
     # model-sized heads: compiled GPU runs only
     ForwardCase(2048, 4, 8, 128, 128),
-    _forward_varlen((1, 1000, 63, 700, 0, 300), 2, 4, 128, 128),
-    # one long sequence with few heads: the Triton forward pipelines it (tilings.pipeline_segment_chunks)
+    forward_varlen((1, 1000, 63, 700, 0, 300), 2, 4, 128, 128),
+    # one long sequence with few heads: cut into pieces on a GPU (tilings.context_pieces)
     ForwardCase(16384, 2, 8, 128, 128),
 ]

@@ -72,9 +72,9 @@ def _assert_no_length_specialization(kernel, run_dense: Callable[[int], None],
     names = kernel.arg_names
     scalars = {names[i] for args, _ in launches for i, a in enumerate(args)
                if isinstance(a, int) and not isinstance(a, bool)}
-    assert scalars == {"T"}
+    assert "T" in scalars and scalars <= {"T", "NUM_PIECES"}  # the walk's piece count: a path, not a variant
     do_not_specialize = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
-    assert "T" in do_not_specialize
+    assert scalars <= set(do_not_specialize)
 
 
 def test_kernel_never_specializes_on_sequence_length() -> None:
@@ -83,12 +83,12 @@ def test_kernel_never_specializes_on_sequence_length() -> None:
     _assert_no_length_specialization(chunk_o.chunk_fwd_o_kernel, _call, lambda seqlens: _call(None, seqlens))
 
 
-@pytest.mark.parametrize("kernel_name", ["chunk_prepare_kernel", "chunk_states_kernel", "chunk_fwd_o_kernel"])
+@pytest.mark.parametrize("kernel_name", ["chunk_prepare_kernel", "chunk_walk_kernel"])
 def test_forward_kernels_never_specialize_on_sequence_length(kernel_name: str) -> None:
-    """chunk_gated_delta_rule's three kernels (chunk_fwd_o as its stage 3) over the same T and varlen batches."""
-    from gdn.triton import chunk_o, forward
+    """chunk_gated_delta_rule's kernels over the same T and varlen batches."""
+    from gdn.triton import forward
 
-    kernel = getattr(forward, kernel_name, None) or getattr(chunk_o, kernel_name)
+    kernel = getattr(forward, kernel_name)
     _assert_no_length_specialization(kernel, _forward_call, lambda seqlens: _forward_call(None, seqlens))
 
 
@@ -140,7 +140,7 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
     before = compiled_variants()
     for T in T_VALUES:
         t = {n: torch.from_numpy(x).cuda() for n, x in _forward_inputs(T).items()}
-        # one sequence, two, and batches past each states size class (tilings.state_tiling: 64 and 200 walks)
+        # one sequence, two, and batches past each walk size class (tilings.walk_tiling: 64 and 200 walks)
         for N in (1, 2, 32, 100):
             cu = None if N == 1 else torch.linspace(0, T, N + 1, device="cuda").round().to(torch.int32)
             chunk_gated_delta_rule(t["q"].half(), t["k"].half(), t["v"].half(), t["g"], t["beta"],
@@ -152,13 +152,13 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True), (False, True)])
-def test_forward_warmup_covers_the_pipelined_forward(initial_state: bool, output_final_state: bool) -> None:
-    """A long dense sequence runs pipelined (tilings.pipeline_segment_chunks), its segments with other states
-    flags than the call's; warmup_forward compiles those too."""
+def test_forward_warmup_covers_the_context_parallel_path(initial_state: bool, output_final_state: bool) -> None:
+    """A long dense sequence with few walks runs in pieces (tilings.context_pieces: the map walk and the
+    combine besides the walk); warmup_forward compiles those too."""
     from gdn.triton import chunk_gated_delta_rule, compiled_variants, warmup_forward
 
-    T = tilings.PIPELINE_MIN_SEGMENTS * tilings.PIPELINE_MIN_SEGMENT_CHUNKS * spec.CHUNK_SIZE
-    assert tilings.pipeline_segment_chunks(1, 1, 2, spec.num_chunks(T), False) is not None
+    T = 2 * tilings.MAX_PIECES * tilings.MIN_PIECE_CHUNKS * spec.CHUNK_SIZE
+    assert tilings.context_pieces(2, 32, spec.num_chunks(T), 132) > 1
     warmup_forward(torch.float16, 32, 32, HV=2, H=1, initial_state=initial_state,
                    output_final_state=output_final_state, device="cuda")
     before = compiled_variants()

@@ -7,10 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import reference, spec, tilings
+from gdn.common import reference, spec
 from tests import test_chunk_o
 from tests.backends import BACKENDS
-from tests.cases import FORWARD_CASES, FORWARD_TOLERANCE, LARGE_FORWARD_CASES, ForwardCase, OpInputs, seed_of
+from tests.cases import (
+    FORWARD_CASES,
+    FORWARD_TOLERANCE,
+    LARGE_FORWARD_CASES,
+    ForwardCase,
+    OpInputs,
+    forward_varlen,
+    seed_of,
+)
 from tests.test_chunk_o import DTYPES, skip_unsupported
 
 
@@ -238,32 +246,93 @@ def test_triton_refuses_non_contiguous_inputs() -> None:
         chunk_gated_delta_rule(inputs["q"], inputs["k"], v_view, inputs["g"], inputs["beta"])
 
 
-# Triton-only: a long dense sequence runs as a pipeline of segments (on CUDA streams on a GPU) with the bits of
-# one pass.
-@pytest.mark.parametrize("output_final_state", [True, False])
-@pytest.mark.parametrize("case", [ForwardCase(300, 1, 2, 32, 32), ForwardCase(300, 2, 4, 16, 32, initial_state=False)],
-                         ids=lambda c: c.id)
-def test_triton_pipelined_forward_gives_the_bits_of_one_pass(case: ForwardCase, output_final_state: bool) -> None:
-    triton = BACKENDS["triton"]
-    inputs = case.inputs("float16", seed=21)
-    o, state = triton.forward(inputs, output_final_state)  # one pass: too short for tilings.pipeline_segment_chunks
-    for segment_chunks in (1, 2, 4, spec.num_chunks(case.T)):
-        o_pipe, state_pipe = triton.pipelined(inputs, segment_chunks, output_final_state)
-        assert np.array_equal(o_pipe, o), f"o, {segment_chunks}-chunk segments"
-        same_state = (state_pipe is None and state is None) or np.array_equal(state_pipe, state)
-        assert same_state, f"final state, {segment_chunks}-chunk segments"
+# The context-parallel path, forced on small inputs: every sequence cut into P pieces (more pieces than chunks
+# included: empty pieces pass their start state on), against the reference and run to run. The cases share
+# their shapes with the poison and reset tests below, so the Pallas interpreter compiles each program once.
+_PIECE_CASE = ForwardCase(200, 1, 2, 32, 32)
+_PIECE_VARLEN_CASE = forward_varlen((130, 0, 1, 257, 64), 1, 2, 32, 16)
+
+
+@pytest.mark.parametrize("case, pieces", [(_PIECE_CASE, 2), (_PIECE_CASE, 8), (_PIECE_VARLEN_CASE, 3)],
+                         ids=lambda x: x.id if isinstance(x, ForwardCase) else f"P{x}")
+def test_context_parallel_path_matches_the_reference(backend, case: ForwardCase, pieces: int) -> None:
+    inputs = case.inputs("float32", seed=21)
+    o, state = backend.forward_in_pieces(inputs, pieces)
     o_ref, state_ref = recurrent_reference(inputs)
-    assert_close(o, o_ref, "float16", "o")
+    assert_close(o, o_ref, "float32", f"o, {pieces} pieces")
+    assert_close(state, state_ref, "float32", f"final state, {pieces} pieces")
+    o_again, state_again = backend.forward_in_pieces(inputs, pieces)
+    assert np.array_equal(o, o_again) and np.array_equal(state, state_again), "not bit-identical run to run"
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_fused_walk_matches_the_reference(backend, pieces: int) -> None:
+    """The walk that computes o itself (tilings.FUSED_WALK, the measured alternative to storing h for
+    chunk_fwd_o), in one piece and three, against the reference."""
+    inputs = _PIECE_VARLEN_CASE.inputs("float32", seed=26)
+    o, state = backend.forward_in_pieces(inputs, pieces, fused=True)
+    o_ref, state_ref = recurrent_reference(inputs)
+    assert_close(o, o_ref, "float32", "o")
+    assert_close(state, state_ref, "float32", "final state")
+
+
+def test_context_parallel_path_in_16_bit(backend) -> None:
+    """fp16 in 3 pieces of uneven length, without the final state, against the reference."""
+    skip_unsupported(backend, "float16")
+    inputs = _PIECE_VARLEN_CASE.inputs("float16", seed=22)
+    o, state = backend.forward_in_pieces(inputs, 3, output_final_state=False)
+    assert state is None
+    assert_close(o, recurrent_reference(inputs)[0], "float16", "o")
+
+
+_POISONED = ("v", "k", "g", "beta", "q")
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_a_non_finite_token_never_reaches_earlier_tokens(backend, pieces: int) -> None:
+    """NaN in one token's inputs (serving engines pad with uninitialized memory), batch row b poisoned in
+    _POISONED[b]: every earlier token's o is the reference's, finite; from that token on o is NaN wherever
+    the reference's is (for q: that row alone), and the final state is NaN where the reference's is. Through
+    the plain walk and the context-parallel path."""
+    case = ForwardCase(200, 1, 2, 32, 32, B=len(_POISONED))
+    inputs = case.inputs("float32", seed=23)
+    bad = 120
+    poisoned = {}
+    for row, name in enumerate(_POISONED):
+        poisoned[name] = poisoned.get(name, inputs.arrays[name]).copy()
+        poisoned[name][row, bad] = np.nan
+    inputs = inputs.replace(**poisoned)
+    o_ref, state_ref = recurrent_reference(inputs)
+    o, state = backend.forward_in_pieces(inputs, pieces)
+    assert_close(o[:, :bad], o_ref[:, :bad], "float32", "o before the NaN token")
+    assert np.isnan(o[:, bad:][np.isnan(o_ref[:, bad:])]).all()
+    assert np.isnan(state[np.isnan(state_ref)]).all()
+    assert np.isfinite(o[-1, bad + 1:]).all() and np.isfinite(state[-1]).all(), "q poisons its own row only"
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_minus_infinity_gate_is_a_reset(backend, pieces: int) -> None:
+    """Gates of −inf (exp(g) = 0: the state is wiped) at three tokens, two of them adjacent: finite, and the
+    reference's o and final state, through the plain walk and the context-parallel path."""
+    inputs = _PIECE_CASE.inputs("float32", seed=24)
+    g = inputs.arrays["g"].copy()
+    g[:, 70] = -np.inf
+    g[:, 150:152] = -np.inf
+    inputs = inputs.replace(g=g)
+    o_ref, state_ref = recurrent_reference(inputs)
+    o, state = backend.forward_in_pieces(inputs, pieces)
+    assert_close(o, o_ref, "float32", "o")
+    assert_close(state, state_ref, "float32", "final state")
 
 
 @pytest.mark.gpu
-def test_triton_pipelined_forward_of_a_long_sequence_gives_the_bits_of_one_pass() -> None:
-    """At a size where tilings.pipeline_segment_chunks pipelines the forward on CUDA streams, the public call equals
-    one segment (one pass) bit for bit; its accuracy against the reference is test_large_forward's."""
-    case = LARGE_FORWARD_CASES[-1]
+def test_large_context_parallel_forward_matches_the_plain_walk_closely() -> None:
+    """One long sequence with few heads, where tilings.context_pieces cuts it on a GPU: the public call (in
+    pieces) against the plain walk (one piece) and the reference, in bf16."""
+    case = ForwardCase(16384, 2, 8, 128, 128)
     triton = BACKENDS["triton"]
-    inputs = case.inputs("bfloat16", seed=22)
-    assert tilings.pipeline_segment_chunks(1, 1, case.HV, spec.num_chunks(case.T), False) is not None
+    inputs = case.inputs("bfloat16", seed=25)
     o, state = triton.forward(inputs)
-    o_one, state_one = triton.pipelined(inputs, spec.num_chunks(case.T))
-    assert np.array_equal(o, o_one) and np.array_equal(state, state_one)
+    o_one, state_one = triton.forward_in_pieces(inputs, 1)
+    assert_close(o, o_one, "bfloat16", "o, pieces vs one walk")
+    assert_close(state, state_one, "bfloat16", "final state, pieces vs one walk")

@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
-from gdn.common import contract, spec, tilings
+from gdn.common import spec, tilings
 
 
 @pytest.mark.parametrize("T, expected", [(0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (128, 2), (130, 3)])
@@ -69,28 +69,44 @@ def test_prepare_register_cap_fits_three_blocks_per_sm() -> None:
         assert tiling.max_registers % 8 == 0
     assert tilings.prepare_tiling(128, 128, "float32").max_registers is None
     assert all(t.max_registers is None for t in (tilings.tiling_for(128, 128, "bfloat16"),
-                                                 tilings.state_tiling(128, 128, "bfloat16", 16),
+                                                 tilings.walk_tiling(128, 128, "bfloat16", 16),
                                                  tilings.decode_tiling(128, 128, "bfloat16")))
 
 
-def test_state_tiling_size_class() -> None:
-    """The states kernel's V tile widens with the number of walks N·HV (never with T): the widest width that
-    keeps STATE_MIN_PROGRAMS programs, else the narrowest; and the warmup's sequence counts reach every width a
+def test_walk_tiling_size_class() -> None:
+    """The walk's V tile widens with the number of walks N·HV (never with T): the widest width that
+    keeps WALK_MIN_PROGRAMS programs, else the narrowest; and the warmup's sequence counts reach every width a
     batch of any size selects."""
     for K, V, HV in ((128, 128, 16), (128, 128, 1), (64, 64, 2), (16, 128, 4), (32, 32, 8), (128, 16, 4)):
         widths = []
-        for walks in range(1, 4 * tilings.STATE_MIN_PROGRAMS):
-            tiling = tilings.state_tiling(K, V, "bfloat16", walks)
+        for walks in range(1, 4 * tilings.WALK_MIN_PROGRAMS):
+            tiling = tilings.walk_tiling(K, V, "bfloat16", walks)
             programs = walks * -(-V // tiling.block_v)
-            assert tiling.block_v in tilings.STATE_BLOCK_V or tiling.block_v == V
-            assert programs >= tilings.STATE_MIN_PROGRAMS or tiling.block_v == min(tilings.STATE_BLOCK_V)
+            assert tiling.block_v in tilings.WALK_BLOCK_V or tiling.block_v == V
+            assert programs >= tilings.WALK_MIN_PROGRAMS or tiling.block_v == min(tilings.WALK_BLOCK_V)
             assert not widths or tiling.block_v >= widths[-1]  # monotone in the batch
             widths.append(tiling.block_v)
-        assert widths[-1] == min(max(tilings.STATE_BLOCK_V), V if V >= 16 else 16)
-        warmed = {tilings.state_tiling(K, V, "bfloat16", n * HV) for n in tilings.state_warmup_sequence_counts(HV, V)}
-        assert {tilings.state_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
-    assert tilings.state_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
-    assert tilings.state_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs
+        assert widths[-1] == min(max(tilings.WALK_BLOCK_V), V if V >= 16 else 16)
+        warmed = {tilings.walk_tiling(K, V, "bfloat16", n * HV) for n in tilings.walk_warmup_sequence_counts(HV, V)}
+        assert {tilings.walk_tiling(K, V, "bfloat16", n * HV) for n in range(1, 300)} <= warmed
+    assert tilings.walk_tiling(128, 128, "bfloat16", 16).block_v == 16  # B1 H16: T8192 measured 132 µs
+    assert tilings.walk_tiling(128, 128, "bfloat16", 256).block_v == 64  # B8 HV32: 422 -> 280 µs
+
+
+def test_context_pieces_rule() -> None:
+    """Pieces only on a GPU, only for K ≤ MAX_PIECE_K, a power of two ≤ MAX_PIECES with walks·P ≤ the SMs and
+    MIN_PIECE_CHUNKS chunks per piece; one piece once the walks fill the GPU."""
+    sms = 132
+    assert tilings.context_pieces(16, 128, 10**6, None) == 1
+    assert tilings.context_pieces(16, 256, 10**6, sms) == 1
+    assert tilings.context_pieces(sms, 128, 10**6, sms) == 1
+    assert tilings.context_pieces(32, 128, 10**6, sms) == 4
+    assert tilings.context_pieces(1, 128, 10**6, sms) == tilings.MAX_PIECES
+    assert tilings.context_pieces(1, 128, 2 * tilings.MIN_PIECE_CHUNKS, sms) == 2
+    assert tilings.context_pieces(1, 128, 2 * tilings.MIN_PIECE_CHUNKS - 1, sms) == 1
+    for walks in range(1, 300):
+        pieces = tilings.context_pieces(walks, 64, 10**6, sms)
+        assert pieces & (pieces - 1) == 0 and (pieces == 1 or walks * pieces <= sms)
 
 
 def test_persistent_programs_size_class() -> None:
@@ -103,30 +119,3 @@ def test_persistent_programs_size_class() -> None:
     assert tilings.persistent_programs(threshold - 1, 132) == threshold - 1
     assert tilings.persistent_programs(threshold, 132) == programs
     assert tilings.persistent_programs(16 * threshold, 132) == programs
-
-
-def test_pipeline_segments_size_class() -> None:
-    """One dense sequence with few walks and at least PIPELINE_MIN_SEGMENTS minimum segments is pipelined, in
-    at most PIPELINE_MAX_SEGMENTS segments; batches, varlen, many walks and shorter inputs run in one pass."""
-    least = tilings.PIPELINE_MIN_SEGMENTS * tilings.PIPELINE_MIN_SEGMENT_CHUNKS
-    assert tilings.pipeline_segment_chunks(1, 1, 16, least, False) == tilings.PIPELINE_MIN_SEGMENT_CHUNKS
-    assert tilings.pipeline_segment_chunks(1, 1, 16, least - 1, False) is None
-    assert tilings.pipeline_segment_chunks(2, 2, 16, 4 * least, False) is None
-    assert tilings.pipeline_segment_chunks(1, 3, 16, 4 * least, True) is None
-    assert tilings.pipeline_segment_chunks(1, 1, tilings.STATE_MIN_PROGRAMS, 4 * least, False) is None
-    many = 100 * least * tilings.PIPELINE_MAX_SEGMENTS
-    assert -(-many // tilings.pipeline_segment_chunks(1, 1, 16, many, False)) == tilings.PIPELINE_MAX_SEGMENTS
-
-
-@pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True)])
-def test_forward_segments_cover_the_sequence_and_chain_states(initial_state: bool, output_final_state: bool) -> None:
-    C = spec.CHUNK_SIZE
-    problem = contract.ForwardProblem(B=1, T=5 * C + 7, H=2, HV=4, K=32, V=32, N=1, chunks_per_row=6, varlen=False,
-                                  dtype="float16", use_initial_state=initial_state,
-                                  output_final_state=output_final_state)
-    segments = problem.segments(2)
-    assert [(t0, t1) for t0, t1, _ in segments] == [(0, 2 * C), (2 * C, 4 * C), (4 * C, 5 * C + 7)]
-    assert [p.T for _, _, p in segments] == [2 * C, 2 * C, C + 7]
-    assert [p.chunks_per_row for _, _, p in segments] == [2, 2, 2]
-    assert [p.use_initial_state for _, _, p in segments] == [initial_state, True, True]
-    assert [p.output_final_state for _, _, p in segments] == [True, True, output_final_state]

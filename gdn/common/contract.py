@@ -6,8 +6,7 @@ the validated problem (sizes, flags, tilings) that selects the kernels and their
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,11 +25,11 @@ from gdn.common.spec import (
 )
 from gdn.common.tilings import (
     Tiling,
+    context_pieces,
     decode_tiling,
-    pipeline_segment_chunks,
     prepare_tiling,
-    state_tiling,
     tiling_for,
+    walk_tiling,
 )
 
 
@@ -299,7 +298,7 @@ class ForwardProblem:
 
     @property
     def num_chunks_total(self) -> int:
-        """Rows of h over the batch: one per chunk of every sequence (with varlen, chunk_indices' rows)."""
+        """Chunk rows over the batch: one per chunk of every sequence (with varlen, chunk_indices' rows)."""
         return self.B * self.chunks_per_row
 
     @property
@@ -307,35 +306,24 @@ class ForwardProblem:
         return prepare_tiling(self.K, self.V, self.dtype)
 
     @property
-    def state(self) -> Tiling:
-        return state_tiling(self.K, self.V, self.dtype, self.N * self.HV)
+    def walk(self) -> Tiling:
+        return walk_tiling(self.K, self.V, self.dtype, self.N * self.HV)
 
-    def state_grid(self, tiling: Tiling) -> tuple[int, int]:
-        """The 2-D grid of the states kernel with this tiling: (V tile, sequence·value head)."""
-        return -(-self.V // tiling.block_v), self.N * self.HV
-
-    @property
-    def segment_chunks(self) -> int | None:
-        """Chunks per segment of a pipelined Triton forward (pipeline_segment_chunks), or None."""
-        return pipeline_segment_chunks(self.B, self.N, self.HV, self.chunks_per_row, self.varlen)
-
-    @functools.lru_cache(maxsize=256)
-    def segments(self, segment_chunks: int) -> tuple[tuple[int, int, ForwardProblem], ...]:
-        """(first token, end token, problem) of each segment of segment_chunks chunks of a dense B = 1 problem:
-        every segment but the first starts from the state the one before it ends with, and every one returns
-        its final state (the last one, only if this problem does)."""
-        assert self.B == 1 and not self.varlen, "segments of one dense sequence"
-        bounds = [(t0, min(self.T, t0 + segment_chunks * CHUNK_SIZE))
-                  for t0 in range(0, self.T, segment_chunks * CHUNK_SIZE)]
-        return tuple((t0, t1, dataclasses.replace(
-            self, T=t1 - t0, chunks_per_row=num_chunks(t1 - t0), use_initial_state=self.use_initial_state or i > 0,
-            output_final_state=self.output_final_state or i < len(bounds) - 1)) for i, (t0, t1) in enumerate(bounds))
+    def walk_grid(self, tiling: Tiling, pieces: int = 1) -> tuple[int, int]:
+        """The 2-D grid of the walk kernel with this tiling: (V tile, sequence·piece·value head)."""
+        return -(-self.V // tiling.block_v), self.N * pieces * self.HV
 
     def chunk_o(self) -> ChunkOProblem:
-        """Stage 3, chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""
+        """chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""
         return ChunkOProblem(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V,
                              num_chunks_total=self.num_chunks_total, gated=True, varlen=self.varlen,
                              dtype=self.dtype, tiling=tiling_for(self.K, self.V, self.dtype))
+
+    def pieces(self, multiprocessors: int | None) -> int:
+        """Pieces per sequence of the context-parallel path on a GPU with that many SMs (tilings.context_pieces;
+        1: the plain walk)."""
+        walks = self.N * self.HV * -(-self.V // self.walk.block_v)
+        return context_pieces(walks, self.K, self.num_chunks_total / max(self.N, 1), multiprocessors)
 
 
 def validate_forward_inputs(
@@ -375,7 +363,6 @@ def validate_forward_inputs(
                              varlen=cu_seqlens is not None, dtype=q.dtype,
                              use_initial_state=initial_state is not None,
                              output_final_state=bool(output_final_state))
-    if problem.chunk_o().num_programs > MAX_GRID_ROWS:
-        _fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head, V tile) programs",
-              f"{problem.chunk_o().num_programs}", op=op)
+    if problem.num_chunks_total * HV > MAX_GRID_ROWS:
+        _fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head) programs", f"{problem.num_chunks_total * HV}", op=op)
     return problem

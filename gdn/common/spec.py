@@ -64,7 +64,7 @@ arithmetic: the WY form of the delta rule's S updates within a chunk.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -78,6 +78,11 @@ MAX_HEAD_DIM = 256
 MAX_GRID_ROWS = 2**31 - 1
 """Programs in one launch: both backends launch a 1-D grid of (chunk, value head, V tile) programs."""
 
+
+GATE_FLOOR = -128.0
+"""Per-token log-gates below this are raised to it before any use: exp(GATE_FLOOR) is 0 in float32 (a full
+reset, as exp(−inf) is), and a chunk-local cumulative sum of floored gates stays finite, so every decay
+exp(g_i − g_j) is formed from finite numbers (never −inf − (−inf))."""
 
 INPUT_DTYPES = ("float32", "float16", "bfloat16")
 STATE_DTYPES = INPUT_DTYPES

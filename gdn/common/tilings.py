@@ -140,69 +140,79 @@ def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
                   max_registers=_register_cap(3, num_warps=4) if dtype in ("float16", "bfloat16") else None)
 
 
-STATE_MIN_PROGRAMS = 128
-"""The states kernel's V tiles are as wide as keeps at least this many programs walking (about one per SM of
-an H100, 132): spec.state_tiling's size class."""
+WALK_MIN_PROGRAMS = 128
+"""The walk's V tiles are as wide as keeps at least this many programs walking (about one per SM of an H200,
+132): tilings.walk_tiling's size class."""
 
-STATE_BLOCK_V = (16, 32, 64)
-"""The V-tile widths of the states kernel, narrowest first."""
+WALK_BLOCK_V = (16, 32, 64)
+"""The V-tile widths of the walk kernel, narrowest first."""
 
 
 @functools.lru_cache(maxsize=256)
-def state_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
-    """The static tiling of chunk_gated_delta_rule's states kernel for sequence_heads = N·HV walks (sequences
-    times value heads): the whole K (a power of two) by block_v columns of S per program; the chunk loop is
-    pipelined num_stages deep. block_v is the widest of STATE_BLOCK_V (masked down to V) that still gives
-    STATE_MIN_PROGRAMS programs, else the narrowest: a coarse size class on the batch, never on T."""
-    # Measured on an H100 (bf16, K = V = 128, µs of the states kernel; benchmarks/RESULTS.md): the walk over
-    # chunks is sequential, so a program's time is its chunk count times one chunk's latency. With few walks,
-    # narrow tiles put more programs on the SMs: N·HV = 16 (T = 8192): BV 16 132, 32 167, 64 230; N·HV = 32:
+def walk_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's walk kernel (the states h and v_new of every chunk, or the
+    pieces' maps) for sequence_heads = N·HV walks: the whole K (a power of two) by block_v columns of S per
+    program; the chunk loop is pipelined num_stages deep. block_v is the widest of WALK_BLOCK_V (masked down to
+    V) that still gives WALK_MIN_PROGRAMS programs, else the narrowest: a coarse size class on the batch, never
+    on T."""
+    # Measured on an H100 (bf16, K = V = 128, µs of the walk storing h and v_new): the walk over chunks is
+    # sequential, so a program's time is its chunk count times one chunk's latency. With few walks, narrow
+    # tiles put more programs on the SMs: N·HV = 16 (T = 8192): BV 16 132, 32 167, 64 230; N·HV = 32:
     # 107 / 91 / 113. With enough walks, wide tiles win because every V tile re-reads the chunk's w and k:
     # N·HV = 64: 205 / 176 / 150; 256 (B8 T2048 HV32): 422 / 356 / 280; 1024: 842 / 764 / 630. 4 warps and 3
     # stages throughout (2 stages: 202 µs against 137 at N·HV = 16; 8 warps 170).
     del dtype
-    widths = [min(width, _next_power_of_2(max(V, MIN_HEAD_DIM))) for width in STATE_BLOCK_V]
-    block_v = next((width for width in reversed(widths) if sequence_heads * -(-V // width) >= STATE_MIN_PROGRAMS),
+    widths = [min(width, _next_power_of_2(max(V, MIN_HEAD_DIM))) for width in WALK_BLOCK_V]
+    block_v = next((width for width in reversed(widths) if sequence_heads * -(-V // width) >= WALK_MIN_PROGRAMS),
                    widths[0])
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=block_v, num_warps=4, num_stages=3)
 
 
-PIPELINE_MIN_SEGMENT_CHUNKS = 64
-"""Chunks per segment, at least, when the Triton forward pipelines one long sequence (spec.pipeline_segment_chunks)."""
-
-PIPELINE_MIN_SEGMENTS = 4
-PIPELINE_MAX_SEGMENTS = 8
-"""Segments of a pipelined Triton forward: at least 4 of PIPELINE_MIN_SEGMENT_CHUNKS for the pipeline to pay
-for its host time, at most 8 (each costs three more launches)."""
-
-
-def pipeline_segment_chunks(B: int, N: int, HV: int, chunks_per_row: int, varlen: bool) -> int | None:
-    """Chunks per segment when the Triton forward runs one dense sequence (B = 1) as a pipeline over CUDA
-    streams, or None for the three stages once over the whole input: a coarse size class on the chunk count.
-
-    The pipeline runs prepare, the states walk and chunk_fwd_o segment by segment, the walk of segment s on a
-    high-priority stream while prepare(s + 1) and chunk_fwd_o(s − 1) fill the SMs the walk leaves idle. It
-    applies when the walk is latency-bound (fewer than STATE_MIN_PROGRAMS walks, N·HV) and the sequence has
-    PIPELINE_MIN_SEGMENTS segments of PIPELINE_MIN_SEGMENT_CHUNKS chunks or more; segments are that long, or
-    longer so there are at most PIPELINE_MAX_SEGMENTS. The bits are those of one pass: the state crosses a
-    segment boundary through float32 memory exactly as it would stay in registers.
-    """
-    # Measured on an H100 (bf16, K = V = 128, do_bench µs, one pass → pipelined; benchmarks/RESULTS.md):
-    # H = 16 T = 65536 2177 → 1903-1923 (8 segments of 128 chunks); H = 2 HV = 8 T = 16384 420 → 393 (4 of 64).
-    # Shorter inputs lose on host time: each segment costs about 130 µs of CPU (three launches, stream
-    # switches, events), so at T = 8192 the pipeline took 242 against 221 µs (H = 2 HV = 8) and 322 against
-    # 308 (H = 16), although in a CUDA graph, where host time does not enter, it ran 191 against 213 and 281
-    # against 292.
-    if (varlen or B != 1 or N * HV >= STATE_MIN_PROGRAMS
-            or chunks_per_row < PIPELINE_MIN_SEGMENTS * PIPELINE_MIN_SEGMENT_CHUNKS):
-        return None
-    return max(PIPELINE_MIN_SEGMENT_CHUNKS, -(-chunks_per_row // PIPELINE_MAX_SEGMENTS))
+FUSED_WALK = False
+"""Whether the walk computes o itself (h and v_new never leave the SM) instead of storing h and v_new for
+chunk_fwd_o. Measured on an H200 with Triton 3.6 (bf16, K = V = 128, the whole forward by CUDA-graph replay,
+benchmarks/tune_forward.py --only fused): the fused walk's chunk takes 4.8–7 µs against about 1 µs for the
+walk that stores h (the o dots q·S, q·kᵀ and tril(P)·v_new join the sequential chain, and their operands
+built in registers pass through shared memory), so it loses everywhere even in 8 pieces: B1 T8192 H16
+614 µs at best (32-column tiles), few heads 228, B8 T2048 HV32 835, T65536 2616, against 273, 204, 703
+and 1769 for the staged path. The fused walk is kept for that measurement."""
 
 
-def state_warmup_sequence_counts(HV: int, V: int) -> tuple[int, ...]:
-    """Sequence counts N whose calls select every distinct spec.state_tiling width for HV value heads and V:
-    what a warmup runs so that no later batch size compiles another states variant."""
+MAX_PIECES = 8
+"""Pieces per sequence, at most, of the forward's context-parallel path."""
+
+MIN_PIECE_CHUNKS = 8
+"""Chunks per piece, at least (on average over the sequences), of the context-parallel path."""
+
+MAX_PIECE_K = 128
+"""The context-parallel path's combine holds a [K, K] float32 map per program: K ≤ MAX_PIECE_K."""
+
+
+def context_pieces(walks: int, K: int, chunks_per_sequence: float, multiprocessors: int | None) -> int:
+    """Pieces per sequence of chunk_gated_delta_rule's context-parallel path (1: one walk per sequence, value
+    head and V tile). walks = N·HV·(V tiles) programs of the plain walk. The walk is sequential over chunks, so
+    when walks leave most SMs idle each sequence is cut into P pieces (a power of two ≤ MAX_PIECES) walked in
+    parallel from their true initial states: the largest P with walks·P ≤ multiprocessors and at least
+    MIN_PIECE_CHUNKS chunks per piece. A path choice, not a compiled variant: every P runs the same kernels
+    (None multiprocessors, i.e. no GPU: 1)."""
+    if multiprocessors is None or K > MAX_PIECE_K:
+        return 1
+    pieces = 1
+    while (2 * pieces <= MAX_PIECES and walks * 2 * pieces <= multiprocessors
+           and chunks_per_sequence >= MIN_PIECE_CHUNKS * 2 * pieces):
+        pieces *= 2
+    return pieces
+
+
+SCAN_TILING = Tiling(block_k=0, block_v=32, num_warps=8, num_stages=1)
+"""The context-parallel combine (one program per sequence, value head and 32 V columns; block_k unused: the
+whole K): S ← M·S + N per piece, a [K, K] float32 map in registers (8 warps)."""
+
+
+def walk_warmup_sequence_counts(HV: int, V: int) -> tuple[int, ...]:
+    """Sequence counts N whose calls select every distinct walk_tiling width for HV value heads and V: what a
+    warmup runs so that no later batch size compiles another walk variant."""
     counts = {1}
-    for width in STATE_BLOCK_V:
-        counts.add(-(-STATE_MIN_PROGRAMS // (HV * -(-V // width))))
+    for width in WALK_BLOCK_V:
+        counts.add(-(-WALK_MIN_PROGRAMS // (HV * -(-V // width))))
     return tuple(sorted(counts))

@@ -99,7 +99,7 @@ def chunk_o_item(
     if USE_G:
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * jnp.exp(b_g)[:, None]
-        b_A = b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf))
+        b_A = jnp.where(m_A, b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf)), 0)
     else:
         b_A = jnp.where(m_A, b_A, 0)
 

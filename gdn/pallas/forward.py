@@ -1,11 +1,14 @@
-"""chunk_gated_delta_rule for JAX: the whole chunked Gated DeltaNet forward in three Pallas kernels (Triton
-lowering on GPU), the same algorithm, names and grids as gdn.triton.forward.
+"""chunk_gated_delta_rule for JAX: the chunked Gated DeltaNet forward in Pallas kernels (Triton lowering on GPU),
+the same algorithm, names and grids as gdn.triton.forward.
 
-prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o.
-Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule). Refs are whole arrays with the
-token axis flattened (k [B·T, H, K]; v, u, v_new [B·T, HV, V]; w [B·T, HV, K]; g, beta, g_c [B·T, HV];
-h [B·NT, HV, K, V]; states [N·HV, K, V]), read and written with masked plgpu.load / plgpu.store as in
-gdn.pallas.chunk_o.
+prepare (g_c, w and u per chunk, all chunks in parallel) → walk (per sequence, value head and V tile, the chunks
+in order with S in registers, storing h and v_new) → chunk_fwd_o; with few walks, the context-parallel path (map
+walk, combine, then the walk over every piece); the walk can also compute o itself (tilings.FUSED_WALK).
+Math, layouts and the stages: gdn.common.spec (chunk_gated_delta_rule). Refs are whole arrays with the token
+axis flattened (q, k [B·T, H, K]; v, u, o, v_new [B·T, HV, V]; w [B·T, HV, K]; g, beta, g_c [B·T, HV];
+h [B·NT, HV, K, V]; states and maps [rows, K, V] / [rows, K, K]), read and written with masked plgpu.load /
+plgpu.store as in gdn.pallas.chunk_o.
+Outputs a mode does not write are 1-element placeholders.
 """
 
 from __future__ import annotations
@@ -29,16 +32,22 @@ from gdn.pallas.arrays import (
     host_cu_seqlens,
     index_or_placeholder,
     input_dot_precision,
+    multiprocessor_count,
     resolve_interpret,
 )
 from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
 
 
+def rows_finite(b_x):
+    """[R] whether every element of each row of b_x [R, C] is finite (x·0 is NaN exactly for NaN and ±inf)."""
+    return jnp.sum(b_x.astype(jnp.float32) * 0.0, axis=1) == 0
+
+
 def chunk_prepare_kernel(
     k, v, g, beta, cu_seqlens, chunk_indices, g_cum, w, u, *,
-    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, BS: int, IS_VARLEN: bool,
-    DOT_PRECISION, MERGE_PRECISION,
+    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, BS: int, GATE_FLOOR: float,
+    IS_VARLEN: bool, DOT_PRECISION, MERGE_PRECISION,
 ):
     # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
     i_flat = pl.program_id(0)
@@ -53,16 +62,32 @@ def chunk_prepare_kernel(
     def dot(a, b, precision=DOT_PRECISION):
         return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
-    # g_c: chunk-local cumulative sum of the log-gates (padding rows add 0)
-    b_g = jnp.cumsum(plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0), axis=0)  # [BT]
-    plgpu.store(g_cum.at[o_t, i_hv], b_g, mask=m_t)
+    b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT] per-token log-gates
     b_beta = plgpu.load(beta.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT]
+    # A row with a NaN or +inf gate, or a non-finite beta, key or value is poison: zeroed before every dot here
+    # (so it reaches no other row: a zero coefficient times NaN would still be NaN) and marked NaN in g_c for
+    # the walk, which makes the outputs NaN from that row on. A gate of −inf is a reset, not poison.
+    b_bad = (b_g != b_g) | (b_g == jnp.inf) | (b_beta * 0.0 != 0)
+    for k0 in range(0, K, BK):
+        o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
+        b_bad = b_bad | ~rows_finite(plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]],
+                                                mask=m_t[:, None] & (o_k < K)[None, :], other=0))
+    for v0 in range(0, V, BV):
+        o_v = v0 + jnp.arange(BV, dtype=jnp.int32)
+        b_bad = b_bad | ~rows_finite(plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]],
+                                                mask=m_t[:, None] & (o_v < V)[None, :], other=0))
+    m_tb = m_t & ~b_bad  # the rows every load below reads
+
+    # g_c: chunk-local cumulative sum of the floored log-gates (padding and poison rows add 0)
+    b_g = jnp.cumsum(jnp.where(m_tb, jnp.maximum(b_g, GATE_FLOOR), 0), axis=0)
+    plgpu.store(g_cum.at[o_t, i_hv], jnp.where(b_bad, jnp.nan, b_g), mask=m_t)
+    b_beta = jnp.where(m_tb, b_beta, 0)
 
     # A = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j)): [BT, BK] @ [BK, BT] summed over K steps
     b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
-        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_A += dot(b_k, b_k.T)
     m_lower = o_i[:, None] > o_i[None, :]
     b_A = b_A * b_beta[:, None] * jnp.exp(jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
@@ -97,79 +122,156 @@ def chunk_prepare_kernel(
     b_kscale = b_beta * jnp.exp(b_g)
     for k0 in range(0, K, BK):
         o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_w = dot(b_Ai_in, (b_k * b_kscale[:, None]).astype(b_k.dtype))
-        plgpu.store(w.at[o_t[:, None], i_hv, o_k[None, :]], b_w.astype(w.dtype), mask=m_tk)
+        plgpu.store(w.at[o_t[:, None], i_hv, o_k[None, :]], b_w.astype(w.dtype), mask=m_t[:, None] & (o_k < K)[None, :])
     for v0 in range(0, V, BV):
         o_v = v0 + jnp.arange(BV, dtype=jnp.int32)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)
+        b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tb[:, None] & (o_v < V)[None, :], other=0)
         b_u = dot(b_Ai_in, (b_v * b_beta[:, None]).astype(b_v.dtype))
-        plgpu.store(u.at[o_t[:, None], i_hv, o_v[None, :]], b_u.astype(u.dtype), mask=m_tv)
+        plgpu.store(u.at[o_t[:, None], i_hv, o_v[None, :]], b_u.astype(u.dtype), mask=m_t[:, None] & (o_v < V)[None, :])
 
 
-def chunk_states_kernel(
-    k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, h, v_new, final_state, *,
-    T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
-    USE_INITIAL_STATE: bool, STORE_FINAL_STATE: bool, IS_VARLEN: bool, DOT_PRECISION,
+def chunk_walk_kernel(
+    q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale,
+    o, final_state, h, v_new, map_m, map_n, *,
+    T: int, NUM_PIECES: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
+    USE_INITIAL_STATE: bool, STORE_FINAL_STATE: bool, OUTPUT_O: bool, STORE_H: bool, MAP: bool, IS_VARLEN: bool,
+    DOT_PRECISION,
 ):
-    # One program per (V tile, sequence·value head) walks the sequence's chunks in order with its [BK, BV]
-    # float32 slice of S in registers: the V columns of S never mix.
+    # The Triton kernel's arguments, outputs last (Pallas passes outputs after inputs); scale is a [1] ref.
+    # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
+    # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
+    # [p·NT/P, (p + 1)·NT/P) of the sequence's NT (P = NUM_PIECES; one piece: the whole sequence).
+    # MAP: the pieces but the last walk the augmented state [M | N] from [I | 0], with u = 0 in M's columns:
+    # V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of o.
     i_v = pl.program_id(0)
-    i_nh = pl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = i_nh % HV
+    i_nph = pl.program_id(1)
+    i_hv = i_nph % HV
+    i_np = i_nph // HV
+    grid_pieces = NUM_PIECES - 1 if MAP else NUM_PIECES
+    i_p = i_np % grid_pieces
+    i_n = i_np // grid_pieces
     i_h = i_hv // (HV // H)
     if IS_VARLEN:
-        bos, eos, first_chunk = cu_seqlens[i_n], cu_seqlens[i_n + 1], chunk_offsets[i_n]
+        bos, eos = cu_seqlens[i_n], cu_seqlens[i_n + 1]
     else:
         bos = i_n * T
         eos = bos + T
-        first_chunk = i_n * pl.cdiv(T, BT)
-    NT = pl.cdiv(eos - bos, BT) if IS_VARLEN else pl.cdiv(T, BT)
+    NT = pl.cdiv(eos - bos, BT)
+    c_first = i_p * NT // NUM_PIECES
+    c_end = (i_p + 1) * NT // NUM_PIECES
 
     o_i = jnp.arange(BT, dtype=jnp.int32)
     o_k = jnp.arange(BK, dtype=jnp.int32)
     m_k = o_k < K
-    o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
-    m_v = o_v < V
+    NM = (K + BV - 1) // BV  # MAP: V tiles of M's columns
+    o_v = ((i_v - NM) if MAP else i_v) * BV + jnp.arange(BV, dtype=jnp.int32)  # (negative in M's tiles: masked)
+    m_v = (o_v >= 0) & (o_v < V)
     m_kv = m_k[:, None] & m_v[None, :]
+    m_causal = o_i[:, None] >= o_i[None, :]
+    scale = scale[0]
 
     def dot(a, b):
         return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
 
+    b_s = jnp.zeros([BK, BV], dtype=jnp.float32)
+    if MAP:  # M's columns start from the identity
+        o_m = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
+        b_s = jnp.where((o_k[:, None] == o_m[None, :]) & (o_m < K)[None, :], 1.0, 0.0).astype(jnp.float32)
+    elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start from the combine
+        b_s += plgpu.load(initial_state.at[i_np * HV + i_hv, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
+    if STORE_H:
+        first_chunk = chunk_offsets[i_n] if IS_VARLEN else i_n * pl.cdiv(T, BT)
+
     def chunk(i_t, b_s):
         o_t = bos + i_t * BT + o_i
         m_t = o_t < eos
-        # h[c] = S, the state the chunk starts from
-        plgpu.store(h.at[first_chunk + i_t, i_hv, o_k[:, None], o_v[None, :]], b_s.astype(h.dtype), mask=m_kv)
-        # v_new = u − w·S: [BT, BK] @ [BK, BV]
-        b_w = plgpu.load(w.at[o_t[:, None], i_hv, o_k[None, :]], mask=m_t[:, None] & m_k[None, :], other=0)
+        b_g = plgpu.load(g_cum.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
+        # poison rows (NaN in g_c, marked by prepare) are zeroed before every dot, so no later token reaches an
+        # earlier one; the outputs from the first such row on are NaN below
+        b_bad = b_g != b_g
+        b_poisoned = jnp.cumsum(b_bad.astype(jnp.int32), axis=0) > 0  # [BT]: rows at or after a poison row
+        b_g = jnp.where(b_bad, 0, b_g)
+        m_tb = m_t & ~b_bad
+        m_tk = m_tb[:, None] & m_k[None, :]
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+        b_w = plgpu.load(w.at[o_t[:, None], i_hv, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+        b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tb[:, None] & m_v[None, :], other=0)
         m_tv = m_t[:, None] & m_v[None, :]
-        b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)
-        b_v = b_u.astype(jnp.float32) - dot(b_w, b_s.astype(b_w.dtype))
-        plgpu.store(v_new.at[o_t[:, None], i_hv, o_v[None, :]], b_v.astype(v_new.dtype), mask=m_tv)
-        # S = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new): [BK, BT] @ [BT, BV]
-        b_g = plgpu.load(g_cum.at[o_t, i_hv], mask=m_t, other=0)
-        b_g_last = g_cum[jnp.minimum(bos + (i_t + 1) * BT, eos) - 1, i_hv]
-        b_v = b_v * jnp.where(m_t, jnp.exp(b_g_last - b_g), 0)[:, None]
-        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_t[:, None] & m_k[None, :], other=0)
-        return b_s * jnp.exp(b_g_last) + dot(b_k.T, b_v.astype(b_k.dtype))
+        # v_new = u − w·S: [BT, BK] @ [BK, BV]
+        b_vn = b_u.astype(jnp.float32) - dot(b_w, b_s.astype(b_w.dtype))
+        if STORE_H:  # h[c] = S, the state the chunk starts from, and v_new, for the backward
+            plgpu.store(h.at[first_chunk + i_t, i_hv, o_k[:, None], o_v[None, :]], b_s.astype(h.dtype), mask=m_kv)
+            plgpu.store(v_new.at[o_t[:, None], i_hv, o_v[None, :]], b_vn.astype(v_new.dtype), mask=m_tv)
+        if OUTPUT_O:
+            # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
+            b_q = plgpu.load(q.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+            b_o = dot(b_q, b_s.astype(b_q.dtype)) * jnp.exp(b_g)[:, None]
+            b_P = dot(b_q, b_k.T)  # [BT, BK] @ [BK, BT]
+            b_P = jnp.where(m_causal, b_P * jnp.exp(jnp.where(m_causal, b_g[:, None] - b_g[None, :], -jnp.inf)), 0)
+            b_o = b_o * scale + dot((b_P * scale).astype(b_q.dtype), b_vn.astype(b_q.dtype))
+            b_o = jnp.where(b_poisoned[:, None], jnp.nan, b_o)
+            plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
+        # S = exp(g_last)·S + (k ⊙ exp(g_last − g))ᵀ·v_new: [BK, BT] @ [BT, BV]
+        b_g_last = jnp.sum(jnp.where(o_i == jnp.minimum(eos - bos - i_t * BT, BT) - 1, b_g, 0))
+        b_vn = b_vn * jnp.where(m_t, jnp.exp(b_g_last - b_g), 0)[:, None]
+        b_s = b_s * jnp.exp(b_g_last) + dot(b_k.T, b_vn.astype(b_k.dtype))
+        return jnp.where(jnp.max(b_poisoned.astype(jnp.int32)) > 0, jnp.nan, b_s)
+
+    b_s = jax.lax.fori_loop(c_first, c_end, chunk, b_s)
+    if MAP:
+        p_map = (i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv
+        # M's tiles hold the columns o_m < K (in N's tiles o_m ≥ NM·BV ≥ K), N's tiles the columns 0 ≤ o_v < V
+        plgpu.store(map_m.at[p_map, o_k[:, None], o_m[None, :]], b_s, mask=m_k[:, None] & (o_m < K)[None, :])
+        plgpu.store(map_n.at[p_map, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+    elif STORE_FINAL_STATE:
+        plgpu.store(final_state.at[i_n * HV + i_hv, o_k[:, None], o_v[None, :]], b_s,
+                    mask=m_kv & (i_p == NUM_PIECES - 1))
+
+
+def chunk_combine_kernel(
+    map_m, map_n, initial_state, starts, *,
+    NUM_PIECES: int, HV: int, K: int, V: int, BK: int, BV: int, USE_INITIAL_STATE: bool, DOT_PRECISION,
+):
+    # One program per (V tile, sequence·value head): the pieces' true initial states in order,
+    # S_0 = the initial state (or 0), S_{p+1} = M_p·S_p + N_p. The columns of S never mix.
+    i_v = pl.program_id(0)
+    i_nh = pl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    o_k = jnp.arange(BK, dtype=jnp.int32)
+    m_k = o_k < K
+    o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
 
     b_s = jnp.zeros([BK, BV], dtype=jnp.float32)
     if USE_INITIAL_STATE:
         b_s += plgpu.load(initial_state.at[i_nh, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
-    b_s = jax.lax.fori_loop(0, NT, chunk, b_s)
-    if STORE_FINAL_STATE:
-        plgpu.store(final_state.at[i_nh, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+    plgpu.store(starts.at[i_n * NUM_PIECES * HV + i_hv, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+
+    def piece(i_p, b_s):
+        p_map = (i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv
+        b_m = plgpu.load(map_m.at[p_map, o_k[:, None], o_k[None, :]], mask=m_k[:, None] & m_k[None, :], other=0)
+        b_n = plgpu.load(map_n.at[p_map, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
+        # [BK, BK] @ [BK, BV] -> [BK, BV]
+        b_s = jnp.dot(b_m, b_s, precision=DOT_PRECISION, preferred_element_type=jnp.float32) + b_n
+        plgpu.store(starts.at[(i_n * NUM_PIECES + i_p + 1) * HV + i_hv, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+        return b_s
+
+    jax.lax.fori_loop(0, NUM_PIECES - 1, piece, b_s)
+
+
+def _placeholder(dtype) -> jax.ShapeDtypeStruct:
+    """An output a kernel mode never writes."""
+    return jax.ShapeDtypeStruct((1, 1, 1), dtype)
 
 
 def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
             tiling: tilings.Tiling | None = None):
-    """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None. tiling defaults to
-    tilings.prepare_tiling's (benchmarks pass others)."""
+    """Stage 1 for a validated problem: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
+    u [B, T, HV, V]), w and u in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None.
+    tiling defaults to tilings.prepare_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     shapes = {"g_cum": ((B, T, HV), jnp.float32), "w": ((B, T, HV, K), k.dtype), "u": ((B, T, HV, V), v.dtype)}
     if problem.num_chunks_total * HV == 0:
@@ -177,7 +279,7 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
     tiling = tiling or problem.prepare
     kernel = functools.partial(
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen,
+        BV=tiling.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=problem.varlen,
         DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
         # prepare's float32 merge dots: tilings.dot_precision, as in the Triton kernel
         MERGE_PRECISION=float32_dot_precision(interpret, problem.dtype))
@@ -195,53 +297,122 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
 
 
-def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool,
-           tiling: tilings.Tiling | None = None):
-    """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
-    [N, HV, K, V] float32 or None). With cu_seqlens (int32), h has the chunk rows of the problem. tiling
-    defaults to tilings.state_tiling's (benchmarks pass others)."""
+def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
+               scale, pieces: int, *, output_o: bool, store_h: bool, map_pieces: bool, interpret: bool,
+               tiling: tilings.Tiling):
+    """One launch of the walk kernel in a mode: its six outputs (o, final_state, h, v_new, map_m, map_n),
+    placeholders where the mode writes nothing."""
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
-    rows = problem.num_chunks_total
+    num_tiles, rows = problem.walk_grid(tiling, pieces - map_pieces)
+    if map_pieces:
+        num_tiles += -(-K // tiling.block_v)
+    maps = N * (pieces - 1) * HV
+    out_shape = (
+        jax.ShapeDtypeStruct((B * T, HV, V), u.dtype) if output_o else _placeholder(u.dtype),
+        jax.ShapeDtypeStruct((N * HV, K, V), jnp.float32) if problem.output_final_state and not map_pieces
+        else _placeholder(jnp.float32),
+        jax.ShapeDtypeStruct((max(problem.num_chunks_total, 1), HV, K, V), k.dtype) if store_h
+        else _placeholder(k.dtype),
+        jax.ShapeDtypeStruct((B * T, HV, V), u.dtype) if store_h else _placeholder(u.dtype),
+        jax.ShapeDtypeStruct((maps, K, K), jnp.float32) if map_pieces else _placeholder(jnp.float32),
+        jax.ShapeDtypeStruct((maps, K, V), jnp.float32) if map_pieces else _placeholder(jnp.float32),
+    )
+    kernel = functools.partial(
+        chunk_walk_kernel, T=T, NUM_PIECES=pieces, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=problem.output_final_state and not map_pieces, OUTPUT_O=output_o, STORE_H=store_h,
+        MAP=map_pieces, IS_VARLEN=problem.varlen, DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
+    placeholder = jnp.zeros((1, 1, 1), jnp.float32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(num_tiles, rows),
+        interpret=interpret,
+        name="chunk_walk_kernel",
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )(placeholder if q is None else q.reshape(B * T, H, K), k.reshape(B * T, H, K), w.reshape(B * T, HV, K),
+      u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
+      placeholder if initial_state is None else initial_state.reshape(-1, K, V),
+      index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_offsets, (1,)),
+      jnp.asarray(scale, jnp.float32).reshape(1))
+
+
+def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
+                 interpret: bool, tiling: tilings.Tiling | None = None):
+    """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
+    map walk of the pieces but the last, then the combine."""
+    N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
+    tiling = tiling or problem.walk
+    *_, map_m, map_n = _walk_call(problem, None, k, w, u, g_cum, None, cu_seqlens, None, 1.0, pieces,
+                                  output_o=False, store_h=False, map_pieces=True, interpret=interpret, tiling=tiling)
+    combine = tilings.SCAN_TILING
+    kernel = functools.partial(
+        chunk_combine_kernel, NUM_PIECES=pieces, HV=HV, K=K, V=V, BK=tiling.block_k, BV=combine.block_v,
+        USE_INITIAL_STATE=initial_state is not None, DOT_PRECISION=float32_dot_precision(interpret))
+    starts = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((N * pieces * HV, K, V), jnp.float32),
+        grid=(-(-V // combine.block_v), N * HV),
+        interpret=interpret,
+        name="chunk_combine_kernel",
+        compiler_params=CompilerParams(num_warps=combine.num_warps, num_stages=combine.num_stages),
+    )(map_m, map_n, jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
+      else initial_state.reshape(N * HV, K, V))
+    return starts.reshape(N * pieces, HV, K, V)
+
+
+def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, scale, pieces: int = 1,
+         store_h: bool = False, *, interpret: bool, tiling: tilings.Tiling | None = None):
+    """The walk for a validated problem: (o [B, T, HV, V] like u or None when q is None, final_state
+    [N, HV, K, V] float32 or None, h [B, NT, HV, K, V] in k's dtype and v_new like u when store_h, else None).
+    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None."""
+    B, T, HV, K, V, N = problem.B, problem.T, problem.HV, problem.K, problem.V, problem.N
     if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one (zero-size refs cannot be read)
         final = None
         if problem.output_final_state:
             final = jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state
-        return jnp.zeros((B, problem.chunks_per_row, HV, K, V), k.dtype), jnp.zeros(u.shape, u.dtype), final
+        h = jnp.zeros((B, problem.chunks_per_row, HV, K, V), k.dtype) if store_h else None
+        return (None if q is None else jnp.zeros(u.shape, u.dtype)), final, h, (
+            jnp.zeros(u.shape, u.dtype) if store_h else None)
     chunk_offsets = None
-    if problem.varlen:  # first h row of each sequence
+    if store_h and problem.varlen:  # first h row of each sequence
         counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
         chunk_offsets = jnp.cumsum(counts) - counts
-    tiling = tiling or problem.state
-    kernel = functools.partial(
-        chunk_states_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
-        STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
-    initial = (jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
-               else initial_state.reshape(N * HV, K, V))
-    h, v_new, final_state = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((max(rows, 1), HV, K, V), k.dtype),
-                   jax.ShapeDtypeStruct((B * T, HV, V), u.dtype),
-                   jax.ShapeDtypeStruct((N * HV, K, V) if problem.output_final_state else (1, 1, 1), jnp.float32)),
-        grid=problem.state_grid(tiling),
-        interpret=interpret,
-        name="chunk_states_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
-    )(k.reshape(B * T, H, K), w.reshape(B * T, HV, K), u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
-      initial, index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_offsets, (1,)))
+    o, final_state, h, v_new, _, _ = _walk_call(
+        problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale, pieces, output_o=q is not None,
+        store_h=store_h, map_pieces=False, interpret=interpret, tiling=tiling or problem.walk)
+    o = None if q is None else o.reshape(B, T, HV, V)
     final_state = final_state.reshape(N, HV, K, V) if problem.output_final_state else None
-    return h[:rows].reshape(B, problem.chunks_per_row, HV, K, V), v_new.reshape(B, T, HV, V), final_state
+    if store_h:
+        h = h[:problem.num_chunks_total].reshape(B, problem.chunks_per_row, HV, K, V)
+        v_new = v_new.reshape(B, T, HV, V)
+    return o, final_state, (h if store_h else None), (v_new if store_h else None)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "interpret"))
+def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool):
+    """The states of every chunk for the backward: (h [B, NT, HV, K, V] in k's dtype, the state each chunk starts
+    from; v_new like u; final_state or None): the walk with its states stored and no o."""
+    _, final_state, h, v_new = walk(problem, None, k, w, u, g_cum, initial_state, cu_seqlens, 1.0, store_h=True,
+                                    interpret=interpret)
+    return h, v_new, final_state
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret", "fused"))
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-                   problem: contract.ForwardProblem, interpret: bool):
-    """The three stages for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None)."""
+                   problem: contract.ForwardProblem, pieces: int, interpret: bool, fused: bool = tilings.FUSED_WALK):
+    """(o, final_state or None) of a validated problem (cu_seqlens / chunk_indices int32 when varlen, else
+    None): prepare; the walk, in that many pieces per sequence (≥ 2: through piece_starts); then chunk_fwd_o on
+    the walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
-    h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens, interpret=interpret)
-    o = launch_chunk_o(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, problem=problem.chunk_o(),
-                       interpret=interpret)
+    if pieces > 1 and problem.B * problem.T > 0 and problem.N * problem.HV > 0:
+        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, interpret=interpret)
+    else:
+        pieces = 1
+    o, final_state, h, v_new = walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens, scale,
+                                    pieces, store_h=not fused, interpret=interpret)
+    if not fused:
+        o = launch_chunk_o(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, problem=problem.chunk_o(),
+                           interpret=interpret)
     return o, final_state
 
 
@@ -281,8 +452,10 @@ def chunk_gated_delta_rule(
         chunk_indices = spec.prepare_chunk_indices(cu_values)
     if scale is None:
         scale = spec.default_scale(problem.K)
-    return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens),
-                          as_index(chunk_indices), problem=problem, interpret=resolve_interpret(interpret))
+    interpret = resolve_interpret(interpret)
+    pieces = problem.pieces(None if interpret else multiprocessor_count())
+    return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
+                          problem=problem, pieces=pieces, interpret=interpret)
 
 
 def warmup_forward(

@@ -83,7 +83,7 @@ def chunk_fwd_o_kernel(
     if USE_G:
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * tl.exp(b_g)[:, None]
-        b_A = b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], float("-inf")))
+        b_A = tl.where(m_A, b_A * tl.exp(tl.where(m_A, b_g[:, None] - b_g[None, :], float("-inf"))), 0)
     else:
         b_A = tl.where(m_A, b_A, 0)
 

@@ -1,10 +1,14 @@
-"""chunk_gated_delta_rule for PyTorch: the whole chunked Gated DeltaNet forward in three Triton kernels.
+"""chunk_gated_delta_rule for PyTorch: the chunked Gated DeltaNet forward in Triton kernels.
 
-prepare (g_c, w, u per chunk) → states (h, v_new, final state, walking each sequence's chunks) → chunk_fwd_o;
-one long dense sequence runs them segment by segment on three CUDA streams (pipelined).
-Math, layouts and the stage list: gdn.common.spec (chunk_gated_delta_rule); tilings: tilings.prepare_tiling,
-tilings.state_tiling, tilings.tiling_for. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks,
-b_ register tiles, BT = CHUNK_SIZE).
+prepare (g_c, w and u per chunk, all chunks in parallel) → walk (per sequence, value head and V tile, the chunks
+in order with S in registers: v_new and the next S, storing h and v_new) → chunk_fwd_o (all chunks in
+parallel). When walks are few (tilings.context_pieces), each sequence is cut into pieces: a map walk gives
+each piece's affine state map S_out = M·S_in + N, the combine turns them into every piece's true initial state,
+and the walk runs all pieces in parallel. The walk can also compute o itself (tilings.FUSED_WALK: measured
+slower on Triton 3.6, kept for that measurement). Math, layouts and the stages: gdn.common.spec
+(chunk_gated_delta_rule); tilings: tilings.prepare_tiling, tilings.walk_tiling, tilings.context_pieces,
+tilings.SCAN_TILING. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks, b_ register
+tiles, BT = CHUNK_SIZE).
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ from gdn.triton.chunk_o import launch as launch_chunk_o
 from gdn.triton.launcher import KernelLaunch
 
 
+@triton.jit
+def rows_finite(b_x):
+    """[R] whether every element of each row of b_x [R, C] is finite (x·0 is NaN exactly for NaN and ±inf)."""
+    return tl.sum(b_x.to(tl.float32) * 0.0, axis=1) == 0
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_prepare_kernel(
     k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
     i_flat = tl.program_id(0)
@@ -41,16 +51,32 @@ def chunk_prepare_kernel(
     p_k_rows = (o_t * H + i_h) * K
     p_g = o_t * HV + i_hv
 
-    # g_c: chunk-local cumulative sum of the log-gates (padding rows add 0)
-    b_g = tl.cumsum(tl.load(g + p_g, mask=m_t, other=0), axis=0)  # [BT]
-    tl.store(g_cum + p_g, b_g, mask=m_t)
+    b_g = tl.load(g + p_g, mask=m_t, other=0).to(tl.float32)  # [BT] per-token log-gates
     b_beta = tl.load(beta + p_g, mask=m_t, other=0).to(tl.float32)  # [BT]
+    # A row with a NaN or +inf gate, or a non-finite beta, key or value is poison: zeroed before every dot here
+    # (so it reaches no other row: a zero coefficient times NaN would still be NaN) and marked NaN in g_c for
+    # the walk, which makes the outputs NaN from that row on. A gate of −inf is a reset, not poison.
+    b_bad = (b_g != b_g) | (b_g == float("inf")) | (b_beta * 0.0 != 0)
+    for k0 in tl.static_range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        b_bad = b_bad | ~rows_finite(tl.load(k + p_k_rows[:, None] + o_k[None, :],
+                                             mask=m_t[:, None] & (o_k < K)[None, :], other=0))
+    for v0 in tl.static_range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        b_bad = b_bad | ~rows_finite(tl.load(v + (p_g * V)[:, None] + o_v[None, :],
+                                             mask=m_t[:, None] & (o_v < V)[None, :], other=0))
+    m_tb = m_t & ~b_bad  # the rows every load below reads
+
+    # g_c: chunk-local cumulative sum of the floored log-gates (padding and poison rows add 0)
+    b_g = tl.cumsum(tl.where(m_tb, tl.maximum(b_g, GATE_FLOOR), 0), axis=0)
+    tl.store(g_cum + p_g, tl.where(b_bad, float("nan"), b_g), mask=m_t)
+    b_beta = tl.where(m_tb, b_beta, 0)
 
     # A = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j)): [BT, BK] @ [BK, BT] summed over K steps
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     m_lower = o_i[:, None] > o_i[None, :]
     b_A = b_A * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
@@ -85,76 +111,156 @@ def chunk_prepare_kernel(
     b_kscale = b_beta * tl.exp(b_g)
     for k0 in tl.static_range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tk, other=0)
+        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_w = tl.dot(b_Ai_in, (b_k * b_kscale[:, None]).to(b_k.dtype), input_precision=DOT_PRECISION)
-        tl.store(w + (p_g * K)[:, None] + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
+        tl.store(w + (p_g * K)[:, None] + o_k[None, :], b_w.to(w.dtype.element_ty),
+                 mask=m_t[:, None] & (o_k < K)[None, :])
     for v0 in tl.static_range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + (p_g * V)[:, None] + o_v[None, :], mask=m_tv, other=0)
+        b_v = tl.load(v + (p_g * V)[:, None] + o_v[None, :], mask=m_tb[:, None] & (o_v < V)[None, :], other=0)
         b_u = tl.dot(b_Ai_in, (b_v * b_beta[:, None]).to(b_v.dtype), input_precision=DOT_PRECISION)
-        tl.store(u + (p_g * V)[:, None] + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
+        tl.store(u + (p_g * V)[:, None] + o_v[None, :], b_u.to(u.dtype.element_ty),
+                 mask=m_t[:, None] & (o_v < V)[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
-def chunk_states_kernel(
-    k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, T,
+@triton.jit(do_not_specialize=["T", "NUM_PIECES"])
+def chunk_walk_kernel(
+    q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, map_m, map_n, cu_seqlens, chunk_offsets,
+    scale, T, NUM_PIECES,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, OUTPUT_O: tl.constexpr,
+    STORE_H: tl.constexpr, MAP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One program per (V tile, sequence·value head) walks the sequence's chunks in order with its [BK, BV]
-    # float32 slice of S in registers: the V columns of S never mix.
+    # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
+    # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
+    # [p·NT/P, (p + 1)·NT/P) of the sequence's NT (P = NUM_PIECES; one piece: the whole sequence).
+    # MAP: the pieces but the last walk the augmented state [M | N] from [I | 0], with u = 0 in M's columns:
+    # V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of o.
     i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = i_nh % HV
+    i_nph = tl.program_id(1)
+    i_hv = i_nph % HV
+    i_np = i_nph // HV
+    if MAP:
+        grid_pieces = NUM_PIECES - 1
+    else:
+        grid_pieces = NUM_PIECES
+    i_p = i_np % grid_pieces
+    i_n = i_np // grid_pieces
     i_h = i_hv // (HV // H)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(eos - bos, BT)
+    c_first = i_p * NT // NUM_PIECES
+    c_end = (i_p + 1) * NT // NUM_PIECES
 
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    NM: tl.constexpr = (K + BV - 1) // BV  # MAP: V tiles of M's columns
+    if MAP:
+        o_v = (i_v - NM) * BV + tl.arange(0, BV)  # columns of u and N (negative in M's tiles: masked off)
+    else:
+        o_v = i_v * BV + tl.arange(0, BV)
+    m_v = (o_v >= 0) & (o_v < V)
     m_kv = m_k[:, None] & m_v[None, :]
-    p_state = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]  # [BK, BV] in initial/final state
+    m_causal = o_i[:, None] >= o_i[None, :]
+
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if MAP:  # M's columns start from the identity
+        o_m = i_v * BV + tl.arange(0, BV)
+        b_s = tl.where((o_k[:, None] == o_m[None, :]) & (o_m < K)[None, :], 1.0, 0.0)
+    elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start from the combine
+        p_start = ((i_np * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+        b_s += tl.load(initial_state + p_start, mask=m_kv, other=0)
+    if STORE_H:
+        if IS_VARLEN:
+            first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+        else:
+            first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+
+    for i_t in range(c_first, c_end):
+        o_t = bos + i_t * BT + o_i
+        m_t = o_t < eos
+        p_rows = o_t * HV + i_hv  # [BT] rows of w, u, g_c, o
+        b_g = tl.load(g_cum + p_rows, mask=m_t, other=0)  # [BT]
+        # poison rows (NaN in g_c, marked by prepare) are zeroed before every dot, so no later token reaches an
+        # earlier one; the outputs from the first such row on are NaN below
+        b_bad = b_g != b_g
+        b_poisoned = tl.cumsum(b_bad.to(tl.int32), axis=0) > 0  # [BT]: rows at or after a poison row
+        b_g = tl.where(b_bad, 0, b_g)
+        m_tb = m_t & ~b_bad
+        m_tk = m_tb[:, None] & m_k[None, :]
+        b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+        b_w = tl.load(w + (p_rows * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+        b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_tb[:, None] & m_v[None, :], other=0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        # v_new = u − w·S: [BT, BK] @ [BK, BV]
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=DOT_PRECISION)
+        if STORE_H:  # h[c] = S, the state the chunk starts from, and v_new, for the backward
+            p_h = h + ((first_chunk + i_t) * HV + i_hv) * (K * V)
+            tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_kv)
+            tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_vn.to(v_new.dtype.element_ty), mask=m_tv)
+        if OUTPUT_O:
+            # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
+            b_q = tl.load(q + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+            b_o = tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION) * tl.exp(b_g)[:, None]
+            b_P = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BK] @ [BK, BT]
+            b_P = tl.where(m_causal, b_P * tl.exp(tl.where(m_causal, b_g[:, None] - b_g[None, :], float("-inf"))), 0)
+            b_o = b_o * scale + tl.dot((b_P * scale).to(b_q.dtype), b_vn.to(b_q.dtype), input_precision=DOT_PRECISION)
+            b_o = tl.where(b_poisoned[:, None], float("nan"), b_o)
+            tl.store(o + (p_rows * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+        # S = exp(g_last)·S + (k ⊙ exp(g_last − g))ᵀ·v_new: [BK, BT] @ [BT, BV]
+        b_g_last = tl.sum(tl.where(o_i == tl.minimum(eos - bos - i_t * BT, BT) - 1, b_g, 0))
+        b_vn = b_vn * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
+        b_s = b_s * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=DOT_PRECISION)
+        b_s = tl.where(tl.max(b_poisoned.to(tl.int32)) > 0, float("nan"), b_s)
+
+    if MAP:
+        p_map = ((i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv).to(tl.int64) * K
+        # M's tiles hold the columns o_m < K (in N's tiles o_m ≥ NM·BV ≥ K), N's tiles the columns 0 ≤ o_v < V
+        tl.store(map_m + (p_map + o_k[:, None]) * K + o_m[None, :], b_s, mask=m_k[:, None] & (o_m < K)[None, :])
+        tl.store(map_n + (p_map + o_k[:, None]) * V + o_v[None, :], b_s, mask=m_kv)
+    elif STORE_FINAL_STATE:
+        if i_p == NUM_PIECES - 1:
+            p_final = ((i_n * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+            tl.store(final_state + p_final, b_s, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["NUM_PIECES"])
+def chunk_combine_kernel(
+    map_m, map_n, initial_state, starts, NUM_PIECES,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (V tile, sequence·value head): the pieces' true initial states in order,
+    # S_0 = the initial state (or 0), S_{p+1} = M_p·S_p + N_p. The columns of S never mix.
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV] within one [K, V] state
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_s += tl.load(initial_state + p_state, mask=m_kv, other=0)
-    for i_t in range(0, NT):
-        o_t = bos + i_t * BT + o_i
-        m_t = o_t < eos
-        p_rows = o_t * HV + i_hv  # [BT] rows of w, u, v_new, g_cum
-        # h[c] = S, the state the chunk starts from
-        p_h = h + ((first_chunk + i_t) * HV + i_hv) * (K * V)
-        tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_kv)
-        # v_new = u − w·S: [BT, BK] @ [BK, BV]
-        b_w = tl.load(w + (p_rows * K)[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_tv, other=0)
-        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=DOT_PRECISION)
-        tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        # S = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new): [BK, BT] @ [BT, BV]
-        b_g = tl.load(g_cum + p_rows, mask=m_t, other=0)
-        b_g_last = tl.load(g_cum + (tl.minimum(bos + (i_t + 1) * BT, eos) - 1) * HV + i_hv)
-        b_v = b_v * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
-        b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0)
-        b_s = b_s * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_v.to(b_k.dtype), input_precision=DOT_PRECISION)
-    if STORE_FINAL_STATE:
-        tl.store(final_state + p_state, b_s, mask=m_kv)
+        b_s += tl.load(initial_state + i_nh.to(tl.int64) * (K * V) + p_kv, mask=m_kv, other=0)
+    tl.store(starts + ((i_n * NUM_PIECES) * HV + i_hv).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
+    for i_p in range(0, NUM_PIECES - 1):
+        p_map = ((i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv).to(tl.int64)
+        b_m = tl.load(map_m + p_map * (K * K) + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :],
+                      other=0)  # [BK, BK]
+        b_n = tl.load(map_n + p_map * (K * V) + p_kv, mask=m_kv, other=0)  # [BK, BV]
+        # [BK, BK] @ [BK, BV] -> [BK, BV]
+        b_s = tl.dot(b_m, b_s, input_precision=DOT_PRECISION) + b_n
+        tl.store(starts + ((i_n * NUM_PIECES + i_p + 1) * HV + i_hv).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
 
 
 _ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
@@ -166,73 +272,146 @@ def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> 
     return KernelLaunch(
         chunk_prepare_kernel, (problem.num_chunks_total * problem.HV,), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, BS=spec.SUBBLOCK, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def states_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
-    """The states kernel's launch for a validated problem with sequences, cached per (problem, tiling)."""
-    return KernelLaunch(
-        chunk_states_kernel, problem.state_grid(tiling), tiling,
-        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
-        BV=tiling.block_v, USE_INITIAL_STATE=problem.use_initial_state,
-        STORE_FINAL_STATE=problem.output_final_state, IS_VARLEN=problem.varlen,
+        BV=tiling.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=problem.varlen,
         DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
-def prepare_outputs(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor,
-                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (g_c, w, u) of stage 1 for the whole problem."""
-    return (torch.empty_like(g), torch.empty((problem.B, problem.T, problem.HV, problem.K), dtype=k.dtype,
-                                             device=k.device), torch.empty_like(v))
+@functools.lru_cache(maxsize=1024)
+def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
+                final: bool, output_o: bool, store_h: bool, map_pieces: bool) -> KernelLaunch:
+    """The walk kernel's launch for a validated problem in that many pieces, cached. map_pieces: the map walk
+    of the pieces but the last over [M | N]'s K + V columns."""
+    num_tiles, rows = problem.walk_grid(tiling, pieces - map_pieces)
+    if map_pieces:
+        num_tiles += -(-problem.K // tiling.block_v)
+    return KernelLaunch(
+        chunk_walk_kernel, (num_tiles, rows), tiling,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        BV=tiling.block_v, USE_INITIAL_STATE=initial, STORE_FINAL_STATE=final, OUTPUT_O=output_o, STORE_H=store_h,
+        MAP=map_pieces, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
+    )
 
 
-def state_outputs(problem: contract.ForwardProblem, k: torch.Tensor,
-                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Empty (h, v_new, final_state or None) of stage 2 for the whole problem."""
-    B, HV, K, V = problem.B, problem.HV, problem.K, problem.V
-    return (torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device), torch.empty_like(u),
-            torch.empty((problem.N, HV, K, V), dtype=torch.float32, device=k.device) if problem.output_final_state
-            else None)
+@functools.lru_cache(maxsize=1024)
+def combine_launch(problem: contract.ForwardProblem, initial: bool) -> KernelLaunch:
+    """The combine kernel's launch for a validated problem, cached."""
+    tiling = tilings.SCAN_TILING
+    return KernelLaunch(
+        chunk_combine_kernel, (-(-problem.V // tiling.block_v), problem.N * problem.HV), tiling,
+        HV=problem.HV, K=problem.K, V=problem.V, BK=problem.walk.block_k, BV=tiling.block_v,
+        USE_INITIAL_STATE=initial, DOT_PRECISION=tilings.FLOAT32_DOT_PRECISION,
+    )
 
 
 def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-            tiling: tilings.Tiling | None = None,
-            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage 1 for a validated problem: (g_c [B, T, HV] float32, w [B, T, HV, K], u [B, T, HV, V]), w and u
-    in k's dtype, written into out when given. tiling defaults to tilings.prepare_tiling's (benchmarks pass
+            tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 for a validated problem: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
+    u [B, T, HV, V]), w and u in k's dtype. tiling defaults to tilings.prepare_tiling's (benchmarks pass
     others)."""
-    g_cum, w, u = out or prepare_outputs(problem, k, v, g)
-    if problem.num_chunks_total * problem.HV == 0:
-        return g_cum, w, u
-    run = prepare_launch(problem, tiling or problem.prepare)
-    run(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, problem.T)
+    B, T, HV = problem.B, problem.T, problem.HV
+    g_cum = torch.empty((B, T, HV), dtype=torch.float32, device=k.device)
+    w = torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device)
+    u = torch.empty_like(v)
+    if problem.num_chunks_total * HV > 0:
+        prepare_launch(problem, tiling or problem.prepare)(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices,
+                                                            problem.T)
     return g_cum, w, u
 
 
-def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-           g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-           tiling: tilings.Tiling | None = None,
-           out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+def piece_starts(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                 g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 pieces: int, tiling: tilings.Tiling | None = None) -> torch.Tensor:
+    """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
+    map walk of the pieces but the last, then the combine."""
+    N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
+    tiling = tiling or problem.walk
+    maps = N * (pieces - 1) * HV
+    map_m = torch.empty((maps, K, K), dtype=torch.float32, device=k.device)
+    map_n = torch.empty((maps, K, V), dtype=torch.float32, device=k.device)
+    starts = torch.empty((N * pieces, HV, K, V), dtype=torch.float32, device=k.device)
+    walk_launch(problem, tiling, pieces, initial=False, final=False, output_o=False, store_h=False,
+                map_pieces=True)(None, k, w, u, g_cum, None, None, None, None, None, map_m, map_n, cu_seqlens, None,
+                                 1.0, problem.T, pieces)
+    combine_launch(problem, initial_state is not None)(map_m, map_n, initial_state, starts, pieces)
+    return starts
+
+
+def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tensor, w: torch.Tensor,
+         u: torch.Tensor, g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+         scale: float, pieces: int = 1, store_h: bool = False, tiling: tilings.Tiling | None = None,
+         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The walk for a validated problem: (o [B, T, HV, V] like u or None when q is None, final_state
+    [N, HV, K, V] float32 or None, h [B, NT, HV, K, V] in k's dtype and v_new like u when store_h, else None).
+    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None."""
+    B, HV, K, V, N = problem.B, problem.HV, problem.K, problem.V, problem.N
+    o = None if q is None else torch.empty_like(u)
+    final_state = (torch.empty((N, HV, K, V), dtype=torch.float32, device=k.device)
+                   if problem.output_final_state else None)
+    h = v_new = chunk_offsets = None
+    if store_h:
+        h = torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
+        v_new = torch.empty_like(u)
+        if problem.varlen:  # first h row of each sequence, on the device: no host sync
+            counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
+                               rounding_mode="floor")
+            chunk_offsets = torch.cumsum(counts, 0) - counts
+    if N * HV == 0:
+        return o, final_state, h, v_new
+    walk_launch(problem, tiling or problem.walk, pieces, initial=initial_state is not None,
+                final=final_state is not None, output_o=q is not None, store_h=store_h, map_pieces=False)(
+        q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, None, None, cu_seqlens, chunk_offsets, scale,
+        problem.T, pieces)
+    return o, final_state, h, v_new
+
+
+def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g_cum: torch.Tensor,
+           initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Stage 2 for a validated problem: (h [B, NT, HV, K, V] in k's dtype, v_new like u, final_state
-    [N, HV, K, V] float32 or None), written into out when given. With cu_seqlens, h has the chunk rows of
-    prepare_chunk_indices. tiling defaults to tilings.state_tiling's (benchmarks pass others)."""
-    h, v_new, final_state = out or state_outputs(problem, k, u)
-    chunk_offsets = None
-    if problem.varlen:  # first h row of each sequence, on the device: no host sync
-        counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
-                           rounding_mode="floor")
-        chunk_offsets = torch.cumsum(counts, 0) - counts
-    if problem.N * problem.HV == 0:
-        return h, v_new, final_state
-    run = states_launch(problem, tiling or problem.state)
-    run(k, w, u, g_cum, initial_state, h, v_new, final_state, cu_seqlens, chunk_offsets, problem.T)
+    """The states of every chunk for the backward: (h [B, NT, HV, K, V] in k's dtype, the state each chunk starts
+    from; v_new like u; final_state or None): the walk with its states stored and no o."""
+    _, final_state, h, v_new = walk(problem, None, k, w, u, g_cum, initial_state, cu_seqlens, 1.0, store_h=True)
     return h, v_new, final_state
+
+
+def forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+            beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+            chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
+            prepare_tiling: tilings.Tiling | None = None,
+            walk_tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(o, final_state or None) of a validated problem: prepare; the walk, in that many pieces per sequence (≥ 2:
+    the context-parallel path, through piece_starts); then chunk_fwd_o on the walk's h and v_new, or with
+    fused, o from the walk itself (tilings.FUSED_WALK). The tilings default to the problem's (benchmarks pass
+    others)."""
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, prepare_tiling)
+    if pieces > 1 and problem.N * problem.HV > 0:
+        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, walk_tiling)
+    else:
+        pieces = 1
+    o, final_state, h, v_new = walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens, scale,
+                                    pieces, store_h=not fused, tiling=walk_tiling)
+    if not fused:
+        chunk_o = problem.chunk_o()
+        o = torch.empty_like(v)
+        launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
+    return o, final_state
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int | None:
+    """SMs of a CUDA device (what tilings.context_pieces sizes the pieces by); None elsewhere (interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=1024)
+def context_pieces(problem: contract.ForwardProblem, device: torch.device) -> int:
+    """problem.pieces on that device, cached per call signature."""
+    return problem.pieces(multiprocessors(device))
+
+
+def _no_plan(problem: contract.ForwardProblem) -> None:
+    """The forward plans nothing beyond its problem: its launches are cached per (problem, tiling, flags)."""
 
 
 def chunk_gated_delta_rule(
@@ -250,110 +429,21 @@ def chunk_gated_delta_rule(
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
     q, k [B, T, H, K] (k L2-normalized by the model, as for FLA); v [B, T, HV, V]; g [B, T, HV] float32
-    per-token log-gate (≤ 0, natural-log units, not cumulative); beta [B, T, HV] float32 or q's dtype;
-    initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
+    per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset); beta [B, T, HV] float32 or
+    q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
     output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] and chunk_indices as
-    for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once).
+    for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once). A non-finite
+    value in a token's inputs makes the outputs NaN from that token on (its sequence's final state too), never
+    before it.
     """
     keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, chunk_o = planned(contract.validate_forward_inputs, contract.ForwardProblem.chunk_o, keys, cu_values,
-                               bool(output_final_state))
+    problem, _ = planned(contract.validate_forward_inputs, _no_plan, keys, cu_values, bool(output_final_state))
+    pieces = context_pieces(problem, q.device)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     scale = spec.default_scale(problem.K) if scale is None else float(scale)
-    if problem.segment_chunks is not None:
-        return pipelined(problem, problem.segment_chunks, q, k, v, g, beta, scale, initial_state)
-    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices)
-    h, v_new, final_state = states(problem, k, w, u, g_cum, initial_state, cu_seqlens)
-    o = torch.empty_like(v)
-    launch_chunk_o(chunk_o, chunk_o.tiling, q, k, v_new, h, g_cum, o, scale, cu_seqlens, chunk_indices)
-    return o, final_state
-
-
-def pipelined(problem: contract.ForwardProblem, segment_chunks: int, q: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
-              initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The forward of one dense sequence (B = 1) in segments of segment_chunks chunks (contract.ForwardProblem
-    .segments): on a GPU, prepare, the states walk and chunk_fwd_o each on its own stream, segment s's walk
-    overlapping prepare(s + 1) and chunk_fwd_o(s − 1); elsewhere one segment after the other. Same bits as one
-    pass; returns (o, final_state or None), ready on the caller's stream."""
-    segments = problem.segments(segment_chunks)
-    # Every buffer is allocated here on the caller's stream, which waits for the pipeline's streams before it
-    # returns, so the caching allocator never hands one out while a pipeline stream still uses it.
-    g_cum, w, u = prepare_outputs(problem, k, v, g)
-    h, v_new, final_state = state_outputs(problem, k, u)
-    o = torch.empty_like(v)
-    # the state each segment but the last ends with, which the next one starts from
-    carried = torch.empty((len(segments) - 1, problem.HV, problem.K, problem.V), dtype=torch.float32,
-                          device=k.device)
-    pipeline = _Pipeline(q.device) if q.is_cuda else None
-    state = initial_state
-    try:
-        for i, (t0, t1, segment) in enumerate(segments):
-            # views of the segment's tokens and chunks (narrow: a cheaper call than indexing)
-            q_s, k_s, v_s, g_s, beta_s, g_cum_s, w_s, u_s, v_new_s, o_s = (
-                x.narrow(1, t0, t1 - t0) for x in (q, k, v, g, beta, g_cum, w, u, v_new, o))
-            h_s = h.narrow(1, t0 // spec.CHUNK_SIZE, segment.chunks_per_row)
-            end = carried[i:i + 1] if i < len(segments) - 1 else final_state
-            _switch(pipeline, _PREPARE)
-            prepare(segment, k_s, v_s, g_s, beta_s, None, None, out=(g_cum_s, w_s, u_s))
-            _switch(pipeline, _WALK, after=_PREPARE)
-            states(segment, k_s, w_s, u_s, g_cum_s, state, None, out=(h_s, v_new_s, end))
-            _switch(pipeline, _OUTPUT, after=_WALK)
-            chunk_o = segment.chunk_o()
-            launch_chunk_o(chunk_o, chunk_o.tiling, q_s, k_s, v_new_s, h_s, g_cum_s, o_s, scale, None, None)
-            state = end
-    finally:
-        if pipeline is not None:
-            pipeline.join()
-    return o, final_state
-
-
-_PREPARE, _WALK, _OUTPUT = range(3)
-
-
-@functools.cache
-def _pipeline_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
-    """The (prepare, walk, output) streams of pipelined forwards on a CUDA device; the walk's has a higher
-    priority, so its programs take the SMs first (without it, measured, the pipeline is slower than one pass)."""
-    return torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
-
-
-class _Pipeline:
-    """One pipelined forward: its streams (forked from the caller's), the one launches go to now, and the last
-    event recorded on each."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.caller = torch.cuda.current_stream(device)
-        self.streams = _pipeline_streams(device)
-        self.current: int | None = None
-        self.events: list[torch.cuda.Event | None] = [None] * len(self.streams)
-        for stream in self.streams:
-            stream.wait_stream(self.caller)
-
-    def switch(self, index: int, after: int | None) -> None:
-        """Record the end of the current stream's work, then launch on stream index, after the last work
-        recorded on stream `after`."""
-        if self.current is not None:
-            self.events[self.current] = self.streams[self.current].record_event()
-        stream = self.streams[index]
-        if after is not None:
-            stream.wait_event(self.events[after])
-        torch.cuda.set_stream(stream)
-        self.current = index
-
-    def join(self) -> None:
-        """Back on the caller's stream, which waits for every stream of the pipeline."""
-        torch.cuda.set_stream(self.caller)
-        for stream in self.streams:
-            self.caller.wait_stream(stream)
-
-
-def _switch(pipeline: _Pipeline | None, index: int, after: int | None = None) -> None:
-    """pipeline.switch(index, after); nothing without a pipeline (the current stream, in order)."""
-    if pipeline is not None:
-        pipeline.switch(index, after)
+    return forward(problem, q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, pieces)
 
 
 def warmup_forward(
@@ -370,28 +460,21 @@ def warmup_forward(
     device: str | torch.device = "cuda",
 ) -> None:
     """Compile everything a later chunk_gated_delta_rule call with these dtypes, sizes and flags needs, for
-    any T and any batch: calls at T = CHUNK_SIZE (all three kernels, chunk_fwd_o included), one per states
-    tiling size class (tilings.state_warmup_sequence_counts: the batch sizes that select each V-tile width), and
-    without varlen a pipelined call of three one-chunk segments (tilings.pipeline_segment_chunks: a segment
-    after the first starts from a state, one before the last stores its final state). Every tiling comes from
-    the static tables in gdn.common.spec, never from timing these shapes."""
-    def zeros(call: dict) -> tuple[torch.Tensor, ...]:
-        """q (also k), v, g, beta and the initial state (or None) of a warmup call, zeros."""
-        state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
-        return (torch.zeros(call["q"], dtype=dtype, device=device), torch.zeros(call["v"], dtype=dtype, device=device),
-                torch.zeros(call["g"], dtype=torch.float32, device=device),
-                torch.zeros(call["beta"], dtype=beta_dtype, device=device), state)
-
-    for num_sequences in tilings.state_warmup_sequence_counts(HV, V):
+    any T and any batch: calls at T = CHUNK_SIZE, one per walk tiling size class
+    (tilings.walk_warmup_sequence_counts: the batch sizes that select each V-tile width), each once in one
+    piece and once in two (the context-parallel path's map walk and combine). Every tiling comes from the
+    static tables in gdn.common.tilings, never from timing these shapes."""
+    for num_sequences in tilings.walk_warmup_sequence_counts(HV, V):
         call = spec.warmup_arguments(spec.CHUNK_SIZE, H, HV, K, V, True, varlen, num_sequences)
-        q, v, g, beta, state = zeros(call)
+        q = torch.zeros(call["q"], dtype=dtype, device=device)
+        v = torch.zeros(call["v"], dtype=dtype, device=device)
+        g = torch.zeros(call["g"], dtype=torch.float32, device=device)
+        beta = torch.zeros(call["beta"], dtype=beta_dtype, device=device)
+        state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
         cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
                                      for n in ("cu_seqlens", "chunk_indices"))
-        chunk_gated_delta_rule(q, q, v, g, beta, initial_state=state, output_final_state=output_final_state,
-                               cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    if not varlen:
-        q, v, g, beta, state = zeros(spec.warmup_arguments(3 * spec.CHUNK_SIZE, H, HV, K, V, True, False))
-        keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, None, None), op=spec.FORWARD_OP)
-        problem, _ = planned(contract.validate_forward_inputs, contract.ForwardProblem.chunk_o, keys, None,
-                             bool(output_final_state))
-        pipelined(problem, 1, q, q, v, g, beta, spec.default_scale(K), state)
+        keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
+        cu_values = None if cu_seqlens is None else tuple(call["cu_seqlens"].tolist())
+        problem, _ = planned(contract.validate_forward_inputs, _no_plan, keys, cu_values, bool(output_final_state))
+        for pieces in (1, 2):
+            forward(problem, q, q, v, g, beta, spec.default_scale(K), state, cu_seqlens, chunk_indices, pieces)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from gdn.triton import chunk_o, forward, recurrent
 
-KERNELS = (chunk_o.chunk_fwd_o_kernel, forward.chunk_prepare_kernel, forward.chunk_states_kernel,
+KERNELS = (chunk_o.chunk_fwd_o_kernel, forward.chunk_prepare_kernel, forward.chunk_walk_kernel,
+           forward.chunk_combine_kernel,
            recurrent.decode_step_kernel)
 
 
 def compiled_variants() -> int:
-    """Number of compiled variants of every gdn Triton kernel (chunk_fwd_o, the forward's prepare and states,
+    """Number of compiled variants of every gdn Triton kernel (chunk_fwd_o, the forward's prepare, walk and combine,
     decode_step) in this process, all devices.
 
     Reads Triton's JIT cache (``device_caches``: per device, a tuple whose first entry maps specialization
