@@ -135,7 +135,7 @@ def chunk_prepare_kernel(
 def chunk_walk_kernel(
     q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale,
     o, final_state, h, v_new, map_m, map_n, *,
-    T: int, NUM_PIECES: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
+    T: int, NUM_PIECES: int, MAPPED_PIECES: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
     USE_INITIAL_STATE: bool, STORE_FINAL_STATE: bool, OUTPUT_O: bool, STORE_H: bool, MAP: bool, IS_VARLEN: bool,
     DOT_PRECISION,
 ):
@@ -143,13 +143,13 @@ def chunk_walk_kernel(
     # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
     # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
     # [p·NT/P, (p + 1)·NT/P) of the sequence's NT (P = NUM_PIECES; one piece: the whole sequence).
-    # MAP: the pieces but the last walk the augmented state [M | N] from [I | 0], with u = 0 in M's columns:
-    # V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of o.
+    # MAP: the first MAPPED_PIECES pieces walk the augmented state [M | N] from [I | 0], with u = 0 in M's
+    # columns: V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of h.
     i_v = pl.program_id(0)
     i_nph = pl.program_id(1)
     i_hv = i_nph % HV
     i_np = i_nph // HV
-    grid_pieces = NUM_PIECES - 1 if MAP else NUM_PIECES
+    grid_pieces = MAPPED_PIECES if MAP else NUM_PIECES
     i_p = i_np % grid_pieces
     i_n = i_np // grid_pieces
     i_h = i_hv // (HV // H)
@@ -221,7 +221,7 @@ def chunk_walk_kernel(
 
     b_s = jax.lax.fori_loop(c_first, c_end, chunk, b_s)
     if MAP:
-        p_map = (i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv
+        p_map = (i_n * MAPPED_PIECES + i_p) * HV + i_hv
         # M's tiles hold the columns o_m < K (in N's tiles o_m ≥ NM·BV ≥ K), N's tiles the columns 0 ≤ o_v < V
         plgpu.store(map_m.at[p_map, o_k[:, None], o_m[None, :]], b_s, mask=m_k[:, None] & (o_m < K)[None, :])
         plgpu.store(map_n.at[p_map, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
@@ -298,15 +298,16 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
 
 
 def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
-               scale, pieces: int, *, output_o: bool, store_h: bool, map_pieces: bool, interpret: bool,
-               tiling: tilings.Tiling):
+               scale, pieces: int, *, output_o: bool, store_h: bool, interpret: bool, tiling: tilings.Tiling,
+               mapped: int = 0):
     """One launch of the walk kernel in a mode: its six outputs (o, final_state, h, v_new, map_m, map_n),
-    placeholders where the mode writes nothing."""
+    placeholders where the mode writes nothing. mapped > 0: the map walk of the first `mapped` pieces."""
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
-    num_tiles, rows = problem.walk_grid(tiling, pieces - map_pieces)
+    map_pieces = mapped > 0
+    num_tiles, rows = problem.walk_grid(tiling, mapped or pieces)
     if map_pieces:
         num_tiles += -(-K // tiling.block_v)
-    maps = N * (pieces - 1) * HV
+    maps = N * mapped * HV
     out_shape = (
         jax.ShapeDtypeStruct((B * T, HV, V), u.dtype) if output_o else _placeholder(u.dtype),
         jax.ShapeDtypeStruct((N * HV, K, V), jnp.float32) if problem.output_final_state and not map_pieces
@@ -318,7 +319,8 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
         jax.ShapeDtypeStruct((maps, K, V), jnp.float32) if map_pieces else _placeholder(jnp.float32),
     )
     kernel = functools.partial(
-        chunk_walk_kernel, T=T, NUM_PIECES=pieces, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        chunk_walk_kernel, T=T, NUM_PIECES=pieces, MAPPED_PIECES=mapped, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE,
+        BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=problem.output_final_state and not map_pieces, OUTPUT_O=output_o, STORE_H=store_h,
         MAP=map_pieces, IS_VARLEN=problem.varlen, DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
@@ -337,28 +339,44 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
       jnp.asarray(scale, jnp.float32).reshape(1))
 
 
-def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
-                 interpret: bool, tiling: tilings.Tiling | None = None):
-    """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
-    map walk of the pieces but the last, then the combine."""
+def piece_maps(problem: contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pieces: int, mapped: int, *,
+               interpret: bool, tiling: tilings.Tiling | None = None):
+    """The affine state maps S_out = M·S_in + N of the first `mapped` of `pieces` pieces of every sequence:
+    (M [N·mapped, HV, K, K], N [N·mapped, HV, K, V]) float32, from the map walk."""
     N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
-    tiling = tiling or problem.walk
     *_, map_m, map_n = _walk_call(problem, None, k, w, u, g_cum, None, cu_seqlens, None, 1.0, pieces,
-                                  output_o=False, store_h=False, map_pieces=True, interpret=interpret, tiling=tiling)
-    combine = tilings.SCAN_TILING
+                                  output_o=False, store_h=False, interpret=interpret, tiling=tiling or problem.walk,
+                                  mapped=mapped)
+    return map_m.reshape(N * mapped, HV, K, K), map_n.reshape(N * mapped, HV, K, V)
+
+
+def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, pieces: int, *, interpret: bool):
+    """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
+    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0)."""
+    N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
+    tiling = tilings.SCAN_TILING
     kernel = functools.partial(
-        chunk_combine_kernel, NUM_PIECES=pieces, HV=HV, K=K, V=V, BK=tiling.block_k, BV=combine.block_v,
+        chunk_combine_kernel, NUM_PIECES=pieces, HV=HV, K=K, V=V, BK=problem.walk.block_k, BV=tiling.block_v,
         USE_INITIAL_STATE=initial_state is not None, DOT_PRECISION=float32_dot_precision(interpret))
     starts = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((N * pieces * HV, K, V), jnp.float32),
-        grid=(-(-V // combine.block_v), N * HV),
+        grid=(-(-V // tiling.block_v), N * HV),
         interpret=interpret,
         name="chunk_combine_kernel",
-        compiler_params=CompilerParams(num_warps=combine.num_warps, num_stages=combine.num_stages),
-    )(map_m, map_n, jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
+        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )(map_m.reshape(-1, K, K), map_n.reshape(-1, K, V), jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
       else initial_state.reshape(N * HV, K, V))
     return starts.reshape(N * pieces, HV, K, V)
+
+
+def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
+                 interpret: bool, tiling: tilings.Tiling | None = None):
+    """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
+    map walk of the pieces but the last, then the combine."""
+    map_m, map_n = piece_maps(problem, k, w, u, g_cum, cu_seqlens, pieces, pieces - 1, interpret=interpret,
+                              tiling=tiling)
+    return combine(problem, map_m, map_n, initial_state, pieces, interpret=interpret)
 
 
 def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, scale, pieces: int = 1,
@@ -380,7 +398,7 @@ def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_
         chunk_offsets = jnp.cumsum(counts) - counts
     o, final_state, h, v_new, _, _ = _walk_call(
         problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale, pieces, output_o=q is not None,
-        store_h=store_h, map_pieces=False, interpret=interpret, tiling=tiling or problem.walk)
+        store_h=store_h, interpret=interpret, tiling=tiling or problem.walk)
     o = None if q is None else o.reshape(B, T, HV, V)
     final_state = final_state.reshape(N, HV, K, V) if problem.output_final_state else None
     if store_h:

@@ -123,10 +123,10 @@ def chunk_prepare_kernel(
                  mask=m_t[:, None] & (o_v < V)[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "NUM_PIECES"])
+@triton.jit(do_not_specialize=["T", "NUM_PIECES", "MAPPED_PIECES"])
 def chunk_walk_kernel(
     q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, map_m, map_n, cu_seqlens, chunk_offsets,
-    scale, T, NUM_PIECES,
+    scale, T, NUM_PIECES, MAPPED_PIECES,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, OUTPUT_O: tl.constexpr,
@@ -135,14 +135,14 @@ def chunk_walk_kernel(
     # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
     # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
     # [p·NT/P, (p + 1)·NT/P) of the sequence's NT (P = NUM_PIECES; one piece: the whole sequence).
-    # MAP: the pieces but the last walk the augmented state [M | N] from [I | 0], with u = 0 in M's columns:
-    # V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of o.
+    # MAP: the first MAPPED_PIECES pieces walk the augmented state [M | N] from [I | 0], with u = 0 in M's
+    # columns: V tiles i_v < NM cover M's K columns, the rest N's V columns; M and N are stored instead of h.
     i_v = tl.program_id(0)
     i_nph = tl.program_id(1)
     i_hv = i_nph % HV
     i_np = i_nph // HV
     if MAP:
-        grid_pieces = NUM_PIECES - 1
+        grid_pieces = MAPPED_PIECES
     else:
         grid_pieces = NUM_PIECES
     i_p = i_np % grid_pieces
@@ -221,7 +221,7 @@ def chunk_walk_kernel(
         b_s = tl.where(tl.max(b_poisoned.to(tl.int32)) > 0, float("nan"), b_s)
 
     if MAP:
-        p_map = ((i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv).to(tl.int64) * K
+        p_map = ((i_n * MAPPED_PIECES + i_p) * HV + i_hv).to(tl.int64) * K
         # M's tiles hold the columns o_m < K (in N's tiles o_m ≥ NM·BV ≥ K), N's tiles the columns 0 ≤ o_v < V
         tl.store(map_m + (p_map + o_k[:, None]) * K + o_m[None, :], b_s, mask=m_k[:, None] & (o_m < K)[None, :])
         tl.store(map_n + (p_map + o_k[:, None]) * V + o_v[None, :], b_s, mask=m_kv)
@@ -279,17 +279,17 @@ def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> 
 
 @functools.lru_cache(maxsize=1024)
 def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
-                final: bool, output_o: bool, store_h: bool, map_pieces: bool) -> KernelLaunch:
-    """The walk kernel's launch for a validated problem in that many pieces, cached. map_pieces: the map walk
-    of the pieces but the last over [M | N]'s K + V columns."""
-    num_tiles, rows = problem.walk_grid(tiling, pieces - map_pieces)
-    if map_pieces:
+                final: bool, output_o: bool, store_h: bool, mapped: int = 0) -> KernelLaunch:
+    """The walk kernel's launch for a validated problem in that many pieces, cached. mapped > 0: the map walk
+    of the first `mapped` pieces over [M | N]'s K + V columns."""
+    num_tiles, rows = problem.walk_grid(tiling, mapped or pieces)
+    if mapped:
         num_tiles += -(-problem.K // tiling.block_v)
     return KernelLaunch(
         chunk_walk_kernel, (num_tiles, rows), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=initial, STORE_FINAL_STATE=final, OUTPUT_O=output_o, STORE_H=store_h,
-        MAP=map_pieces, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
+        MAP=mapped > 0, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
@@ -320,22 +320,37 @@ def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, 
     return g_cum, w, u
 
 
+def piece_maps(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+               g_cum: torch.Tensor, cu_seqlens: torch.Tensor | None, pieces: int, mapped: int,
+               tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine state maps S_out = M·S_in + N of the first `mapped` of `pieces` pieces of every sequence:
+    (M [N·mapped, HV, K, K], N [N·mapped, HV, K, V]) float32, from the map walk."""
+    N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
+    map_m = torch.empty((N * mapped, HV, K, K), dtype=torch.float32, device=k.device)
+    map_n = torch.empty((N * mapped, HV, K, V), dtype=torch.float32, device=k.device)
+    walk_launch(problem, tiling or problem.walk, pieces, initial=False, final=False, output_o=False, store_h=False,
+                mapped=mapped)(None, k, w, u, g_cum, None, None, None, None, None, map_m, map_n, cu_seqlens, None,
+                               1.0, problem.T, pieces, mapped)
+    return map_m, map_n
+
+
+def combine(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
+            initial_state: torch.Tensor | None, pieces: int) -> torch.Tensor:
+    """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
+    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0)."""
+    starts = torch.empty((problem.N * pieces, problem.HV, problem.K, problem.V), dtype=torch.float32,
+                         device=map_m.device)
+    combine_launch(problem, initial_state is not None)(map_m, map_n, initial_state, starts, pieces)
+    return starts
+
+
 def piece_starts(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
                  g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                  pieces: int, tiling: tilings.Tiling | None = None) -> torch.Tensor:
     """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
     map walk of the pieces but the last, then the combine."""
-    N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
-    tiling = tiling or problem.walk
-    maps = N * (pieces - 1) * HV
-    map_m = torch.empty((maps, K, K), dtype=torch.float32, device=k.device)
-    map_n = torch.empty((maps, K, V), dtype=torch.float32, device=k.device)
-    starts = torch.empty((N * pieces, HV, K, V), dtype=torch.float32, device=k.device)
-    walk_launch(problem, tiling, pieces, initial=False, final=False, output_o=False, store_h=False,
-                map_pieces=True)(None, k, w, u, g_cum, None, None, None, None, None, map_m, map_n, cu_seqlens, None,
-                                 1.0, problem.T, pieces)
-    combine_launch(problem, initial_state is not None)(map_m, map_n, initial_state, starts, pieces)
-    return starts
+    map_m, map_n = piece_maps(problem, k, w, u, g_cum, cu_seqlens, pieces, pieces - 1, tiling)
+    return combine(problem, map_m, map_n, initial_state, pieces)
 
 
 def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tensor, w: torch.Tensor,
@@ -360,9 +375,9 @@ def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tens
     if N * HV == 0:
         return o, final_state, h, v_new
     walk_launch(problem, tiling or problem.walk, pieces, initial=initial_state is not None,
-                final=final_state is not None, output_o=q is not None, store_h=store_h, map_pieces=False)(
+                final=final_state is not None, output_o=q is not None, store_h=store_h)(
         q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, None, None, cu_seqlens, chunk_offsets, scale,
-        problem.T, pieces)
+        problem.T, pieces, 0)
     return o, final_state, h, v_new
 
 
