@@ -11,7 +11,7 @@ Policies:
                 (BK, BV, warps, stages) = (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3), keyed like FLA's
                 on (H, HV, K, V, BT) and the tensors' dtypes, timings cached on disk like FLA's
                 (cache_results). Warmed over T = 16, 32, CHUNK_SIZE.
-  old-static    the old BT policy alone, with gdn's static tiling (tilings.tiling_for): separates the cost of
+  old-static    the old BT policy alone, with gdn's static tiling (tilings.chunk_o_tiling): separates the cost of
                 the BT switch from that of the autotuner. Warmed over T = 16, 32, CHUNK_SIZE.
   gdn           gdn.triton.chunk_fwd_o as shipped: BT = CHUNK_SIZE always, static tiling. Warmed once, at
                 T = CHUNK_SIZE.
@@ -91,7 +91,7 @@ def inputs_for(T: int, seed: int = 0) -> dict[str, np.ndarray]:
 class OldPolicyLauncher:
     """Launches gdn's chunk_fwd_o_kernel as the library wrapper does (same arguments, grid order and
     precision), except that BT follows old_policy_bt(T) and, with autotune, BK/BV/warps/stages come from a
-    triton.autotune over FLA_06_CONFIGS instead of tilings.tiling_for. Dense (non-varlen) inputs only."""
+    triton.autotune over FLA_06_CONFIGS instead of tilings.chunk_o_tiling. Dense (non-varlen) inputs only."""
 
     def __init__(self, autotune: bool):
         import triton
@@ -144,7 +144,7 @@ class OldPolicyLauncher:
         if self.autotune:
             self.tuner(V)[lambda meta: (B * NT * HV * meta["NV"],)](*args, **common)
         else:
-            tiling = tilings.tiling_for(K, V, dtype_name)
+            tiling = tilings.chunk_o_tiling(K, V, dtype_name)
             NV = triton.cdiv(V, tiling.block_v)
             self.kernel[(B * NT * HV * NV,)](*args, **common, BK=tiling.block_k, BV=tiling.block_v, NV=NV,
                                              num_warps=tiling.num_warps, num_stages=tiling.num_stages)

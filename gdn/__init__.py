@@ -1,7 +1,14 @@
-"""gdn: Gated DeltaNet kernels — the output stage of the chunked forward (chunk_fwd_o) and the recurrent decode
-step (decode_step) — in Triton (gdn.triton) and Pallas (gdn.pallas).
+"""gdn: chunked Gated DeltaNet kernels, written once from one spec in Triton for PyTorch (gdn.triton) and in
+Pallas with the Triton lowering for JAX (gdn.pallas). Each backend has the same public ops:
 
-Import the backend you use: ``gdn.triton`` imports torch and triton only, ``gdn.pallas`` jax only.
+- ``chunk_gated_delta_rule`` — the whole chunked forward (prefill): raw q, k, v, g, beta to o and the final state;
+- ``chunk_fwd_o`` — the output stage of the chunked forward, from q, k, v, the per-chunk states h and the gates;
+- ``decode_step`` — one token of the recurrence per sequence (decoding);
+- ``warmup`` / ``warmup_forward`` — compile what later calls need; ``compiled_variants`` counts the compiles;
+- JAX only: ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — shape buckets that bound compiles.
+
+Import the backend you use: ``gdn.triton`` imports torch and triton only, ``gdn.pallas`` jax only. The spec
+(math, layouts, tilings, input contract) and the float64 references are in gdn.common.
 """
 
 from gdn.common.spec import CHUNK_SIZE

@@ -30,10 +30,10 @@ def test_prepare_chunk_indices() -> None:
 
 
 def test_tiling_never_depends_on_sequence_length() -> None:
-    assert list(inspect.signature(tilings.tiling_for).parameters) == ["K", "V", "dtype"]
+    assert list(inspect.signature(tilings.chunk_o_tiling).parameters) == ["K", "V", "dtype"]
     for K in (16, 48, 64, 100, 128, 256):
         for dtype in spec.INPUT_DTYPES:
-            tiling = tilings.tiling_for(K, K, dtype)
+            tiling = tilings.chunk_o_tiling(K, K, dtype)
             for block in (tiling.block_k, tiling.block_v):
                 assert block >= 16 and block & (block - 1) == 0
             assert tiling.block_k >= min(K, 64) and tiling.block_v >= min(K, 64)
@@ -68,7 +68,7 @@ def test_prepare_register_cap_fits_three_blocks_per_sm() -> None:
         assert 3 * threads * tiling.max_registers <= 65536 < 4 * threads * tiling.max_registers
         assert tiling.max_registers % 8 == 0
     assert tilings.prepare_tiling(128, 128, "float32").max_registers is None
-    assert all(t.max_registers is None for t in (tilings.tiling_for(128, 128, "bfloat16"),
+    assert all(t.max_registers is None for t in (tilings.chunk_o_tiling(128, 128, "bfloat16"),
                                                  tilings.walk_tiling(128, 128, "bfloat16", 16),
                                                  tilings.decode_tiling(128, 128, "bfloat16")))
 

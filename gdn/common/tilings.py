@@ -1,6 +1,7 @@
 """The tiling tables of gdn's kernels: block sizes, warps and stages per kernel, each row with the
-measurement that chose it. Static functions of head sizes, dtype and (for the states walk) the batch: never of T,
-never a runtime autotuner. Rows used by one backend only say so in their name or docstring.
+measurement that chose it (rerunnable with the benchmarks/tune_*.py scripts). Static functions of head sizes,
+dtype and (for the walk) the batch: never of T, never a runtime autotuner. Rows that one backend alone reads sit
+under a header naming that backend, at the end.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from gdn.common.spec import MIN_HEAD_DIM
 FLOAT32_DOT_PRECISION = "tf32x3"
 """How float32 inputs are multiplied: three TF32 tensor-core passes (split-precision, about float32 accuracy:
 relative error ~1e-6). Measured on an H100 at B=1 T=8192 H=16 K=V=128: IEEE float32 dots run on the FMA units
-at 0.9–11 ms whatever the tiling, far from the 134 µs memory floor (benchmarks/RESULTS.md). Interpreters
-compute float32 dots exactly."""
-
+at 0.9–11 ms whatever the tiling, far from the 134 µs memory floor. Interpreters compute float32 dots exactly."""
 
 
 def dot_precision(dtype: str) -> str:
@@ -23,6 +22,7 @@ def dot_precision(dtype: str) -> str:
     TF32 for 16-bit inputs, where it reaches only float32 operands whose products are rounded to the 16-bit
     dtype next (chunk_gated_delta_rule's (I + A)⁻¹ merge); every other dot there has 16-bit operands."""
     return FLOAT32_DOT_PRECISION if dtype == "float32" else "tf32"
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
@@ -32,8 +32,8 @@ class Tiling:
         ≥ 16, masked when K is not a multiple.
     block_v: V columns per program (a power of two, masked likewise).
     num_warps, num_stages: Triton launch parameters.
-    max_registers: a cap on registers per thread (ptxas maxnreg) for the Triton backend, or None; the
-        Pallas-Triton lowering has no such option, so the Pallas backend compiles without it.
+    max_registers: Triton backend only: a cap on registers per thread (ptxas maxnreg), or None. The
+        Pallas-Triton lowering has no such option: gdn.pallas.arrays.compiler_params ignores it.
     The tile height of chunk_fwd_o is always CHUNK_SIZE.
     """
 
@@ -49,13 +49,12 @@ def _next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def tiling_for(K: int, V: int, dtype: str) -> Tiling:
+def chunk_o_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_fwd_o for head sizes K, V and input dtype name.
 
-    Rows of the table, and the measurement behind each, are in benchmarks/RESULTS.md. T never enters:
-    the same tiling serves a 1-token prefill and a 64k one.
+    T never enters: the same tiling serves a 1-token prefill and a 64k one.
     """
-    # Measured on an H100, bf16 K = V = 128 (benchmarks/RESULTS.md, tiling sweep): all 128 V columns in one
+    # Measured on an H100, bf16 K = V = 128 (python -m benchmarks.tune_chunk_o): all 128 V columns in one
     # program (q and k read once per chunk), K in two 64-column steps that the 2-stage pipeline overlaps
     # (the second half's loads fly during the first half's dots): 79 µs at T = 8192 against 87 µs for one
     # 128-column K step, 537 µs (the copy floor) at T = 65536. 8 warps halve the rows per warp but double
@@ -66,53 +65,23 @@ def tiling_for(K: int, V: int, dtype: str) -> Tiling:
     return Tiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
 
 
-PERSISTENT_PROGRAMS_PER_SM = 1
-"""Programs per SM of the Pallas chunk_fwd_o's persistent grid: one is resident per SM anyway, since its
-2-stage pipeline of the q, k, h and v tiles takes 172 KB of shared memory."""
-
-PERSISTENT_MIN_ITEMS_PER_PROGRAM = 12
-"""The Pallas chunk_fwd_o loops over work items in persistent programs once each program would take at least
-this many; below, one program per item."""
-
-
-def persistent_programs(num_items: int, multiprocessors: int | None) -> int:
-    """Grid size of the Pallas chunk_fwd_o for num_items (chunk, value head, V tile) work items on a GPU with
-    that many SMs (None: not a GPU, one program per item).
-
-    A coarse size class on the item count, which grows with T; the Pallas backend compiles per shape anyway,
-    and every grid size gives the same bits.
-    """
-    # Measured on an H100 (bf16, K = V = 128, Nsight Compute kernel time, µs, one program per item →
-    # persistent; benchmarks/RESULTS.md): programs that loop over items with a static trip count let Triton
-    # pipeline the next item's loads under this item's dots, which one program per item (2 resident per SM,
-    # register-bound) cannot. From 15.5 items per program on, it wins: T = 8192 H = 16 (2048 items) 75-76 → 74;
-    # T = 16384 148 → 140; T = 65536 580 → 540 (the copy floor); B = 8 T = 2048 HV = 32 266 → 245; varlen
-    # 65536 tokens 608 → 567; H = 2 HV = 8 T = 16384 64-65 → 63-64. At 7.8 items per program it loses:
-    # T = 4096 H = 16 39 → 40-41, few heads (H = 2 HV = 8 T = 8192) 32.6 → 35, where the pipeline's prologue and
-    # the tail cost more than it hides. The Triton backend keeps one program per item: its kernel streams at
-    # the copy bandwidth at T = 65536 without it.
-    if multiprocessors is None:
-        return num_items
-    programs = PERSISTENT_PROGRAMS_PER_SM * multiprocessors
-    return programs if num_items >= PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs else num_items
-
-
 @functools.lru_cache(maxsize=256)
 def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of decode_step for head sizes K, V and input dtype name.
 
     T never enters (one token per call); neither does N, so a batch of 1 and one of 512 share a program.
     """
-    # Measured on an H100 (benchmarks/decode.py, bf16, H = 16, HV = 32, K = V = 128; RESULTS.md): a decode step
-    # reads and writes S (2·K·V·4 bytes per head) for 7 flops per element of S, so it is memory-bound and the
-    # tile's job is to stream S in long rows. 64-column tiles with 4 warps reach 90-96 % of the copy-bandwidth
-    # floor at N = 64 and 256 (99 and 373 µs; FLA's fused_recurrent 115 and 441 µs), where gdn's first tiling
-    # (BV = 8, one warp, 32-byte row segments) reached 27-31 % (290 and 1309 µs); at N = 1 and 16 every tile
-    # ties within 1 µs (launch latency). S is float32 whatever the input dtype, so dtype selects nothing. No
-    # loop: nothing for num_stages to pipeline.
+    # Measured on an H100 (python -m benchmarks.decode, bf16, H = 16, HV = 32, K = V = 128): a decode step reads
+    # and writes S (2·K·V·4 bytes per head) for 7 flops per element of S, so it is memory-bound and the tile's
+    # job is to stream S in long rows. 64-column tiles with 4 warps reach 90-96 % of the copy-bandwidth floor at
+    # N = 64 and 256 (99 and 373 µs; FLA's fused_recurrent 115 and 441 µs), where FLA's tiling (BV = 8, one
+    # warp, 32-byte row segments) reaches 27-31 % (290 and 1309 µs); at N = 1 and 16 every tile ties within
+    # 1 µs (launch latency). S is float32 whatever the input dtype, so dtype selects nothing. No loop: nothing
+    # for num_stages to pipeline.
     del dtype
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=min(_next_power_of_2(V), 64),
                   num_warps=4, num_stages=1)
+
 
 def _register_cap(blocks_per_sm: int, num_warps: int) -> int:
     """The most registers per thread that let blocks_per_sm blocks of num_warps warps share an SM's 65 536
@@ -125,8 +94,8 @@ def prepare_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's prepare kernel (A, (I + A)⁻¹, w, u for one chunk and
     value head): K and V walked in block_k / block_v column steps."""
     # 64-column steps as in chunk_fwd_o's K loop; measured on an H100 (bf16, K = V = 128, T = 8192, H = 16:
-    # benchmarks/RESULTS.md): 8 warps lose (390 against 214 µs before the [NB, BS, BS] substitution), one
-    # 128-column step or a second pipeline stage change nothing. Two Triton 3.6 miscompiles on Hopper shape
+    # python -m benchmarks.tune_forward): 8 warps lose at any register cap, one 128-column step or a second
+    # pipeline stage change nothing. Two Triton 3.6 miscompiles on Hopper shape
     # this row, so wider tiles are masked down to K and V instead: a 16-bit dot with a 16-column operand built
     # in registers is wrong (w and u garbage at K or V = 16), and so is u when its tiles are narrower than w's
     # (block_k 64 with block_v 32: u off by 25-110 % at K ≥ 48, V ≤ 32 in fp16 and bf16, while 64/64 and
@@ -216,3 +185,37 @@ def walk_warmup_sequence_counts(HV: int, V: int) -> tuple[int, ...]:
     for width in WALK_BLOCK_V:
         counts.add(-(-WALK_MIN_PROGRAMS // (HV * -(-V // width))))
     return tuple(sorted(counts))
+
+
+# ------------------------------------------------------------------------------- Pallas backend only
+
+PERSISTENT_PROGRAMS_PER_SM = 1
+"""Programs per SM of the Pallas chunk_fwd_o's persistent grid: one is resident per SM anyway, since its
+2-stage pipeline of the q, k, h and v tiles takes 172 KB of shared memory."""
+
+PERSISTENT_MIN_ITEMS_PER_PROGRAM = 12
+"""The Pallas chunk_fwd_o loops over work items in persistent programs once each program would take at least
+this many; below, one program per item."""
+
+
+def persistent_programs(num_items: int, multiprocessors: int | None) -> int:
+    """Grid size of the Pallas chunk_fwd_o for num_items (chunk, value head, V tile) work items on a GPU with
+    that many SMs (None: not a GPU, one program per item).
+
+    A coarse size class on the item count, which grows with T; the Pallas backend compiles per shape anyway,
+    and every grid size gives the same bits.
+    """
+    # Measured on an H100 (bf16, K = V = 128, Nsight Compute kernel time, µs, one program per item →
+    # persistent; ncu ... python -m benchmarks.profile_chunk_o --pallas-grids): programs that loop over items
+    # with a static trip count let Triton
+    # pipeline the next item's loads under this item's dots, which one program per item (2 resident per SM,
+    # register-bound) cannot. From 15.5 items per program on, it wins: T = 8192 H = 16 (2048 items) 75-76 → 74;
+    # T = 16384 148 → 140; T = 65536 580 → 540 (the copy floor); B = 8 T = 2048 HV = 32 266 → 245; varlen
+    # 65536 tokens 608 → 567; H = 2 HV = 8 T = 16384 64-65 → 63-64. At 7.8 items per program it loses:
+    # T = 4096 H = 16 39 → 40-41, few heads (H = 2 HV = 8 T = 8192) 32.6 → 35, where the pipeline's prologue and
+    # the tail cost more than it hides. The Triton backend keeps one program per item: its kernel streams at
+    # the copy bandwidth at T = 65536 without it.
+    if multiprocessors is None:
+        return num_items
+    programs = PERSISTENT_PROGRAMS_PER_SM * multiprocessors
+    return programs if num_items >= PERSISTENT_MIN_ITEMS_PER_PROGRAM * programs else num_items

@@ -14,7 +14,14 @@ from gdn.common import contract, spec, tilings
 
 # Triton launch parameters: jax.experimental.pallas.triton.CompilerParams (older releases:
 # TritonCompilerParams). The one place that knows both names.
-CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def compiler_params(tiling: tilings.Tiling):
+    """The Pallas-Triton compiler parameters of a tiling: num_warps and num_stages. tiling.max_registers is
+    ignored: the Pallas-Triton lowering has no register cap (ptxas maxnreg), so a Pallas kernel compiles
+    without the cap its Triton twin may have."""
+    return _CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
 def is_tracer(x) -> bool:

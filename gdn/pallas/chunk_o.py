@@ -24,11 +24,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
-    CompilerParams,
     array_info,
     as_index,
     call_device,
     check_token_rows,
+    compiler_params,
     host_cu_seqlens,
     index_or_placeholder,
     input_dot_precision,
@@ -170,7 +170,7 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
         grid=(programs,),
         interpret=interpret,
         name="chunk_fwd_o_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=compiler_params(tiling),
     )(*flat, g, cu_seqlens, chunk_indices, scale)
     return o.reshape(B, T, HV, V)
 

@@ -23,11 +23,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
-    CompilerParams,
     array_info,
     as_index,
     call_device,
     check_token_rows,
+    compiler_params,
     float32_dot_precision,
     host_cu_seqlens,
     index_or_placeholder,
@@ -291,7 +291,7 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
         grid=(problem.num_chunks_total * HV,),
         interpret=interpret,
         name="chunk_prepare_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=compiler_params(tiling),
     )(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV),
       index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_indices, (1, 2)))
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
@@ -331,7 +331,7 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
         grid=(num_tiles, rows),
         interpret=interpret,
         name="chunk_walk_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=compiler_params(tiling),
     )(placeholder if q is None else q.reshape(B * T, H, K), k.reshape(B * T, H, K), w.reshape(B * T, HV, K),
       u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
       placeholder if initial_state is None else initial_state.reshape(-1, K, V),
@@ -364,7 +364,7 @@ def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, piece
         grid=(-(-V // tiling.block_v), N * HV),
         interpret=interpret,
         name="chunk_combine_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=compiler_params(tiling),
     )(map_m.reshape(-1, K, K), map_n.reshape(-1, K, V), jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
       else initial_state.reshape(N * HV, K, V))
     return starts.reshape(N * pieces, HV, K, V)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import contract, spec
-from gdn.pallas.arrays import CompilerParams, array_info, call_device, resolve_interpret
+from gdn.pallas.arrays import array_info, call_device, compiler_params, resolve_interpret
 
 
 def decode_step_kernel(
@@ -78,7 +78,7 @@ def launch(q, k, v, g, beta, state, scale, *, problem: contract.DecodeProblem, i
         grid=problem.grid(),
         interpret=interpret,
         name="decode_step_kernel",
-        compiler_params=CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=compiler_params(tiling),
     )(q, k, v.reshape(N * HV, V), g.reshape(N * HV), beta.reshape(N * HV), state.reshape(N * HV, K, V),
       jnp.asarray(scale, jnp.float32).reshape(1))
     return o.reshape(N, HV, V), new_state.reshape(N, HV, K, V)

@@ -149,7 +149,7 @@ def kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling) -> Ke
 
 
 def spec_tiling_launch(problem: contract.ChunkOProblem) -> KernelLaunch | None:
-    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (tilings.tiling_for),
+    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (tilings.chunk_o_tiling),
     with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
     return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
 

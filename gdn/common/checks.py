@@ -1,0 +1,127 @@
+"""The argument checks gdn's input contracts (gdn.common.contract) are made of: rank, dtype, sizes, heads,
+devices and the varlen arguments of framework-neutral ArrayInfo views, each raising
+``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gdn.common.spec import CHUNK_O_OP, INDEX_DTYPES, INPUT_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, num_chunks
+
+if TYPE_CHECKING:
+    from gdn.common.contract import ArrayInfo
+
+
+def fail(arg: str, expected: str, got: object, error: type[Exception] = ValueError, *, op: str) -> None:
+    """Raise error("<op>: <arg>: expected <expected>; got <got>")."""
+    raise error(f"{op}: {arg}: expected {expected}; got {got}")
+
+
+def rank(name: str, info: ArrayInfo, expected: int, layout: str, *, op: str) -> None:
+    """info has `expected` axes (layout names them in the message)."""
+    if len(info.shape) != expected:
+        fail(name, f"a rank-{expected} array {layout}", f"shape {info.shape}", op=op)
+
+
+def dtype(name: str, info: ArrayInfo, allowed: Sequence[str], *, op: str) -> None:
+    """info's dtype is one of allowed (a TypeError otherwise)."""
+    if info.dtype not in allowed:
+        fail(name, f"dtype in {tuple(allowed)}", info.dtype, TypeError, op=op)
+
+
+def dim(name: str, axis_name: str, actual: object, expected: object, why: str, *, op: str) -> None:
+    """A size (or tuple of sizes) equals what the other arguments imply; why says what implies it."""
+    if actual != expected:
+        fail(name, f"{axis_name} = {expected} ({why})", f"{axis_name} = {actual}", op=op)
+
+
+def heads(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> None:
+    """What every op asks of q, k [..., H, K] and v [..., HV, V] (heads and head size the last two axes):
+    k shaped as q, K and V in the supported range, HV a multiple of H, one input dtype."""
+    H, K = q.shape[-2:]
+    HV, V = v.shape[-2:]
+    head_axis, size_axis = len(q.shape) - 2, len(q.shape) - 1  # v has q's rank in every op
+    if k.shape != q.shape:
+        fail("k", f"the shape of q {q.shape}", f"shape {k.shape}", op=op)
+    for name, size in ((f"K (q.shape[{size_axis}])", K), (f"V (v.shape[{size_axis}])", V)):
+        if not MIN_HEAD_DIM <= size <= MAX_HEAD_DIM:
+            fail(name, f"a head size in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]", size, op=op)
+    if H == 0 or HV % H != 0:
+        fail("v", f"HV = v.shape[{head_axis}] a positive multiple of H = q.shape[{head_axis}] = {H}",
+              f"HV = {HV}", op=op)
+    dtype("q", q, INPUT_DTYPES, op=op)
+    for name, info in (("k", k), ("v", v)):
+        if info.dtype != q.dtype:
+            fail(name, f"the dtype of q ({q.dtype})", info.dtype, TypeError, op=op)
+
+
+def present(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
+    """Every named array given (a TypeError naming the first missing one)."""
+    for name, info in arrays:
+        if info is None:
+            fail(name, "an array", None, TypeError, op=op)
+
+
+def devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
+    """Every given array on the device of the first (q)."""
+    (first_name, first), *others = arrays
+    for name, info in others:
+        if info is not None and info.device != first.device:
+            fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
+
+
+def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = CHUNK_O_OP) -> None:
+    """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T."""
+    values = np.asarray(cu_seqlens)
+    if values[0] != 0:
+        fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}", op=op)
+    steps = np.diff(values)
+    if (steps < 0).any():
+        where = int(np.argmax(steps < 0))
+        fail("cu_seqlens", "non-decreasing values",
+              f"cu_seqlens[{where}] = {int(values[where])} > cu_seqlens[{where + 1}] = {int(values[where + 1])}",
+              op=op)
+    if values[-1] != T:
+        fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=op)
+
+
+def token_arrays(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> tuple[int, ...]:
+    """q, k [B, T, H, K] and v [B, T, HV, V] of a chunked op; returns (B, T, H, K, HV, V)."""
+    rank("q", q, 4, "[B, T, H, K]", op=op)
+    rank("k", k, 4, "[B, T, H, K]", op=op)
+    rank("v", v, 4, "[B, T, HV, V]", op=op)
+    B, T, H, K = q.shape
+    dim("v", "v.shape[:2] (B, T)", v.shape[:2], (B, T), "q is [B, T, H, K]", op=op)
+    heads(q, k, v, op=op)
+    return B, T, H, K, v.shape[2], v.shape[3]
+
+
+def varlen(B: int, T: int, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
+           cu_seqlens_values: Sequence[int] | np.ndarray | None, *, op: str) -> int:
+    """The varlen arguments of a [B, T, ...] call; returns the chunks per batch row (over all sequences when
+    varlen: chunk_indices' rows, padding included, else counted from the host cu_seqlens values)."""
+    if cu_seqlens is None:
+        if chunk_indices is not None:
+            fail("chunk_indices", "None when cu_seqlens is None", f"shape {chunk_indices.shape}", op=op)
+        return num_chunks(T)
+    rank("cu_seqlens", cu_seqlens, 1, "[N + 1]", op=op)
+    dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, op=op)
+    if cu_seqlens.shape[0] < 2:
+        fail("cu_seqlens", "at least 2 entries [0, ..., T]", f"shape {cu_seqlens.shape}", op=op)
+    if B != 1:
+        fail("q", "B = 1 when cu_seqlens is given (varlen packs sequences along T)", f"B = {B}", op=op)
+    if cu_seqlens_values is not None:
+        cu_seqlens_bounds(cu_seqlens_values, T, op=op)
+    if chunk_indices is not None:
+        rank("chunk_indices", chunk_indices, 2, "[NT, 2]", op=op)
+        dtype("chunk_indices", chunk_indices, INDEX_DTYPES, op=op)
+        if chunk_indices.shape[1] != 2:
+            fail("chunk_indices", "shape [NT, 2]", f"shape {chunk_indices.shape}", op=op)
+        return chunk_indices.shape[0]
+    if cu_seqlens_values is not None:
+        return int(sum(num_chunks(n) for n in np.diff(np.asarray(cu_seqlens_values))))
+    raise ValueError(f"{op}: chunk_indices: expected chunk_indices or host cu_seqlens values; got neither")
