@@ -103,7 +103,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
     import torch
 
     from gdn.common import contract, spec, tilings
-    from gdn.triton import recurrent
+    from gdn.triton import decode
     from gdn.triton.arrays import array_info, tensor_keys
 
     a = _inputs(N)
@@ -115,7 +115,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
         ("q", "k", "v", "g", "beta", "state"), args, op=spec.DECODE_OP)))
     reference = torch.empty_like(t["state"])
     o = torch.empty_like(t["v"])
-    recurrent.launch(problem, problem.tiling, *args, o, reference, K**-0.5)
+    decode.launch(problem, problem.tiling, *args, o, reference, K**-0.5)
     floor_us = 2 * t["state"].numel() * 4 / bandwidth * 1e6
     rows = []
     for block_v, warps in TILING_CANDIDATES:
@@ -123,7 +123,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict]:
         new_state = torch.empty_like(t["state"])
 
         def call(tiling: tilings.Tiling = tiling, new_state: torch.Tensor = new_state) -> None:
-            recurrent.launch(problem, tiling, *args, o, new_state, K**-0.5)
+            decode.launch(problem, tiling, *args, o, new_state, K**-0.5)
 
         call()
         us = harness.time_torch(call).median_us

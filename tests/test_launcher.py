@@ -187,7 +187,7 @@ def test_shared_launch_matches_each_call_in_full() -> None:
 def test_forward_and_decode_direct_launches_are_bit_equal() -> None:
     """The forward's three kernels and decode_step: a repeated call (direct launches) gives the same bits as
     the first one, and as calls with Triton's launcher."""
-    from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step, forward, recurrent
+    from gdn.triton import chunk_gated_delta_rule, chunk_o, decode, decode_step, forward
 
     a = {n: torch.from_numpy(x).cuda() for n, x in
          example.random_recurrent_inputs(2, 130, 2, 4, 64, 32, "bfloat16", seed=5).items()}
@@ -205,7 +205,7 @@ def test_forward_and_decode_direct_launches_are_bit_equal() -> None:
 
     for call, kernels in ((forward_call, (forward.chunk_prepare_kernel, forward.chunk_states_kernel,
                                           chunk_o.chunk_fwd_o_kernel)),
-                          (decode_call, (recurrent.decode_step_kernel,))):
+                          (decode_call, (decode.decode_step_kernel,))):
         via_triton = _pinned_to_triton_launch(kernels, call)
         runs = [call() for _ in range(3)]
         for run in runs:

@@ -1,9 +1,20 @@
-"""gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch."""
+"""gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch.
+
+Every op is jitted internally (a call outside jax.jit costs what a jitted one does) and may be called under a
+caller's jax.jit:
+
+- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
+- ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
+- ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
+- ``warmup`` / ``warmup_forward`` — compile the programs later calls at the given lengths need;
+- ``compiled_variants()`` — programs compiled so far for calls outside a caller's jax.jit;
+- ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — pad T to a few buckets to bound compiles.
+"""
 
 from gdn.pallas.bucketing import bucket_size, pad_forward_to_bucket, pad_to_bucket
 from gdn.pallas.chunk_o import chunk_fwd_o, warmup
+from gdn.pallas.decode import decode_step
 from gdn.pallas.forward import chunk_gated_delta_rule, warmup_forward
-from gdn.pallas.recurrent import decode_step
 from gdn.pallas.variants import compiled_variants
 
 __all__ = ["bucket_size", "chunk_fwd_o", "chunk_gated_delta_rule", "compiled_variants", "decode_step",

@@ -1,8 +1,16 @@
-"""gdn for PyTorch: Triton kernels. Importing this never imports jax."""
+"""gdn for PyTorch: Triton kernels. Importing this never imports jax.
+
+- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
+- ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
+- ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
+- ``warmup`` / ``warmup_forward`` — compile what later chunk_fwd_o / forward calls need, for any T;
+- ``compiled_variants()`` — compiled kernel variants in this process;
+- ``reset_plans()`` — drop the cached launch plans (tests that swap a kernel).
+"""
 
 from gdn.triton.chunk_o import chunk_fwd_o, warmup
+from gdn.triton.decode import decode_step
 from gdn.triton.forward import chunk_gated_delta_rule, warmup_forward
-from gdn.triton.recurrent import decode_step
 from gdn.triton.variants import compiled_variants
 
 __all__ = ["chunk_fwd_o", "chunk_gated_delta_rule", "compiled_variants", "decode_step", "warmup", "warmup_forward"]

@@ -9,7 +9,7 @@ A ``KernelLaunch`` fixes everything of a launch but the runtime argument values:
 constexprs. chunk_fwd_o and decode_step build theirs once per call signature, together with the contract check
 (gdn.triton.arrays.planned), so a repeated call signature finds it with one lookup; the forward's three stages
 and the benchmarks use launches cached per (problem, tiling) (chunk_o.kernel_launch, forward.prepare_launch,
-forward.states_launch, recurrent.kernel_launch), matched in full on every call. Its first launch on a
+forward.states_launch, decode.kernel_launch), matched in full on every call. Its first launch on a
 device goes through Triton and records the compiled variant with the arguments it was specialized for; a
 later launch goes straight to that variant's C launcher when it provably selects the same one: the same
 device; every tensor argument a ``torch.Tensor`` of the recorded dtype, 16-byte aligned (Triton specializes

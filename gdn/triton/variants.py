@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from gdn.triton import chunk_o, forward, recurrent
+from gdn.triton import chunk_o, decode, forward
 
 KERNELS = (chunk_o.chunk_fwd_o_kernel, forward.chunk_prepare_kernel, forward.chunk_walk_kernel,
            forward.chunk_combine_kernel,
-           recurrent.decode_step_kernel)
+           decode.decode_step_kernel)
 
 
 def compiled_variants() -> int:

@@ -1,4 +1,4 @@
-"""decode_step for JAX: one Pallas kernel (Triton lowering on GPU), the same algorithm as gdn.triton.recurrent.
+"""decode_step for JAX: one Pallas kernel (Triton lowering on GPU), the same algorithm as gdn.triton.decode.
 
 Glossary (FLA's naming, as in the Triton kernel): i_ program ids, o_ offsets, m_ masks, b_ register tiles; BK
 the whole K (masked to a power of two), BV the V tile width. S is the [K, V] state of one sequence and value
