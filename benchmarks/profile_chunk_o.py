@@ -68,17 +68,14 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     the median and the least of rounds of calls back to back."""
     import torch
 
-    from gdn.common import contract, example, spec
+    from gdn.common import example, spec
     from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step
-    from gdn.triton.arrays import planned, tensor_keys
 
     a = _inputs(1, 512, 16, 16)
     q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
     g = torch.from_numpy(a["g"]).cuda()
     o = torch.empty_like(v)
-    args = (q, k, v, h, g, None, None)
-    keys = tensor_keys(chunk_o._ARG_NAMES, args)
-    problem, run = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)  # chunk_fwd_o's
+    problem, run, _ = chunk_o.call_plan(q, k, v, h, g)  # chunk_fwd_o's plan of this call signature
     chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles the variant and records it in run
     runtime_args = (q, k, v, h, g, o, None, None, spec.default_scale(problem.K), problem.T)
     f = {n: torch.from_numpy(x).cuda() for n, x in
@@ -90,8 +87,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     dg, dbeta, d_state = d["g"][:, 0].contiguous(), d["beta"][:, 0].contiguous(), d["initial_state"]
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
-        "contract check + plan (cached)": lambda: planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
-                                                          tensor_keys(chunk_o._ARG_NAMES, args)),
+        "contract check + plan (cached)": lambda: chunk_o.call_plan(q, k, v, h, g),
         "torch.empty_like": lambda: torch.empty_like(v),
         "triton kernel[grid](...)": lambda: run.kernel[run.grid](*runtime_args, **run.constexprs,
                                                                  **run.launch_options),

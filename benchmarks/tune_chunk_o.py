@@ -15,9 +15,8 @@ import os
 import torch
 import triton
 
-from gdn.common import contract, example, tilings
+from gdn.common import example, tilings
 from gdn.triton import chunk_o
-from gdn.triton.arrays import planned, tensor_keys
 
 Tiling = tilings.Tiling
 BF16_SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 65536, 16, 16), (8, 2048, 16, 32), (1, 8192, 2, 8)]
@@ -47,8 +46,7 @@ def sweep(dtype: str, B: int, T: int, H: int, HV: int, candidates: list[tilings.
     t = {n: torch.from_numpy(a).cuda() for n, a in arrays.items() if a is not None}
     q, k, v, h = (t[n].to(getattr(torch, dtype)) for n in "qkvh")
     g = t["g"]
-    problem, _ = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch,
-                         tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None)), None)
+    problem = chunk_o.call_plan(q, k, v, h, g)[0]
     moved = sum(x.numel() * x.element_size() for x in (q, k, v, h, g)) + v.numel() * v.element_size()
     floor_us = moved / bandwidth * 1e6
     reference = torch.empty_like(v)

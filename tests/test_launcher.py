@@ -1,13 +1,17 @@
-"""gdn.triton.launcher: a launch through the compiled kernel selects exactly the variant Triton would, and gives
-the same bits; anything Triton specializes differently (alignment, int properties, dtypes) takes Triton's path."""
+"""gdn.triton.launcher: the fast path only on the Triton releases it was verified on; a launch through the compiled
+kernel selects exactly the variant Triton would and gives the same bits; anything Triton specializes differently
+(alignment, int properties, dtypes) takes Triton's path; the launch plans are cached until reset_plans()."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import triton
+from triton.runtime.jit import JITFunction
 
-from gdn.common import contract, example
+from gdn.common import example, tilings
+from gdn.triton import launcher
 
 
 def test_argument_key_separates_what_triton_specializes_on() -> None:
@@ -45,15 +49,17 @@ def test_variant_matches_only_what_its_first_launch_was_specialized_for() -> Non
 
 
 class _FakeLauncher:
-    """Stands for Triton 3.6's CudaLauncher: its C launch function and the scratch sizes it allocates."""
+    """Stands for Triton 3.6's CudaLauncher: its C launch function (counting its calls) and the scratch sizes it
+    allocates."""
 
     launch_cooperative_grid = launch_pdl = False
 
     def __init__(self, global_scratch_size: int = 0, profile_scratch_size: int = 0) -> None:
         self.global_scratch_size, self.profile_scratch_size = global_scratch_size, profile_scratch_size
+        self.launches = 0
 
     def launch(self, *args) -> None:
-        pass
+        self.launches += 1
 
     def __call__(self, *args) -> None:
         pass
@@ -66,19 +72,73 @@ class _FakeCompiled:
         self.run = launcher
 
 
-def test_c_launch_function_only_on_the_checked_triton_and_without_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_c_launch_function_only_without_scratch() -> None:
     """A recorded variant launches through CudaLauncher's C function (skipping its Python scratch allocation)
-    only on Triton 3.6, whose signature was checked on the GPU, and only when the variant needs no scratch."""
-    from gdn.triton import launcher as launcher_module
-
+    only when the variant needs no scratch memory; otherwise through CompiledKernel.run."""
     plain, scratch = _FakeCompiled(_FakeLauncher()), _FakeCompiled(_FakeLauncher(global_scratch_size=8))
-    monkeypatch.setattr(launcher_module, "_C_LAUNCH", True)
-    function, head = launcher_module._launch_call(plain)
+    function, head = launcher._launch_call(plain)
     assert function == plain.run.launch
     assert head == ("function", False, False, None, None, "metadata", None, None, None)
-    assert launcher_module._launch_call(scratch) == (scratch.run, ("function", "metadata", None, None, None))
-    monkeypatch.setattr(launcher_module, "_C_LAUNCH", False)
-    assert launcher_module._launch_call(plain) == (plain.run, ("function", "metadata", None, None, None))
+    assert launcher._launch_call(scratch) == (scratch.run, ("function", "metadata", None, None, None))
+
+
+@pytest.mark.parametrize("version, verified", [("3.6.0", True), ("3.6.1+git1234", True), ("3.5.1", False),
+                                               ("3.7.0", False), ("3.9.0", False), ("4.0.0", False),
+                                               ("main", False)])
+def test_fast_path_only_on_verified_triton_releases(monkeypatch: pytest.MonkeyPatch, version: str,
+                                                    verified: bool) -> None:
+    """On a release in VERIFIED_TRITON a KernelLaunch goes through Triton once, then through the recorded
+    variant's C launcher; on any other release every launch goes through Triton's kernel[grid](...)."""
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(launcher, "driver", _FakeDriver())
+    assert launcher.fast_launch_supported(version) is verified
+    c_launcher = _FakeLauncher()
+    kernel = _RecordingKernel(_FakeCompiled(c_launcher))
+    run = launcher.KernelLaunch(kernel, (4,), tilings.Tiling(16, 16, 4, 1), fixed_signature=True, BLOCK=16)
+    x = torch.zeros(64)
+    for _ in range(3):
+        run(x, 7)
+    assert kernel.triton_launches == (1 if verified else 3)
+    assert c_launcher.launches == (2 if verified else 0)
+
+
+class _FakeDriver:
+    """Stands for triton.runtime.driver.driver on a machine without a GPU: device 0, stream 0."""
+
+    class active:
+        @staticmethod
+        def get_current_device() -> int:
+            return 0
+
+        @staticmethod
+        def get_current_stream(device: int) -> int:
+            return 0
+
+
+class _RecordingKernel(JITFunction):
+    """A JITFunction (x, n, BLOCK: constexpr) whose Triton launch returns a fake compiled variant and counts."""
+
+    def __init__(self, compiled: _FakeCompiled) -> None:  # no source to parse: only what KernelLaunch reads
+        self.compiled, self.triton_launches = compiled, 0
+        self.pre_run_hooks, self.arg_names = [], ["x", "n", "BLOCK"]
+
+    def __getitem__(self, grid: tuple):
+        def launch(*args, **kwargs):
+            self.triton_launches += 1
+            return self.compiled
+        return launch
+
+
+def test_reset_plans_drops_the_cached_plans() -> None:
+    """A repeated call signature finds its plan (the same KernelLaunch); after gdn.triton.reset_plans() it gets a
+    new one."""
+    from gdn.triton import chunk_o, reset_plans
+
+    inputs = _inputs(torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    first = chunk_o.call_plan(*inputs)[1]
+    assert chunk_o.call_plan(*inputs)[1] is first
+    reset_plans()
+    assert chunk_o.call_plan(*inputs)[1] is not first
 
 
 def _inputs(dtype: torch.dtype, device: str, misalign: bool = False,
@@ -99,10 +159,8 @@ def _inputs(dtype: torch.dtype, device: str, misalign: bool = False,
 def _chunk_fwd_o_launch(q, k, v, h, g):
     """The KernelLaunch that chunk_fwd_o(q, k, v, h, g) uses: the cached plan of its call signature."""
     from gdn.triton import chunk_o
-    from gdn.triton.arrays import planned, tensor_keys
 
-    keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
-    return planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)[1]
+    return chunk_o.call_plan(q, k, v, h, g)[1]
 
 
 def test_interpreted_kernels_are_never_recorded() -> None:
@@ -166,17 +224,15 @@ def test_shared_launch_matches_each_call_in_full() -> None:
     not fix h's dtype: a launch with h in float32 after one with h in float16 goes through Triton and gives
     Triton's bits."""
     from gdn.triton import chunk_o
-    from gdn.triton.arrays import planned, tensor_keys
 
     outputs = []
     for h_dtype in (torch.float16, torch.float32, torch.float32):
         q, k, v, h, g = _inputs(torch.float16, "cuda", h_dtype=h_dtype)
-        keys = tensor_keys(chunk_o._ARG_NAMES, (q, k, v, h, g, None, None))
-        problem, _ = planned(contract.validate_chunk_o_inputs, chunk_o.spec_tiling_launch, keys, None)
+        problem = chunk_o.call_plan(q, k, v, h, g)[0]
         o = torch.empty_like(v)
         chunk_o.launch(problem, problem.tiling, q, k, v, h, g, o, 0.125, None, None)
         outputs.append(o)
-    run = chunk_o.kernel_launch(problem, problem.tiling)
+    run = chunk_o.shared_launch(problem, problem.tiling)
     assert [variant.tensors[3] for variant in run._variants.values()] == [(3, torch.float16)]  # h at the first
     expected = _pinned_to_triton_launch((chunk_o.chunk_fwd_o_kernel,),
                                         lambda: chunk_o.chunk_fwd_o(q, k, v, h, g, scale=0.125))

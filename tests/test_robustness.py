@@ -178,13 +178,12 @@ def test_grid_is_one_dimensional_beyond_65535_sequence_heads(monkeypatch: pytest
     """70 000 one-token sequences × 2 value heads = 140 000 work items: launched on the grid's x axis
     (2³¹ − 1 programs), never on y/z (65 535). The launch is recorded, not run (the interpreter would take
     minutes); test_many_sequences_run_on_gpu runs it."""
-    from gdn.triton import chunk_fwd_o, chunk_o
-    from gdn.triton.arrays import planned
+    from gdn.triton import chunk_fwd_o, chunk_o, reset_plans
 
     # chunk_fwd_o caches its launch plan per call signature: drop the plans that hold the recording kernel, so
     # a later call with these shapes (test_many_sequences_run_on_gpu) launches the real one
-    planned.cache_clear()
-    request.addfinalizer(planned.cache_clear)
+    reset_plans()
+    request.addfinalizer(reset_plans)
 
     grids: list[tuple] = []
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Hashable, Sequence, TypeVar
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 
 from gdn.common import contract, spec
+from gdn.triton.launcher import cached_plan
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.int32: "int32", torch.int64: "int64"}
@@ -43,13 +44,13 @@ Problem = TypeVar("Problem")
 Plan = TypeVar("Plan")
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_plan
 def planned(contract: Callable[..., Problem], plan: Callable[[Problem], Plan], keys: tuple[TensorKey, ...],
             *options: Hashable) -> tuple[Problem, Plan]:
     """(problem, plan(problem)): a spec contract (validate_chunk_o_inputs, validate_forward_inputs,
     validate_decode_inputs) on the arrays of keys, then its further positional arguments (host cu_seqlens
-    values as a tuple, flags), and the op's kernel launches for that problem; cached, so a repeated call
-    signature costs one lookup."""
+    values as a tuple, flags), and the op's kernel launches for that problem (its plan function); cached, so a
+    repeated call signature costs one lookup (gdn.triton.reset_plans empties the cache)."""
     problem = contract(*(None if key is None else array_info(key) for key in keys), *options)
     return problem, plan(problem)
 

@@ -6,15 +6,13 @@ chunk, BK/BV the K/V tile widths, NV the number of V tiles. Math and layouts: gd
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
-from gdn.triton.launcher import KernelLaunch
+from gdn.triton.launcher import KernelLaunch, cached_plan
 
 
 @triton.jit
@@ -92,7 +90,7 @@ def chunk_fwd_o_kernel(
     tl.store(o + p_v_rows[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-_ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
+ARG_NAMES = ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")
 
 
 def chunk_fwd_o(
@@ -113,9 +111,7 @@ def chunk_fwd_o(
     chunk_indices, cu_seqlens is copied to the host once (a device sync) to build them and check its values;
     pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
     """
-    keys = tensor_keys(_ARG_NAMES, (q, k, v, h, g, cu_seqlens, chunk_indices))
-    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, run = planned(contract.validate_chunk_o_inputs, spec_tiling_launch, keys, cu_values)
+    problem, run, cu_values = call_plan(q, k, v, h, g, cu_seqlens, chunk_indices)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     o = torch.empty_like(v)
@@ -125,8 +121,26 @@ def chunk_fwd_o(
     return o
 
 
-def new_kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling,
-                      fixed_signature: bool = False) -> KernelLaunch | None:
+def call_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None,
+              cu_seqlens: torch.Tensor | None = None, chunk_indices: torch.Tensor | None = None,
+              ) -> tuple[contract.ChunkOProblem, KernelLaunch | None, tuple[int, ...] | None]:
+    """(problem, launch, host cu_seqlens values or None) of a chunk_fwd_o call: the contract check and plan()
+    of its call signature, cached (one lookup for a repeated signature)."""
+    keys = tensor_keys(ARG_NAMES, (q, k, v, h, g, cu_seqlens, chunk_indices))
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
+    problem, run = planned(contract.validate_chunk_o_inputs, plan, keys, cu_values)
+    return problem, run, cu_values
+
+
+def plan(problem: contract.ChunkOProblem) -> KernelLaunch | None:
+    """chunk_fwd_o's plan for a validated problem: its launch with the problem's tiling
+    (tilings.chunk_o_tiling), None when it has no programs. Fixed signature (gdn.triton.launcher.KernelLaunch):
+    a plan belongs to one call signature."""
+    return kernel_launch(problem, problem.tiling, fixed_signature=True)
+
+
+def kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling,
+                  fixed_signature: bool = False) -> KernelLaunch | None:
     """The kernel launch of a validated problem with a tiling, None when it has no programs."""
     num_v_tiles = -(-problem.V // tiling.block_v)
     num_programs = problem.num_chunks_total * problem.HV * num_v_tiles
@@ -141,24 +155,19 @@ def new_kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling,
     )
 
 
-@functools.lru_cache(maxsize=1024)
-def kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
-    """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
-    launcher; calls with another h dtype share it, so each launch is matched in full."""
-    return new_kernel_launch(problem, tiling)
-
-
-def spec_tiling_launch(problem: contract.ChunkOProblem) -> KernelLaunch | None:
-    """chunk_fwd_o's plan for one call signature: its own launch with the problem's tiling (tilings.chunk_o_tiling),
-    with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
-    return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
+@cached_plan
+def shared_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
+    """kernel_launch cached per (problem, tiling), shared by calls with other h dtypes (the problem does not fix
+    it), so each launch is matched in full."""
+    return kernel_launch(problem, tiling)
 
 
 def launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling, q: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None, o: torch.Tensor, scale: float,
            cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> None:
-    """Launch the kernel for a validated problem with the given tiling, writing o (benchmarks pass others)."""
-    run = kernel_launch(problem, tiling)
+    """Launch the kernel for a validated problem with the given tiling, writing o: the forward's stage 3, and
+    the tiling sweeps of benchmarks/tune_chunk_o.py."""
+    run = shared_launch(problem, tiling)
     if run is not None:
         run(q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, problem.T)
 

@@ -10,15 +10,13 @@ they would waste a tensor-core tile on one row, and the Triton 3.9 interpreter's
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import planned, tensor_keys
-from gdn.triton.launcher import KernelLaunch
+from gdn.triton.launcher import KernelLaunch, cached_plan
 
 
 @triton.jit
@@ -61,7 +59,7 @@ def decode_step_kernel(
     tl.store(new_state + p_s, b_s, mask=m_kv)
 
 
-_ARG_NAMES = ("q", "k", "v", "g", "beta", "state")
+ARG_NAMES = ("q", "k", "v", "g", "beta", "state")
 
 
 def decode_step(
@@ -79,8 +77,7 @@ def decode_step(
     float32; state [N, HV, K, V] float32, S before the token. new_state is S after it, a new float32 tensor
     (state is not modified); scale defaults to K**-0.5.
     """
-    keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, state), op=spec.DECODE_OP)
-    problem, run = planned(contract.validate_decode_inputs, spec_tiling_launch, keys)
+    problem, run = call_plan(q, k, v, g, beta, state)
     o = torch.empty_like(v)
     new_state = torch.empty_like(state)
     if run is not None:
@@ -89,8 +86,21 @@ def decode_step(
     return o, new_state
 
 
-def new_kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling,
-                      fixed_signature: bool = False) -> KernelLaunch | None:
+def call_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+              state: torch.Tensor) -> tuple[contract.DecodeProblem, KernelLaunch | None]:
+    """(problem, launch) of a decode_step call: the contract check and plan() of its call signature, cached."""
+    keys = tensor_keys(ARG_NAMES, (q, k, v, g, beta, state), op=spec.DECODE_OP)
+    return planned(contract.validate_decode_inputs, plan, keys)
+
+
+def plan(problem: contract.DecodeProblem) -> KernelLaunch | None:
+    """decode_step's plan for a validated problem: its launch with the problem's tiling
+    (tilings.decode_tiling), None when N = 0; fixed signature (gdn.triton.launcher.KernelLaunch)."""
+    return kernel_launch(problem, problem.tiling, fixed_signature=True)
+
+
+def kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling,
+                  fixed_signature: bool = False) -> KernelLaunch | None:
     """The kernel launch of a validated problem with a tiling, None when N = 0."""
     if problem.N == 0:
         return None
@@ -98,24 +108,17 @@ def new_kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling,
                         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BK=tiling.block_k, BV=tiling.block_v)
 
 
-@functools.lru_cache(maxsize=1024)
-def kernel_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
-    """new_kernel_launch cached per (problem, tiling), so repeated launches reuse its compiled variant's C
-    launcher (each launch matched in full: benchmarks pass their own arguments)."""
-    return new_kernel_launch(problem, tiling)
-
-
-def spec_tiling_launch(problem: contract.DecodeProblem) -> KernelLaunch | None:
-    """decode_step's plan for one call signature: its own launch with the problem's tiling
-    (tilings.decode_tiling), with a fixed signature (gdn.triton.launcher.KernelLaunch)."""
-    return new_kernel_launch(problem, problem.tiling, fixed_signature=True)
+@cached_plan
+def shared_launch(problem: contract.DecodeProblem, tiling: tilings.Tiling) -> KernelLaunch | None:
+    """kernel_launch cached per (problem, tiling), each launch matched in full (callers pass any arguments)."""
+    return kernel_launch(problem, tiling)
 
 
 def launch(problem: contract.DecodeProblem, tiling: tilings.Tiling, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, o: torch.Tensor, new_state: torch.Tensor,
            scale: float) -> None:
-    """Launch the kernel for a validated problem with the given tiling, writing o and new_state (benchmarks
-    pass other tilings)."""
-    run = kernel_launch(problem, tiling)
+    """Launch the kernel for a validated problem with the given tiling, writing o and new_state: the tiling
+    sweep of benchmarks/decode.py."""
+    run = shared_launch(problem, tiling)
     if run is not None:
         run(q, k, v, g, beta, state, o, new_state, scale)

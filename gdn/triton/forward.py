@@ -23,7 +23,7 @@ from gdn.common import contract, spec, tilings
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
-from gdn.triton.launcher import KernelLaunch
+from gdn.triton.launcher import KernelLaunch, cached_plan
 
 
 @triton.jit
@@ -266,7 +266,7 @@ def chunk_combine_kernel(
 _ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_plan
 def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
     """The prepare kernel's launch for a validated problem with chunks, cached per (problem, tiling)."""
     return KernelLaunch(
@@ -277,7 +277,7 @@ def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> 
     )
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_plan
 def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
                 final: bool, output_o: bool, store_h: bool, mapped: int = 0) -> KernelLaunch:
     """The walk kernel's launch for a validated problem in that many pieces, cached. mapped > 0: the map walk
@@ -293,7 +293,7 @@ def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces
     )
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_plan
 def combine_launch(problem: contract.ForwardProblem, initial: bool) -> KernelLaunch:
     """The combine kernel's launch for a validated problem, cached."""
     tiling = tilings.SCAN_TILING
@@ -419,7 +419,7 @@ def multiprocessors(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_plan
 def context_pieces(problem: contract.ForwardProblem, device: torch.device) -> int:
     """problem.pieces on that device, cached per call signature."""
     return problem.pieces(multiprocessors(device))

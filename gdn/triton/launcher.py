@@ -1,31 +1,35 @@
-"""Launching gdn's Triton kernels with little host time.
+"""Launching gdn's Triton kernels with little host time, and the caches of launch plans.
 
 ``kernel[grid](*args, **constexprs)`` binds and specializes every argument in Python on every call: 18 µs of
 CPU per launch on the H100 machine (Triton 3.6), more than chunk_fwd_o's device time at T = 512. Once Triton
-has compiled the variant a call needs, that variant's launcher (``CompiledKernel.run``, what Triton calls
-after the binding; 5.9 µs there), or on Triton 3.6 the C function under it (4.9 µs), can be called directly.
+has compiled the variant a call needs, the C function under that variant's launcher (``CompiledKernel.run``,
+a ``CudaLauncher`` whose ``launch`` takes the grid, stream, function, metadata and arguments) can be called
+directly: 4.9 µs there. That fast path calls Triton internals whose signatures change between releases, so it
+is taken only on the Triton versions in VERIFIED_TRITON (checked on a GPU: tests/test_launcher.py compares the
+bits of both paths); every other version launches through Triton's own ``kernel[grid](...)``.
 
 A ``KernelLaunch`` fixes everything of a launch but the runtime argument values: kernel, grid, tiling and
-constexprs. chunk_fwd_o and decode_step build theirs once per call signature, together with the contract check
-(gdn.triton.arrays.planned), so a repeated call signature finds it with one lookup; the forward's three stages
-and the benchmarks use launches cached per (problem, tiling) (chunk_o.kernel_launch, forward.prepare_launch,
-forward.states_launch, decode.kernel_launch), matched in full on every call. Its first launch on a
-device goes through Triton and records the compiled variant with the arguments it was specialized for; a
-later launch goes straight to that variant's C launcher when it provably selects the same one: the same
-device; every tensor argument a ``torch.Tensor`` of the recorded dtype, 16-byte aligned (Triton specializes
-pointers on 16-byte alignment); every other argument of the recorded type, None and ints with the recorded
-value (stricter than Triton's int key: ==1, divisibility by 16, int32 range; gdn's int arguments are sizes
-fixed per problem), or, for a launch built with fixed_signature, every tensor 16-byte aligned. Every other
-launch takes Triton's own path, and so does every launch while the kernel has pre-run hooks, while a launch
-hook is set (profilers), or under TRITON_INTERPRET. Triton options read from the environment at compile time
-(TRITON_DEBUG and the like) are not part of the record: a variant recorded before they change keeps being
-launched.
+constexprs. Each op has one plan function building its launches for a validated problem; the plans are cached
+(``cached_plan``) per call signature (chunk_fwd_o, decode_step: gdn.triton.arrays.planned, together with the
+contract check) or per (problem, tiling) (the forward's stages, and the launches benchmarks make with other
+tilings), and ``reset_plans()`` empties every such cache. A launch's first call on a device goes through
+Triton and records the compiled variant with the arguments it was specialized for; a later call goes straight
+to that variant's C launcher when it provably selects the same one: the same device; every tensor argument a
+``torch.Tensor`` of the recorded dtype, 16-byte aligned (Triton specializes pointers on 16-byte alignment);
+every other argument of the recorded type, None and ints with the recorded value (stricter than Triton's int
+key: ==1, divisibility by 16, int32 range; gdn's int arguments are sizes fixed per problem), or, for a launch
+built with fixed_signature, every tensor 16-byte aligned. Every other launch takes Triton's own path, and so
+does every launch while the kernel has pre-run hooks, while a launch hook is set (profilers), or under
+TRITON_INTERPRET. Triton options read from the environment at compile time (TRITON_DEBUG and the like) are not
+part of the record: a variant recorded before they change keeps being launched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import triton
@@ -35,16 +39,43 @@ from triton.runtime.jit import JITFunction
 from gdn.common import tilings
 
 _INT32 = range(-(2**31), 2**31)
-# CompiledKernel.run(grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook,
-# *all arguments, constexprs included) is the launch call of Triton 3.6 (checked on the GPU) through 3.9
-_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-_DIRECT_LAUNCH = _TRITON_VERSION >= (3, 6) and hasattr(triton, "knobs")
-# Triton 3.6's CompiledKernel.run is a CudaLauncher whose Python __call__ allocates the global and profile
-# scratch buffers, then calls its C function launch(grid x, y, z, stream, function, cooperative grid, PDL,
-# global scratch, profile scratch, packed metadata, launch metadata, enter hook, exit hook, *all arguments).
-# For a variant that needs no scratch, gdn calls that C function itself (1 µs less per launch on the H100
-# machine); only on 3.6, where the signature was checked on the GPU.
-_C_LAUNCH = _TRITON_VERSION == (3, 6)
+
+VERIFIED_TRITON = ((3, 6),)
+"""Triton (major, minor) releases whose launch internals the fast path was checked against on a GPU. On them,
+CompiledKernel.run is a CudaLauncher: run(grid x, y, z, stream, function, packed metadata, launch metadata,
+enter hook, exit hook, *all arguments, constexprs included), whose Python __call__ allocates the global and
+profile scratch buffers and then calls its C function launch(grid x, y, z, stream, function, cooperative grid,
+PDL, global scratch, profile scratch, packed metadata, launch metadata, enter hook, exit hook, *all arguments);
+for a variant that needs no scratch gdn calls that C function itself (1 µs less per launch on the H100
+machine). Add a release here only after tests/test_launcher.py's GPU tests pass on it."""
+
+
+def fast_launch_supported(version: str) -> bool:
+    """Whether Triton `version` (e.g. "3.6.0") is one the fast path was verified on (VERIFIED_TRITON)."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return major_minor in VERIFIED_TRITON and hasattr(triton, "knobs")
+
+
+_PLAN_CACHES: list[Any] = []
+Build = TypeVar("Build", bound=Callable[..., Any])
+
+
+def cached_plan(build: Build) -> Build:
+    """build (a plan function: its launches for hashable arguments such as a problem and a tiling) cached per
+    arguments; reset_plans() empties the cache."""
+    cached = functools.lru_cache(maxsize=1024)(build)
+    _PLAN_CACHES.append(cached)
+    return cached  # type: ignore[return-value]
+
+
+def reset_plans() -> None:
+    """Drop every cached launch plan (and the compiled variants they recorded), so that the next call of each
+    op plans its launches anew: what tests that swap a kernel or a Triton version call."""
+    for cache in _PLAN_CACHES:
+        cache.cache_clear()
 
 
 def _argument_key(x: Any) -> Any:
@@ -68,10 +99,10 @@ def _launch_hooks_set() -> bool:
 
 def _launch_call(compiled: Any) -> tuple[Any, tuple]:
     """(launch function, its arguments between the stream and the kernel's arguments) of a compiled variant
-    that has run once: the C launch function on Triton 3.6 when the variant needs no scratch memory, else
-    CompiledKernel.run."""
+    that has run once, on a VERIFIED_TRITON release: its CudaLauncher's C launch function when the variant
+    needs no scratch memory, else CompiledKernel.run."""
     launcher = compiled.run
-    if (_C_LAUNCH and hasattr(launcher, "launch") and not getattr(launcher, "global_scratch_size", 1)
+    if (hasattr(launcher, "launch") and not getattr(launcher, "global_scratch_size", 1)
             and not getattr(launcher, "profile_scratch_size", 1)):
         return launcher.launch, (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None,
                                  None, compiled.packed_metadata, None, None, None)
@@ -124,8 +155,9 @@ class _Variant:
 
 class KernelLaunch:
     """``kernel[grid](*args, **constexprs)`` with the tiling's launch options (num_warps, num_stages, maxnreg),
-    everything but args fixed; calling it launches on the current device and stream, through the compiled
-    variant's C launcher after the first launch on that device (module docstring).
+    everything but args fixed; calling it launches on the current device and stream, on a VERIFIED_TRITON
+    release through the compiled variant's C launcher after the first launch on that device (module
+    docstring), else through Triton's launcher every time.
 
     fixed_signature: the owner promises that every call passes tensors of the same dtypes, None in the same
     places, the same ints and a float where a float was, as an op's plan for one call signature does (its
@@ -143,7 +175,7 @@ class KernelLaunch:
         self.launch_options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
         if tiling.max_registers is not None:
             self.launch_options["maxnreg"] = tiling.max_registers
-        self._direct = _DIRECT_LAUNCH and isinstance(kernel, JITFunction)
+        self._direct = fast_launch_supported(triton.__version__) and isinstance(kernel, JITFunction)
         self._variants: dict[int, _Variant] = {}  # device → the variant its first recordable launch compiled
 
     def __call__(self, *args: Any) -> None:
