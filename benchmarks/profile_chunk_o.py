@@ -152,8 +152,8 @@ def pallas_grids() -> None:
 
     from benchmarks.chunk_o import varlen_seqlens
     from gdn.common import example, spec, tilings
-    from gdn.pallas.arrays import multiprocessor_count
-    from gdn.pallas.chunk_o import launch, validated
+    from gdn.pallas.arrays import as_index, multiprocessor_count
+    from gdn.pallas.chunk_o import checked_problem, launch
 
     sms = multiprocessor_count()
     lengths = varlen_seqlens()
@@ -163,7 +163,9 @@ def pallas_grids() -> None:
         a = example.random_inputs(B, T, H, HV, 128, 128, "bfloat16", True, cu, seed=0)
         q, k, v, h = (jnp.asarray(a[n], jnp.bfloat16) for n in "qkvh")
         g = jnp.asarray(a["g"])
-        problem, cu_seqlens, chunk_indices = validated(q, k, v, h, g, None if cu is None else jnp.asarray(cu), None)
+        cu_seqlens = as_index(cu)
+        chunk_indices = None if cu is None else as_index(spec.prepare_chunk_indices(cu))
+        problem = checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices)
         items = problem.num_programs
         name = f"B{B}-T{T}-H{H}-HV{HV}" + ("" if seqlens is None else f"-varlen{len(seqlens)}")
         spec_grid = None

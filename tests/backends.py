@@ -149,15 +149,16 @@ class PallasBackend:
 
     def run_on_grid(self, inputs: OpInputs, programs: int | None) -> tuple[np.ndarray, int]:
         """chunk_fwd_o with a grid of ``programs`` programs (None: the spec's choice), and its work items."""
-        from gdn.pallas.arrays import resolve_interpret
-        from gdn.pallas.chunk_o import launch, validated
+        from gdn.pallas.arrays import as_index, resolve_interpret
+        from gdn.pallas.chunk_o import checked_problem, launch
 
         a = self.convert(inputs)
-        problem, cu_seqlens, chunk_indices = validated(*(a[n] for n in ("q", "k", "v", "h", "g", "cu_seqlens",
-                                                                         "chunk_indices")))
+        cu = inputs.arrays["cu_seqlens"]
+        chunk_indices = None if cu is None else as_index(spec.prepare_chunk_indices(cu))
+        problem = checked_problem(*(a[n] for n in ("q", "k", "v", "h", "g", "cu_seqlens")), chunk_indices)
         scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
-        out = launch(a["q"], a["k"], a["v"], a["h"], a["g"], scale, cu_seqlens, chunk_indices, problem=problem,
-                     interpret=resolve_interpret(None), programs=programs)
+        out = launch(a["q"], a["k"], a["v"], a["h"], a["g"], scale, as_index(a["cu_seqlens"]), chunk_indices,
+                     problem=problem, interpret=resolve_interpret(None), programs=programs)
         return self.numpy(out), problem.num_programs
 
     def decode_step(self, inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -177,12 +178,9 @@ class PallasBackend:
 
     def _forward_problem(self, a: dict, cu_seqlens_values: np.ndarray | None,
                          output_final_state: bool) -> contract.ForwardProblem:
-        from gdn.pallas.arrays import array_info, call_device
+        from gdn.pallas import forward
 
-        device = call_device(*a.values())
-        return contract.validate_forward_inputs(*(array_info(n, a[n], device) for n in FORWARD_ARGS),
-                                                cu_seqlens_values=cu_seqlens_values,
-                                                output_final_state=output_final_state)
+        return forward.checked_problem(*(a[n] for n in FORWARD_ARGS), output_final_state, cu_seqlens_values)
 
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
                           fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

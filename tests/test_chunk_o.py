@@ -161,3 +161,45 @@ def test_pallas_persistent_grid_gives_the_same_bits(case: Case) -> None:
 @pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
 def test_pallas_persistent_grid_gives_the_same_bits_large(case: Case) -> None:
     _assert_grid_sizes_agree(case, "bfloat16")
+
+
+# Pallas-only: the public ops are jitted internally, and say what to do under a caller's jit.
+def test_pallas_eager_calls_hit_the_internal_jit_cache() -> None:
+    """chunk_fwd_o called outside jax.jit compiles once per shape (later eager calls of that shape reuse the
+    program) and gives the bits of the same call under a caller's jax.jit."""
+    import jax
+    import jax.numpy as jnp
+
+    import gdn.pallas
+
+    inputs = Case(T=70, H=1, HV=2, K=16, V=32).inputs("float16", seed=18)
+    a = {n: None if x is None else jnp.asarray(x, inputs.dtypes[n]) for n, x in inputs.arrays.items()}
+    args = (a["q"], a["k"], a["v"], a["h"], a["g"])
+    first = gdn.pallas.chunk_fwd_o(*args)
+    compiled = gdn.pallas.compiled_variants()
+    again = gdn.pallas.chunk_fwd_o(*args)
+    assert gdn.pallas.compiled_variants() == compiled
+    assert np.array_equal(np.asarray(again), np.asarray(first))
+    assert np.array_equal(np.asarray(jax.jit(gdn.pallas.chunk_fwd_o)(*args)), np.asarray(first))
+
+
+@pytest.mark.parametrize("op", ["chunk_fwd_o", "chunk_gated_delta_rule"])
+def test_pallas_traced_cu_seqlens_needs_chunk_indices(op: str) -> None:
+    """Under a caller's jax.jit cu_seqlens has no values to build chunk_indices from: a ValueError says how to
+    build them on the host."""
+    import jax
+    import jax.numpy as jnp
+
+    import gdn.pallas
+
+    case = Case(T=70, H=1, HV=2, K=16, V=16, seqlens=(30, 40))
+    a = {n: None if x is None else jnp.asarray(x, case.inputs("float32").dtypes[n])
+         for n, x in case.inputs("float32").arrays.items()}
+    if op == "chunk_fwd_o":
+        call = jax.jit(lambda cu: gdn.pallas.chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], cu_seqlens=cu))
+    else:
+        beta = jnp.ones(a["g"].shape, jnp.float32)
+        call = jax.jit(lambda cu: gdn.pallas.chunk_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], beta,
+                                                                    cu_seqlens=cu))
+    with pytest.raises(ValueError, match=rf"^{op}: chunk_indices: expected chunk_indices when cu_seqlens is traced"):
+        call(a["cu_seqlens"])

@@ -29,28 +29,14 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def device_of(x) -> str | None:
-    """Devices of a concrete jax array; None for a tracer or a host numpy array, which go wherever the call runs."""
-    if isinstance(x, jax.Array) and not is_tracer(x):
-        return ",".join(sorted(str(d) for d in x.devices()))
-    return None
-
-
-def call_device(*arrays) -> str:
-    """The device a call runs on: that of the first concrete jax array; "traced" when there is none (a tracer
-    or a host numpy array has no device of its own: it takes the one the call runs on)."""
-    devices = [d for d in map(device_of, arrays) if d is not None]
-    return devices[0] if devices else "traced"
-
-
-def array_info(name: str, x, device: str, op: str = spec.CHUNK_O_OP) -> contract.ArrayInfo | None:
-    """The spec's framework-neutral view of argument x (None stays None); a tracer or numpy array takes the
-    call's device."""
+def array_info(name: str, x, op: str = spec.CHUNK_O_OP) -> contract.ArrayInfo | None:
+    """The spec's framework-neutral view of argument x (None stays None). JAX places every operand of a jitted
+    call itself (and refuses operands committed to different devices), so the view carries no device."""
     if x is None:
         return None
     if not isinstance(x, (jax.Array, np.ndarray)):
         raise TypeError(f"{op}: {name}: expected a jax.Array or numpy.ndarray; got {type(x).__name__}")
-    return contract.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, device_of(x) or device)
+    return contract.ArrayInfo(tuple(x.shape), np.dtype(x.dtype).name, "jax")
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -94,27 +80,19 @@ def input_dot_precision(dtype: str, interpret: bool) -> jax.lax.DotAlgorithmPres
     return float32_dot_precision(interpret) if dtype == "float32" else None
 
 
-def _host_values(x) -> np.ndarray | None:
-    """A host copy of cu_seqlens when it is already on the host (numpy, or a jax array on CPU); else None."""
-    if isinstance(x, np.ndarray):
-        return x
-    if is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
-        return None
-    return np.asarray(x)
-
-
 def host_cu_seqlens(cu_seqlens, chunk_indices, *, op: str) -> np.ndarray | None:
-    """The host values of cu_seqlens for the contract check and for building chunk_indices: read when on the
-    host, or when chunk_indices is missing (a device→host copy, as the Triton backend does); None when not
-    at hand. Raises when cu_seqlens is traced (under jax.jit) and chunk_indices is missing."""
-    if cu_seqlens is None or is_tracer(cu_seqlens):
-        if cu_seqlens is not None and chunk_indices is None:
-            raise ValueError(
-                f"{op}: chunk_indices: expected chunk_indices when cu_seqlens is traced (under jax.jit); got "
-                "None. Build them on the host with gdn.common.spec.prepare_chunk_indices(cu_seqlens, "
-                "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length")
+    """The host values of cu_seqlens that an op's thin wrapper checks (and builds chunk_indices from) before its
+    jitted body: read when cu_seqlens is a numpy array, or when chunk_indices is missing (then a device→host
+    copy of a device array, as the Triton backend does); None when neither. Raises when chunk_indices is
+    missing and cu_seqlens is traced (under a caller's jax.jit): nothing can be read then."""
+    if cu_seqlens is None or (chunk_indices is not None and not isinstance(cu_seqlens, np.ndarray)):
         return None
-    return _host_values(cu_seqlens) if chunk_indices is not None else np.asarray(cu_seqlens)
+    if is_tracer(cu_seqlens):
+        raise ValueError(
+            f"{op}: chunk_indices: expected chunk_indices when cu_seqlens is traced (under jax.jit); got "
+            "None. Build them on the host with gdn.common.spec.prepare_chunk_indices(cu_seqlens, "
+            "num_rows=upper_bound), which pads with PAD_CHUNK rows to a static length")
+    return np.asarray(cu_seqlens)
 
 
 def as_index(x) -> jax.Array | None:

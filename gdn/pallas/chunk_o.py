@@ -26,7 +26,6 @@ from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
     array_info,
     as_index,
-    call_device,
     check_token_rows,
     compiler_params,
     host_cu_seqlens,
@@ -134,7 +133,7 @@ def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *, IT
 def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract.ChunkOProblem, interpret: bool,
            programs: int | None = None):
     """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None); jitted, and
-    inlined into a caller's jit (gdn.pallas.forward's stage 3). programs: the grid size, by default
+    inlined into a caller's jit (jitted_chunk_fwd_o, gdn.pallas.forward's stage 3). programs: the grid size, by default
     tilings.persistent_programs's choice for the default device (one program per work item, or a persistent
     grid for long inputs on a GPU); any count from 1 to problem.num_programs gives the same bits."""
     items = problem.num_programs
@@ -193,30 +192,39 @@ def chunk_fwd_o(
     log-gate or None; scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
     cu_seqlens [N + 1] int32/int64, chunk_indices [NT, 2] from gdn.common.spec.prepare_chunk_indices.
     Without chunk_indices, a concrete cu_seqlens is read on the host (a device→host copy for a device
-    array) to build them; under jax.jit (a traced cu_seqlens) chunk_indices must be passed. Every array
-    argument may be traced. interpret=None runs the Pallas interpreter unless the default backend is a GPU.
+    array) to build them and check its values (a numpy cu_seqlens is always checked); under jax.jit (a traced
+    cu_seqlens) chunk_indices must be passed. Every array argument may be traced. interpret=None runs the
+    Pallas interpreter unless the default backend is a GPU.
+
+    Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
+    per shape, dtype and flag combination.
     """
-    problem, cu_seqlens, chunk_indices = validated(q, k, v, h, g, cu_seqlens, chunk_indices)
+    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
+    if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
+        checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_values)
+        if chunk_indices is None:
+            chunk_indices = spec.prepare_chunk_indices(cu_values)
+    return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, interpret: bool | None):
+    """chunk_fwd_o's body: the contract check at trace time (on shapes and dtypes), then the kernel."""
+    checked = checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices)
     if scale is None:
-        scale = spec.default_scale(problem.K)
-    return launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, problem=problem,
+        scale = spec.default_scale(checked.K)
+    return launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices), problem=checked,
                   interpret=resolve_interpret(interpret))
 
 
-def validated(q, k, v, h, g, cu_seqlens, chunk_indices) -> tuple[contract.ChunkOProblem, jax.Array | None,
-                                                                   jax.Array | None]:
-    """chunk_fwd_o's contract check: (problem, cu_seqlens, chunk_indices) with the index arrays int32 on the
-    device and chunk_indices built from a concrete cu_seqlens when missing; what launch takes."""
-    device = call_device(q, k, v, h, g, cu_seqlens, chunk_indices)
-    cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
-    problem = contract.validate_chunk_o_inputs(
-        *(array_info(name, x, device) for name, x in (("q", q), ("k", k), ("v", v), ("h", h), ("g", g),
-                                                      ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices))),
-        cu_seqlens_values=cu_values)
-    check_token_rows(problem.B, problem.T, op=spec.CHUNK_O_OP)
-    if cu_seqlens is not None and chunk_indices is None:
-        chunk_indices = spec.prepare_chunk_indices(cu_values)
-    return problem, as_index(cu_seqlens), as_index(chunk_indices)
+def checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_seqlens_values: np.ndarray | None = None,
+                    ) -> contract.ChunkOProblem:
+    """chunk_fwd_o's contract check (values of cu_seqlens too when given): the validated problem."""
+    infos = (array_info(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("h", h), ("g", g),
+                                                  ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices)))
+    checked = contract.validate_chunk_o_inputs(*infos, cu_seqlens_values=cu_seqlens_values)
+    check_token_rows(checked.B, checked.T, op=spec.CHUNK_O_OP)
+    return checked
 
 
 def warmup(

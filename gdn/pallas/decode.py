@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import contract, spec
-from gdn.pallas.arrays import array_info, call_device, compiler_params, resolve_interpret
+from gdn.pallas.arrays import array_info, compiler_params, resolve_interpret
 
 
 def decode_step_kernel(
@@ -84,6 +84,7 @@ def launch(q, k, v, g, beta, state, scale, *, problem: contract.DecodeProblem, i
     return o.reshape(N, HV, V), new_state.reshape(N, HV, K, V)
 
 
+@functools.partial(jax.jit, static_argnames=("interpret",))
 def decode_step(
     q: jax.Array,
     k: jax.Array,
@@ -100,12 +101,11 @@ def decode_step(
     q, k [N, H, K]; v [N, HV, V]; g [N, HV] float32 per-token log-gate (not cumulative); beta [N, HV]
     float32; state [N, HV, K, V] float32, S before the token. new_state is S after it, a new float32 array;
     scale (a Python float or a traced scalar) defaults to K**-0.5. Every array argument may be traced.
-    interpret=None runs the Pallas interpreter unless the default backend is a GPU.
+    interpret=None runs the Pallas interpreter unless the default backend is a GPU. Jitted (the contract is
+    checked when a shape is traced): a call outside jax.jit costs one jit dispatch.
     """
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "state": state}
-    device = call_device(*args.values())
-    problem = contract.validate_decode_inputs(*(array_info(name, x, device, op=spec.DECODE_OP)
-                                            for name, x in args.items()))
+    problem = contract.validate_decode_inputs(*(array_info(name, x, op=spec.DECODE_OP) for name, x in args.items()))
     if problem.N == 0:
         return jnp.zeros(v.shape, v.dtype), jnp.zeros(state.shape, jnp.float32)
     if scale is None:

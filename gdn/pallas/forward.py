@@ -25,7 +25,6 @@ from gdn.common import contract, spec, tilings
 from gdn.pallas.arrays import (
     array_info,
     as_index,
-    call_device,
     check_token_rows,
     compiler_params,
     float32_dot_precision,
@@ -456,24 +455,43 @@ def chunk_gated_delta_rule(
     output_final_state. scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
     cu_seqlens [N + 1] and chunk_indices as for gdn.pallas.chunk_fwd_o (under jax.jit chunk_indices must be
     passed). Every array argument may be traced. interpret=None runs the Pallas interpreter unless the
-    default backend is a GPU.
+    default backend is a GPU. Jitted internally (jitted_chunk_gated_delta_rule): a call outside jax.jit costs
+    one jit dispatch.
     """
-    args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state,
-            "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
-    device = call_device(*args.values())
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
-    problem = contract.validate_forward_inputs(
-        *(array_info(name, x, device, op=spec.FORWARD_OP) for name, x in args.items()),
-        cu_seqlens_values=cu_values, output_final_state=output_final_state)
-    check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)
-    if cu_seqlens is not None and chunk_indices is None:
-        chunk_indices = spec.prepare_chunk_indices(cu_values)
+    if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
+        checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, bool(output_final_state),
+                        cu_values)
+        if chunk_indices is None:
+            chunk_indices = spec.prepare_chunk_indices(cu_values)
+    return jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices,
+                                         output_final_state=bool(output_final_state), interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("output_final_state", "interpret"))
+def jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
+                                  output_final_state: bool, interpret: bool | None):
+    """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
+    context-parallel path for the default device, then the kernels."""
+    problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state)
     if scale is None:
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
     pieces = problem.pieces(None if interpret else multiprocessor_count())
     return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
                           problem=problem, pieces=pieces, interpret=interpret)
+
+
+def checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state: bool,
+                    cu_seqlens_values: np.ndarray | None = None) -> contract.ForwardProblem:
+    """chunk_gated_delta_rule's contract check (values of cu_seqlens too when given): the validated problem."""
+    args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state,
+            "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
+    problem = contract.validate_forward_inputs(
+        *(array_info(name, x, op=spec.FORWARD_OP) for name, x in args.items()),
+        cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state)
+    check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)
+    return problem
 
 
 def warmup_forward(
