@@ -2,8 +2,9 @@
 
 Each adapter turns OpInputs (numpy) into its framework's arrays, calls chunk_fwd_o (run), decode_step,
 chunk_gated_delta_rule (forward) or its first two stages (stages), and returns numpy float64.
-Triton runs compiled on CUDA when torch sees a GPU, else through TRITON_INTERPRET=1 (set in conftest.py).
-Pallas runs compiled when JAX's default backend is a GPU, else in interpret mode.
+Triton runs compiled on CUDA when torch sees a GPU, else through TRITON_INTERPRET=1 (set in conftest.py); its
+outputs start as NaN (conftest.nan_poisoned_outputs). Pallas runs compiled when JAX's default backend is a GPU,
+else in interpret mode, whose outputs start as NaN.
 """
 
 from __future__ import annotations
@@ -44,12 +45,6 @@ class TritonBackend:
                 device=device, dtype=getattr(torch, inputs.dtypes[name]))
         return converted
 
-    def poison(self, *like) -> None:
-        """Poison the allocator: outputs are torch.empty_like(these); on CUDA they reuse the freed NaN blocks,
-        so anything the kernel fails to write stays NaN instead of holding an earlier call's correct answer."""
-        poison = [self.torch.full_like(x, float("nan")) for x in like]
-        del poison
-
     @staticmethod
     def numpy(x) -> np.ndarray:
         return x.float().cpu().numpy().astype(np.float64)
@@ -58,7 +53,6 @@ class TritonBackend:
         from gdn.triton import chunk_fwd_o
 
         args = self.convert(inputs)
-        self.poison(args["v"])
         out = chunk_fwd_o(args["q"], args["k"], args["v"], args["h"], args["g"], inputs.scale,
                           args["cu_seqlens"], args["chunk_indices"])
         return self.numpy(out)
@@ -67,7 +61,6 @@ class TritonBackend:
         from gdn.triton import decode_step
 
         a = self.convert(inputs)
-        self.poison(a["v"], a["state"])
         o, state = decode_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], inputs.scale)
         return self.numpy(o), self.numpy(state)
 
@@ -75,7 +68,6 @@ class TritonBackend:
         from gdn.triton import chunk_gated_delta_rule
 
         a = self.convert(inputs)
-        self.poison(a["v"], a["v"], a["v"])  # u, v_new and o are v-sized
         o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
                                           output_final_state=output_final_state)
         return self.numpy(o), None if state is None else self.numpy(state)
@@ -130,10 +122,19 @@ class PallasBackend:
         return True
 
     def convert(self, inputs: OpInputs) -> dict:
+        import jax
         import jax.numpy as jnp
 
-        return {name: None if array is None else jnp.asarray(array, dtype=inputs.dtypes[name])
-                for name, array in inputs.arrays.items()}
+        converted = {name: None if array is None else jnp.asarray(array, dtype=inputs.dtypes[name])
+                     for name, array in inputs.arrays.items()}
+        if jax.default_backend() == "gpu":
+            # NaN arrays the size of the outputs (o and the state are v- and state-sized), freed at once: XLA's
+            # allocator hands their blocks to the next program's outputs, so an element the kernel fails to
+            # write most likely reads NaN. The interpreter fills its outputs with NaN itself.
+            for name in ("v", "state", "initial_state"):
+                if converted.get(name) is not None:
+                    jnp.full(converted[name].shape, jnp.nan, converted[name].dtype).block_until_ready()
+        return converted
 
     @staticmethod
     def numpy(x) -> np.ndarray:

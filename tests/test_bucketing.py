@@ -20,6 +20,7 @@ def test_bucket_size(T: int, expected: int) -> None:
     assert bucket_size(T) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T", [1, 37, 64, 65, 130])
 def test_padded_equals_unpadded(T: int) -> None:
     import jax.numpy as jnp

@@ -5,61 +5,41 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import reference, spec, tilings
+from gdn.common import spec, tilings
 from tests.backends import BACKENDS
-from tests.cases import CASES, LARGE_CASES, TOLERANCE, Case, OpInputs, seed_of
+from tests.cases import CASES, LARGE_CASES, Case, seed_of
+from tests.helpers import assert_close, assert_refused, chunk_o_reference, dtype_params, skip_unsupported
 
-DTYPES = ["float32", "float16", "bfloat16"]
-
-
-def reference_output(inputs: OpInputs) -> np.ndarray:
-    a = inputs.arrays
-    return reference.chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], inputs.scale, a["cu_seqlens"])
+OP = spec.CHUNK_O_OP
 
 
-def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference",
-                 tolerances: dict[str, float] = TOLERANCE) -> None:
-    """Same shape, all finite, and max |out − ref| / max |ref| within the dtype's tolerance."""
-    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
-    assert np.isfinite(out).all(), f"{what}: {np.count_nonzero(~np.isfinite(out))} non-finite outputs"
-    if ref.size == 0:  # T = 0: nothing to compare beyond the shape
-        return
-    rel_err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
-    assert rel_err <= tolerances[dtype], f"{what}: max abs err / max |ref| = {rel_err:.3g} > {tolerances[dtype]}"
-
-
-def skip_unsupported(backend, dtype: str) -> None:
-    if not backend.supports(dtype):
-        pytest.skip(f"{backend.name} does not run {dtype} on this machine (see tests/backends.py)")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_reference(backend, case: Case, dtype: str) -> None:
     skip_unsupported(backend, dtype)
     inputs = case.inputs(dtype, seed=seed_of(case.id))
-    assert_close(backend.run(inputs), reference_output(inputs), dtype)
+    assert_close(backend.run(inputs), chunk_o_reference(inputs), OP, dtype)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.seqlens], ids=lambda c: c.id)
 def test_varlen_with_given_and_padded_chunk_indices(backend, case: Case) -> None:
     """chunk_indices passed by the caller, and padded to a static length with PAD_CHUNK rows (h padded too)."""
     inputs = case.inputs("float32", seed=1)
-    ref = reference_output(inputs)
+    ref = chunk_o_reference(inputs)
     given = inputs.replace(chunk_indices=spec.prepare_chunk_indices(case.cu_seqlens))
-    assert_close(backend.run(given), ref, "float32", "given chunk_indices")
+    assert_close(backend.run(given), ref, OP, "float32", "given chunk_indices")
     extra = 3
     h = inputs.arrays["h"]
     padded = inputs.replace(
         chunk_indices=spec.prepare_chunk_indices(case.cu_seqlens, num_rows=case.state_rows + extra),
         h=np.concatenate([h, np.full((1, extra) + h.shape[2:], np.nan, np.float32)], axis=1))
-    assert_close(backend.run(padded), ref, "float32", "padded chunk_indices")
+    assert_close(backend.run(padded), ref, OP, "float32", "padded chunk_indices")
 
 
 def test_explicit_scale(backend) -> None:
     inputs = CASES[8].inputs("float32", seed=2)
     inputs.scale = 0.37
-    assert_close(backend.run(inputs), reference_output(inputs), "float32")
+    assert_close(backend.run(inputs), chunk_o_reference(inputs), OP, "float32")
 
 
 @pytest.mark.parametrize("case", [CASES[5], CASES[11]], ids=lambda c: c.id)
@@ -70,11 +50,12 @@ def test_deterministic(backend, case: Case) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
 def test_large_bf16_matches_reference(backend, case: Case) -> None:
     inputs = case.inputs("bfloat16", seed=4)
-    out, ref = backend.run(inputs), reference_output(inputs)
-    assert_close(out, ref, "bfloat16")
+    out, ref = backend.run(inputs), chunk_o_reference(inputs)
+    assert_close(out, ref, OP, "bfloat16")
     print(f"{backend.name} {case.id} bf16: max abs err {np.abs(out - ref).max():.3g}, "
           f"rel {np.abs(out - ref).max() / np.abs(ref).max():.3g}, "
           f"rel-l2 {np.linalg.norm(out - ref) / np.linalg.norm(ref):.3g}")
@@ -124,18 +105,7 @@ def _mutations() -> list[tuple[str, Case, dict, dict, type[Exception], str]]:
 
 @pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
 def test_contract_errors(backend, mutation) -> None:
-    assert_refused(backend.run, mutation, spec.CHUNK_O_OP)
-
-
-def assert_refused(call, mutation: tuple, op: str) -> None:
-    """call on the mutated float32 inputs of (id, case, array replacements, dtype replacements, error, message
-    regex) raises that error, its message starting with "<op>: " and the regex."""
-    _, case, arrays, dtypes, error, message = mutation
-    inputs = case.inputs("float32").replace(**arrays)
-    inputs.dtypes.update(dtypes)
-    with pytest.raises(error, match=f"^{op}: {message}"):
-        call(inputs)
-
+    assert_refused(backend.run, mutation, OP)
 
 
 # Pallas-only: the grid size (tilings.persistent_programs) never changes a bit of o.
@@ -145,7 +115,7 @@ def _assert_grid_sizes_agree(case: Case, dtype: str) -> None:
     pallas = BACKENDS["pallas"]
     inputs = case.inputs(dtype, seed=13)
     spec_choice, items = pallas.run_on_grid(inputs, programs=None)
-    assert_close(spec_choice, reference_output(inputs), dtype)
+    assert_close(spec_choice, chunk_o_reference(inputs), OP, dtype)
     for programs in (1, 3, tilings.PERSISTENT_PROGRAMS_PER_SM * 132, items):
         if programs <= items:
             assert np.array_equal(pallas.run_on_grid(inputs, programs)[0], spec_choice), f"{programs} programs"
@@ -158,6 +128,7 @@ def test_pallas_persistent_grid_gives_the_same_bits(case: Case) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
 def test_pallas_persistent_grid_gives_the_same_bits_large(case: Case) -> None:
     _assert_grid_sizes_agree(case, "bfloat16")

@@ -132,6 +132,7 @@ def _forward_inputs(T: int, dtype: str = "float16") -> dict[str, np.ndarray]:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_forward_warmup_compiles_everything_later_calls_need() -> None:
     from gdn.triton import chunk_gated_delta_rule, compiled_variants, warmup_forward
 
@@ -151,6 +152,7 @@ def test_forward_warmup_compiles_everything_later_calls_need() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("initial_state, output_final_state", [(False, False), (True, True), (False, True)])
 def test_forward_warmup_covers_the_context_parallel_path(initial_state: bool, output_final_state: bool) -> None:
     """A long dense sequence with few walks runs in pieces (tilings.context_pieces: the map walk and the
@@ -170,6 +172,7 @@ def test_forward_warmup_covers_the_context_parallel_path(initial_state: bool, ou
     assert compiled_variants() == before
 
 
+@pytest.mark.slow
 def test_pallas_forward_warmup_covers_every_padded_length() -> None:
     """After gdn.pallas.warmup_forward over the buckets, forward calls at any T padded with
     pad_forward_to_bucket compile nothing, and their real rows of o and their final state are the unpadded

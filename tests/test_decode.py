@@ -7,11 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import reference
+from gdn.common import reference, spec
 from gdn.common.example import random_recurrent_inputs
+from tests import helpers
 from tests.backends import BACKENDS
 from tests.cases import DECODE_CASES, DecodeCase, seed_of
-from tests.test_chunk_o import DTYPES, assert_close
+from tests.helpers import assert_refused, dtype_params
+
+OP = spec.DECODE_OP
 
 STEPS = 5
 """Tokens decoded per test: o is checked after each (T = 1 … 5), the state after the first and the last."""
@@ -85,8 +88,11 @@ def test_reference_split_equals_whole(seqlens: tuple[int, ...] | None, split: in
 
 # decode_step in every backend.
 def skip_unsupported(backend, dtype: str) -> None:
-    if not backend.supports(dtype, "decode_step"):
-        pytest.skip(f"{backend.name} does not run decode_step in {dtype} on this machine (see tests/backends.py)")
+    helpers.skip_unsupported(backend, dtype, OP)
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference") -> None:
+    helpers.assert_close(out, ref, OP, dtype, what)
 
 
 def assert_state_close(state: np.ndarray, ref: np.ndarray, what: str = "state vs reference") -> None:
@@ -94,7 +100,7 @@ def assert_state_close(state: np.ndarray, ref: np.ndarray, what: str = "state vs
     assert_close(state, ref, "float32", what)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
 def test_decode_matches_reference(backend, case: DecodeCase, dtype: str) -> None:
     """STEPS tokens decoded one call at a time from a random state, each call fed the last one's new state."""
@@ -128,7 +134,7 @@ def test_decode_explicit_scale_and_empty_batch(backend) -> None:
     assert o.shape == (0, case.HV, case.V) and state.shape == (0, case.HV, case.K, case.V)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", DECODE_CASES[1:5], ids=lambda c: c.id)
 def test_decode_triton_equals_pallas(case: DecodeCase, dtype: str) -> None:
     triton, pallas = BACKENDS["triton"], BACKENDS["pallas"]
@@ -157,11 +163,10 @@ def test_decode_deterministic(backend, dtype: str) -> None:
 _BASE = DecodeCase(N=2, H=2, HV=4, K=16, V=16)
 
 
-def _mutations() -> list[tuple[str, dict, dict, type[Exception], str]]:
-    """(id, array replacements, dtype replacements, error, message regex)."""
-    tokens = _BASE.tokens("float32", 1)
-    a = _BASE.step(tokens, 0, tokens.arrays["initial_state"]).arrays
-    return [
+def _mutations() -> list[tuple[str, DecodeCase, dict, dict, type[Exception], str]]:
+    """(id, base case, array replacements, dtype replacements, error, message regex)."""
+    a = _BASE.inputs("float32").arrays
+    return [(name, _BASE, arrays, dtypes, error, message) for name, arrays, dtypes, error, message in [
         ("q-rank", {"q": a["q"][0]}, {}, ValueError, r"q: expected a rank-3 array \[N, H, K\]; got shape \(2, 16\)"),
         ("k-shape", {"k": a["k"][:, :1]}, {}, ValueError, r"k: expected the shape of q"),
         ("v-N", {"v": a["v"][:1]}, {}, ValueError, r"v: expected v.shape\[0\] \(N\) = 2"),
@@ -176,14 +181,9 @@ def _mutations() -> list[tuple[str, dict, dict, type[Exception], str]]:
         ("state-bf16", {}, {"state": "bfloat16"}, TypeError, r"state: expected dtype in \('float32',\)"),
         ("state-shape", {"state": a["state"][..., :8]}, {}, ValueError,
          r"state: expected state.shape = \(2, 4, 16, 16\)"),
-    ]
+    ]]
 
 
 @pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
 def test_decode_contract_errors(backend, mutation) -> None:
-    _, arrays, dtypes, error, message = mutation
-    tokens = _BASE.tokens("float32", 1)
-    inputs = _BASE.step(tokens, 0, tokens.arrays["initial_state"]).replace(**arrays)
-    inputs.dtypes.update(dtypes)
-    with pytest.raises(error, match=f"^decode_step: {message}"):
-        backend.decode_step(inputs)
+    assert_refused(backend.decode_step, mutation, OP)

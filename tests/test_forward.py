@@ -8,37 +8,25 @@ import numpy as np
 import pytest
 
 from gdn.common import reference, spec
-from tests import test_chunk_o
+from tests import helpers
 from tests.backends import BACKENDS
-from tests.cases import (
-    FORWARD_CASES,
-    FORWARD_TOLERANCE,
-    LARGE_FORWARD_CASES,
-    ForwardCase,
-    OpInputs,
-    forward_varlen,
-    seed_of,
-)
-from tests.test_chunk_o import DTYPES, skip_unsupported
+from tests.cases import FORWARD_CASES, LARGE_FORWARD_CASES, ForwardCase, OpInputs, forward_varlen, seed_of
+from tests.helpers import assert_refused, dtype_params, forward_reference, skip_unsupported
 
-
-def recurrent_reference(inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
-    a = inputs.arrays
-    return reference.recurrent_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], a["beta"], inputs.scale,
-                                                a["initial_state"], True, a["cu_seqlens"])
+OP = spec.FORWARD_OP
 
 
 def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> None:
-    test_chunk_o.assert_close(out, ref, dtype, what, FORWARD_TOLERANCE)
+    helpers.assert_close(out, ref, OP, dtype, what)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
 def test_matches_recurrent_reference(backend, case: ForwardCase, dtype: str) -> None:
     skip_unsupported(backend, dtype)
     inputs = case.inputs(dtype, seed=seed_of(case.id))
     o, final_state = backend.forward(inputs)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     assert_close(o, o_ref, dtype, "o")
     assert_close(final_state, state_ref, dtype, "final_state")
 
@@ -79,7 +67,7 @@ def test_inverse_is_exact_for_equal_keys(backend) -> None:
     np.testing.assert_allclose(out["w"][0, :, 0], expected_w, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("seqlens", [(1, 64, 65, 129), (2, 63)], ids=str)
 def test_prefill_then_decode_equals_forward(backend, seqlens: tuple[int, ...], dtype: str) -> None:
     """Prefill every sequence but its last token (one packed varlen call), then decode_step those last tokens
@@ -102,7 +90,7 @@ def test_prefill_then_decode_equals_forward(backend, seqlens: tuple[int, ...], d
     assert_close(state_step, state_full, dtype, "final state after decode")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("case", [FORWARD_CASES[4], FORWARD_CASES[6]], ids=lambda c: c.id)
 def test_backends_agree(case: ForwardCase, dtype: str) -> None:
     """Triton and Pallas on the same inputs: o and final state within the dtype's tolerance of each other."""
@@ -146,11 +134,12 @@ def test_pallas_under_jit_with_padded_chunk_indices() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LARGE_FORWARD_CASES, ids=lambda c: c.id)
 def test_large_bf16_matches_recurrent_reference(backend, case: ForwardCase) -> None:
     inputs = case.inputs("bfloat16", seed=10)
     o, final_state = backend.forward(inputs)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     assert_close(o, o_ref, "bfloat16", "o")
     assert_close(final_state, state_ref, "bfloat16", "final_state")
     print(f"{backend.name} {case.id} bf16: o rel err {np.abs(o - o_ref).max() / np.abs(o_ref).max():.3g}, "
@@ -185,7 +174,7 @@ def _mutations() -> list[tuple[str, ForwardCase, dict, dict, type[Exception], st
 
 @pytest.mark.parametrize("mutation", _mutations(), ids=lambda m: m[0])
 def test_contract_errors(backend, mutation) -> None:
-    test_chunk_o.assert_refused(backend.forward, mutation, spec.FORWARD_OP)
+    assert_refused(backend.forward, mutation, OP)
 
 
 def test_no_tokens_returns_the_initial_state(backend) -> None:
@@ -216,7 +205,7 @@ def test_extreme_gates_and_beta(backend, gates: str) -> None:
         beta = (np.arange(case.T)[None, :, None] % 2 + 0 * beta).astype(np.float32)
     inputs = inputs.replace(g=g, beta=beta)
     o, final_state = backend.forward(inputs)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     assert_close(o, o_ref, "float32", f"o, {gates}")
     assert_close(final_state, state_ref, "float32", f"final_state, {gates}")
 
@@ -258,7 +247,7 @@ _PIECE_VARLEN_CASE = forward_varlen((130, 0, 1, 257, 64), 1, 2, 32, 16)
 def test_context_parallel_path_matches_the_reference(backend, case: ForwardCase, pieces: int) -> None:
     inputs = case.inputs("float32", seed=21)
     o, state = backend.forward_in_pieces(inputs, pieces)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     assert_close(o, o_ref, "float32", f"o, {pieces} pieces")
     assert_close(state, state_ref, "float32", f"final state, {pieces} pieces")
     o_again, state_again = backend.forward_in_pieces(inputs, pieces)
@@ -271,7 +260,7 @@ def test_fused_walk_matches_the_reference(backend, pieces: int) -> None:
     chunk_fwd_o), in one piece and three, against the reference."""
     inputs = _PIECE_VARLEN_CASE.inputs("float32", seed=26)
     o, state = backend.forward_in_pieces(inputs, pieces, fused=True)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     assert_close(o, o_ref, "float32", "o")
     assert_close(state, state_ref, "float32", "final state")
 
@@ -282,7 +271,7 @@ def test_context_parallel_path_in_16_bit(backend) -> None:
     inputs = _PIECE_VARLEN_CASE.inputs("float16", seed=22)
     o, state = backend.forward_in_pieces(inputs, 3, output_final_state=False)
     assert state is None
-    assert_close(o, recurrent_reference(inputs)[0], "float16", "o")
+    assert_close(o, forward_reference(inputs)[0], "float16", "o")
 
 
 _POISONED = ("v", "k", "g", "beta", "q")
@@ -302,7 +291,7 @@ def test_a_non_finite_token_never_reaches_earlier_tokens(backend, pieces: int) -
         poisoned[name] = poisoned.get(name, inputs.arrays[name]).copy()
         poisoned[name][row, bad] = np.nan
     inputs = inputs.replace(**poisoned)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     o, state = backend.forward_in_pieces(inputs, pieces)
     assert_close(o[:, :bad], o_ref[:, :bad], "float32", "o before the NaN token")
     assert np.isnan(o[:, bad:][np.isnan(o_ref[:, bad:])]).all()
@@ -319,13 +308,14 @@ def test_minus_infinity_gate_is_a_reset(backend, pieces: int) -> None:
     g[:, 70] = -np.inf
     g[:, 150:152] = -np.inf
     inputs = inputs.replace(g=g)
-    o_ref, state_ref = recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     o, state = backend.forward_in_pieces(inputs, pieces)
     assert_close(o, o_ref, "float32", "o")
     assert_close(state, state_ref, "float32", "final state")
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_large_context_parallel_forward_matches_the_plain_walk_closely() -> None:
     """One long sequence with few heads, where tilings.context_pieces cuts it on a GPU: the public call (in
     pieces) against the plain walk (one piece) and the reference, in bf16."""

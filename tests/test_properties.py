@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import test_forward
+from gdn.common import spec
 from tests.backends import BACKENDS
 from tests.cases import Case, ForwardCase
-from tests.test_chunk_o import assert_close, reference_output
+from tests.helpers import assert_close, chunk_o_reference, forward_reference
+
+pytestmark = pytest.mark.slow  # every example compiles new shapes: long on a GPU
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -41,12 +44,13 @@ def problems(draw: st.DrawFn, case_type: type, flag: str, max_sequences: int) ->
 def test_backends_agree_with_reference_and_each_other(drawn: tuple[Case, str], seed: int) -> None:
     case, dtype = drawn
     inputs = case.inputs(dtype, seed=seed)
-    ref = reference_output(inputs)
+    ref = chunk_o_reference(inputs)
     outputs = {name: b.run(inputs) for name, b in BACKENDS.items() if b.supports(dtype)}
     for name, out in outputs.items():
-        assert_close(out, ref, dtype, f"{name} {case.id} {dtype}")
+        assert_close(out, ref, spec.CHUNK_O_OP, dtype, f"{name} {case.id} {dtype}")
     if len(outputs) == 2:
-        assert_close(outputs["pallas"], outputs["triton"], dtype, f"pallas vs triton {case.id} {dtype}")
+        assert_close(outputs["pallas"], outputs["triton"], spec.CHUNK_O_OP, dtype,
+                     f"pallas vs triton {case.id} {dtype}")
 
 
 @settings(max_examples=max(4, settings().max_examples // 2))
@@ -56,12 +60,12 @@ def test_forward_backends_agree_with_recurrence_and_each_other(drawn: tuple[Forw
     backends (half the examples of the chunk_fwd_o property: each draws a new compiled shape)."""
     case, dtype = drawn
     inputs = case.inputs(dtype, seed=seed)
-    o_ref, state_ref = test_forward.recurrent_reference(inputs)
+    o_ref, state_ref = forward_reference(inputs)
     outputs = {name: b.forward(inputs) for name, b in BACKENDS.items() if b.supports(dtype)}
     for name, (o, state) in outputs.items():
-        test_forward.assert_close(o, o_ref, dtype, f"{name} {case.id} {dtype}: o")
-        test_forward.assert_close(state, state_ref, dtype, f"{name} {case.id} {dtype}: final_state")
+        assert_close(o, o_ref, spec.FORWARD_OP, dtype, f"{name} {case.id} {dtype}: o")
+        assert_close(state, state_ref, spec.FORWARD_OP, dtype, f"{name} {case.id} {dtype}: final_state")
     if len(outputs) == 2:
         for i, what in enumerate(("o", "final_state")):
-            test_forward.assert_close(outputs["pallas"][i], outputs["triton"][i], dtype,
-                                      f"pallas vs triton {case.id} {dtype}: {what}")
+            assert_close(outputs["pallas"][i], outputs["triton"][i], spec.FORWARD_OP, dtype,
+                         f"pallas vs triton {case.id} {dtype}: {what}")

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 
 from gdn.common import contract, spec
+from tests import helpers
 from tests.backends import BACKENDS
 from tests.cases import Case, OpInputs
-from tests.test_chunk_o import assert_close, reference_output, skip_unsupported
+from tests.helpers import chunk_o_reference, dtype_params, skip_unsupported
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str) -> None:
+    helpers.assert_close(out, ref, spec.CHUNK_O_OP, dtype)
+
 
 _GATE_CASE = Case(T=130, H=2, HV=4, K=48, V=64, seqlens=(70, 60))
 
@@ -30,12 +36,12 @@ def _gate_patterns() -> dict[str, np.ndarray]:
             "one-token-minus-1e4": np.where(np.arange(_GATE_CASE.T)[None, :, None] == 3, -1e4, -0.01) + 0 * steep}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("pattern", sorted(_gate_patterns()))
 def test_extreme_gates(backend, pattern: str, dtype: str) -> None:
     skip_unsupported(backend, dtype)
     inputs = _with_gates(_GATE_CASE.inputs(dtype, seed=5), _gate_patterns()[pattern])
-    assert_close(backend.run(inputs), reference_output(inputs), dtype)
+    assert_close(backend.run(inputs), chunk_o_reference(inputs), dtype)
 
 
 def test_large_magnitudes_fp32(backend) -> None:
@@ -46,13 +52,14 @@ def test_large_magnitudes_fp32(backend) -> None:
            for name in ("q", "k", "v", "h")}
     big["g"] = inputs.arrays["g"] * rng.uniform(0.0, 1.0)
     scaled = inputs.replace(**big)
-    assert_close(backend.run(scaled), reference_output(scaled), "float32")
+    assert_close(backend.run(scaled), chunk_o_reference(scaled), "float32")
 
 
 # Bit-exact invariances, each backend on its own.
 _SEQUENCE = Case(T=100, H=2, HV=4, K=48, V=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", [1, 63, 64, 65, 100])
 def test_prefix_invariance(backend, prefix: int) -> None:
     """o of the first t positions == o computed on that prefix alone (same states for the shared chunks)."""
@@ -88,6 +95,37 @@ def test_repeated_calls_identical(backend) -> None:
     assert all(np.array_equal(outputs[0], out) for out in outputs[1:])
 
 
+# The premise of every comparison: an output element that no kernel writes reads NaN, on every machine.
+def test_an_unwritten_triton_output_reads_nan(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """chunk_fwd_o with a kernel that writes nothing returns all NaN (conftest.nan_poisoned_outputs), so
+    assert_close fails on it."""
+    from gdn.triton import chunk_o, reset_plans
+
+    class SilentKernel:
+        def __getitem__(self, grid: tuple):
+            return lambda *args, **kwargs: None
+
+    reset_plans()  # the cached plans hold the real kernel; the finalizer drops the ones holding the silent one
+    request.addfinalizer(reset_plans)
+    monkeypatch.setattr(chunk_o, "chunk_fwd_o_kernel", SilentKernel())
+    inputs = Case(T=70, H=1, HV=2, K=16, V=16).inputs("float32", seed=19)
+    out = BACKENDS["triton"].run(inputs)
+    assert np.isnan(out).all()
+    with pytest.raises(AssertionError, match="non-finite outputs"):
+        assert_close(out, chunk_o_reference(inputs), "float32")
+
+
+def test_an_unwritten_pallas_interpreter_output_reads_nan() -> None:
+    """A Pallas kernel that writes nothing returns all NaN in interpret mode (what gdn.pallas runs off a GPU)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    silent = pl.pallas_call(lambda x, o: None, out_shape=jax.ShapeDtypeStruct((64, 16), jnp.bfloat16),
+                            interpret=True)
+    assert np.isnan(np.asarray(silent(jnp.zeros((64, 16), jnp.bfloat16)).astype(jnp.float32))).all()
+
+
 # Triton-only: torch can hand the kernel a view into a larger NaN-poisoned buffer, and non-contiguous views.
 def _torch_inputs(inputs: OpInputs, tail: int = 0):
     """The Triton adapter's tensors; with ``tail``, q, k, v and g become views of the first T rows of buffers
@@ -111,7 +149,7 @@ def test_nan_poisoned_memory_beyond_T_is_never_read(case: Case) -> None:
     t = _torch_inputs(inputs, tail=spec.CHUNK_SIZE)
     assert t["q"].is_contiguous()
     out = chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"])
-    assert_close(out.double().cpu().numpy(), reference_output(inputs), "float32")
+    assert_close(out.double().cpu().numpy(), chunk_o_reference(inputs), "float32")
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v", "h", "g"])
@@ -147,6 +185,7 @@ def test_too_many_programs_are_refused_before_launch() -> None:
                                      info((1, NT, 64, 128, 256)), None, None, None)
 
 
+@pytest.mark.unpoisoned
 def test_offsets_beyond_int32_elements() -> None:
     """v and o with more than 2³¹ elements: the kernel's token-row offsets are int64, so the last chunk of a
     1M-token sequence lands at the right address. One chunk is selected through chunk_indices (h holds that
@@ -169,7 +208,7 @@ def test_offsets_beyond_int32_elements() -> None:
     cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device)
     last_chunk = torch.tensor([[0, T // C - 1]], dtype=torch.int32, device=device)
     o = chunk_fwd_o(big["q"], big["k"], big["v"], h, big["g"], cu_seqlens=cu_seqlens, chunk_indices=last_chunk)
-    assert_close(o[:, T - C:].double().cpu().numpy(), reference_output(tail), "float16")
+    assert_close(o[:, T - C:].double().cpu().numpy(), chunk_o_reference(tail), "float16")
     del o, big
 
 
@@ -204,6 +243,7 @@ def _many_sequences(count: int) -> OpInputs:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_many_sequences_run_on_gpu(backend) -> None:
     inputs = _many_sequences(70_000)
-    assert_close(backend.run(inputs), reference_output(inputs), "float32")
+    assert_close(backend.run(inputs), chunk_o_reference(inputs), "float32")
