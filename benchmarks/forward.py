@@ -1,39 +1,37 @@
-"""``python -m benchmarks.forward``: the full chunked Gated DeltaNet forward, time per call, on one CUDA GPU.
+"""``python -m benchmarks.forward``: the chunked Gated DeltaNet forward (chunk_gated_delta_rule) against its
+peers on one CUDA GPU, at benchmarks.shapes.SHAPES (bf16, K = V = 128, log-sigmoid gates, final state on).
 
-Implementations (each skipped with a note when it cannot be imported, does not accept a shape, or fails):
-  gdn-triton    gdn.triton.chunk_gated_delta_rule (torch)
-  gdn-pallas    gdn.pallas.chunk_gated_delta_rule under jax.jit (varlen: cu_seqlens and chunk_indices traced)
-  fla           fla-core 0.6 fla.ops.gated_delta_rule.chunk_gated_delta_rule (Triton path; the public entry
-                takes natural-log g and converts it to log2 itself, so it gets the same g as gdn; grouped value
-                heads HV > H supported; varlen with precomputed chunk_indices and cu_seqlens_cpu)
-  jla-mosaic    jax-linear-attention 0.1.0 jla.ops.linear_attention("gated_deltanet", impl="mosaic_gpu") under
-                jax.jit (Hopper, bf16/fp16, K, V in {64, 128}, HV a multiple of H; varlen as segment_ids)
-  jla-chunked   the same with impl="chunked" (plain JAX, float32, HIGHEST precision; no grouped heads: q, k
-                are repeated to HV heads inside the jitted call; varlen as segment_ids)
+Implementations (a peer that is not installed is a "not installed" row; one that fails at a shape is a row with
+the error; nothing stops the run):
+  gdn-triton        gdn.triton.chunk_gated_delta_rule (its public API only)
+  gdn-pallas        gdn.pallas.chunk_gated_delta_rule, called as users call it (the op jits itself)
+  fla               fla-core 0.6 fla.ops.gated_delta_rule.chunk_gated_delta_rule (takes natural-log g)
+  flashinfer        FlashInfer's SM90 prefill (fi_gdn bundle: benchmarks/../shared/peers/flashinfer-gdn-sm90)
+                    on its fused path (use_cp=False), inputs converted to its layout once, outside the timings
+  flashinfer-cp     the same forced onto its context-parallel path (use_cp=True)
+  jla-mosaic        jax-linear-attention 0.1 jla.ops.linear_attention("gated_deltanet", impl="mosaic_gpu"),
+                    jitted; varlen as segment_ids (its final state: the last sequence's only)
 
-Inputs (identical values for every implementation, drawn on the GPU and shared with JAX through DLPack):
-q, k bf16 with unit-norm rows, v ~ N(0, 1) bf16, g per-token log-sigmoid gates (natural log, not cumulative),
-beta = sigmoid(N(0, 1)), both float32; dense shapes start from initial_state ~ N(0, 1) [B, HV, K, V];
-varlen starts every sequence from zero (jla's segment_ids form has one initial state per row). Every call
-returns the final state.
+Every implementation gets the same values (benchmarks.shapes.forward_inputs): dense shapes start from an N(0, 1)
+initial state, varlen from zero. Before timing, o and the final state are compared with gdn-triton's (else the
+first implementation that ran): max|Δ| / max|ref|, MISMATCH above 2e-2 (still timed).
 
-Correctness gate, before timing: o and the final state of each implementation against the reference
-(gdn-triton, else the first implementation that ran), as max|Δ| / max|reference|; above 2e-2 the result
-is flagged MISMATCH (still timed). jla's varlen final state is the last sequence's only, compared as such.
+Timing. torch: device time = the call captured in a CUDA graph and replayed (triton.testing.do_bench: CUDA
+events, L2 flushed; no host time), wall time = do_bench of the plain Python call (the GPU waits on the host when
+the host is slower). JAX: device time = 50 calls issued back to back per block_until_ready (dispatch hidden
+behind execution), wall time = one call per block_until_ready. Medians with the 10th and 90th percentiles.
+Floor = what any forward must move (q, k, v, g, beta, initial state in; o, final state out) / the copy
+bandwidth of the same run. Host rows: CPU µs per call of 1000 back-to-back calls at B1 T512, the JAX ops also
+called eagerly (what gdn.pallas costs without a caller's jit). Cold: the first call (compile, autotune, run) of
+each implementation in a fresh process with an empty TRITON_CACHE_DIR and no JAX compilation cache.
 
-Timing: torch rows triton.testing.do_bench (CUDA events, L2 cleared each call, median); JAX rows the wall time
-of each jitted call with block_until_ready (median), rotating input sets to exceed 3x L2, and "pipelined":
-10 calls per block_until_ready (dispatch overlapped, comparable to device time). The summary table and
-its ratios use the torch median and the JAX pipelined median. Cold: the first call (compile, autotune,
-run) of each implementation in a fresh process with an empty TRITON_CACHE_DIR and no JAX compilation cache.
+Writes forward.csv, forward_host.csv, forward_cold.csv (with .env.json and .txt) for benchmarks.report.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import fnmatch
 import gc
 import json
 import os
@@ -48,432 +46,379 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import harness
-from benchmarks.chunk_o import Shape, _to_jax, all_shapes, to_numpy_f32
+from benchmarks import harness, shapes
 from benchmarks.harness import fmt, progress
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-IMPLS = ("gdn-triton", "gdn-pallas", "fla", "jla-mosaic", "jla-chunked")
+IMPLS = ("gdn-triton", "gdn-pallas", "fla", "flashinfer", "flashinfer-cp", "jla-mosaic")
+JAX_IMPLS = ("gdn-pallas", "jla-mosaic")
 MISMATCH_TOL = 2e-2
-COLD_SHAPE = "bf16-B1-T8192-H16-HV16-K128-V128"
+PIPELINED_CALLS = 50
+COLD_SHAPE = "B1-T8192-H16-HV16"
 COLD_MARK = "COLD-RESULT "
 
 
-def shapes() -> list[Shape]:
-    """The chunk_o benchmark's bf16 shapes (five dense ones and the 64-sequence varlen batch)."""
-    return [s for s in all_shapes() if s.dtype == "bfloat16"]
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-@dataclasses.dataclass
-class Inputs:
-    """One input set in both frameworks (the jax side only when a JAX implementation runs)."""
-
-    torch: dict[str, Any]
-    jax: dict[str, Any] | None = None
-
-
-def make_inputs(shape: Shape, seed: int, want_jax: bool) -> Inputs:
-    """q, k unit rows, v ~ N(0, 1) (bf16, drawn on the GPU); g log-sigmoid gates and beta = sigmoid(N(0, 1))
-    (float32, numpy); initial_state ~ N(0, 1) float32 for dense shapes, None for varlen."""
-    import torch
-
-    from gdn.common import example, spec
-
-    B, T, H, HV, K, V = shape.B, shape.T, shape.H, shape.HV, shape.K, shape.V
-    dtype = getattr(torch, shape.dtype)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    rng = np.random.default_rng(seed)
-
-    def randn(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, device="cuda")
-
-    def unit_rows(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(x, dim=-1).to(dtype)
-
-    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, HV))))
-    t: dict[str, Any] = {
-        "q": unit_rows(randn(B, T, H, K)), "k": unit_rows(randn(B, T, H, K)), "v": randn(B, T, HV, V).to(dtype),
-        "g": torch.from_numpy(example.log_sigmoid_gates(rng, (B, T, HV)).astype(np.float32)).cuda(),
-        "beta": torch.from_numpy(beta.astype(np.float32)).cuda(),
-        "h0": None if shape.seqlens is not None else randn(B, HV, K, V),
-    }
-    cu = shape.cu_seqlens
-    if cu is not None:
-        chunk_indices = spec.prepare_chunk_indices(cu)
-        t["cu_seqlens"] = torch.from_numpy(cu).cuda()
-        t["cu_seqlens_i64"] = t["cu_seqlens"].long()
-        t["cu_seqlens_cpu"] = torch.from_numpy(cu).long()
-        t["chunk_indices"] = torch.from_numpy(chunk_indices).cuda()
-        t["chunk_indices_i64"] = t["chunk_indices"].long()
-    torch.cuda.synchronize()
-    inputs = Inputs(t)
-    if want_jax:
-        import jax.numpy as jnp
-
-        j: dict[str, Any] = {n: None if t[n] is None else _to_jax(t[n]) for n in ("q", "k", "v", "g", "beta", "h0")}
-        if cu is not None:
-            j["cu_seqlens"] = jnp.asarray(cu)
-            j["chunk_indices"] = jnp.asarray(chunk_indices)
-            j["segment_ids"] = jnp.asarray(np.repeat(np.arange(len(shape.seqlens), dtype=np.int32),
-                                                     shape.seqlens)[None])
-        inputs.jax = j
-    return inputs
-
-
-def set_bytes(shape: Shape) -> int:
-    """Bytes of one input set (q, k, v, g, beta, initial state), for the rotating JAX sets."""
-    qkv = (2 * shape.H * shape.K + shape.HV * shape.V) * shape.B * shape.T * 2
-    return qkv + 8 * shape.B * shape.T * shape.HV + 4 * shape.B * shape.HV * shape.K * shape.V
-
-
-def stage_bytes(shape: Shape) -> dict[str, int]:
-    """Bytes each stage of gdn's staged forward must read and write once (16-bit q, k, v, w, u, v_new, h, o;
-    float32 g, g_cum, beta and states; the float32 initial state of dense shapes, as make_inputs draws it),
-    and "fused": what any forward must move (q, k, v, g, beta, initial state in; o, final state out)."""
-    B, T, H, HV, K, V = shape.B, shape.T, shape.H, shape.HV, shape.K, shape.V
-    e = 2
-    sequences = B if shape.seqlens is None else len(shape.seqlens)
-    k = q = B * T * H * K * e
-    v = u = v_new = o = B * T * HV * V * e
-    w = B * T * HV * K * e
-    g = g_cum = beta = B * T * HV * 4
-    h = B * shape.state_rows * HV * K * V * e
-    state = sequences * HV * K * V * 4
-    initial = state if shape.seqlens is None else 0
-    return {"prepare": k + v + g + beta + g_cum + w + u,
-            "states": k + w + u + g_cum + initial + h + v_new + state,
-            "chunk_fwd_o": q + k + v_new + g_cum + h + o,
-            "fused": q + k + v + g + beta + initial + o + state}
-
-
-def print_floors(bandwidth_tbps: float, csv_path: Path) -> None:
-    """Per shape: the memory floor of each stage and of the staged forward at bandwidth_tbps, the floor of any
-    forward (fused), and 0.5× FLA's time from a forward.csv of this benchmark (the issue's goal)."""
-    fla: dict[str, float] = {}
-    if csv_path.exists():
-        with csv_path.open() as f:
-            fla = {r["shape"]: float(r["us_compare"]) for r in csv.DictReader(f)
-                   if r["impl"] == "fla" and r["us_compare"]}
-    rows = []
-    for shape in shapes():
-        us = {stage: n / (bandwidth_tbps * 1e6) for stage, n in stage_bytes(shape).items()}
-        staged = us["prepare"] + us["states"] + us["chunk_fwd_o"]
-        half_fla = fla[shape.name] / 2 if shape.name in fla else None
-        rows.append({"shape": shape.name, **{stage: fmt(t, 1) for stage, t in us.items()}, "staged": fmt(staged, 1),
-                     "0.5x FLA": fmt(half_fla, 1),
-                     "staged floor / 0.5x FLA": None if half_fla is None else f"{staged / half_fla:.2f}"})
-    print(f"memory floors in µs at {bandwidth_tbps} TB/s (read + write once); FLA times from {csv_path}")
-    print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ impls
-
 @dataclasses.dataclass
 class Impl:
-    """make(shape) returns a call of one input dict (torch or jax side) returning (o, final_state)."""
+    """make(shape, inputs) returns a call of no arguments returning (o, final_state) in gdn's layouts, with
+    everything an implementation converts once (layouts, jit) done outside it; None with a note when absent."""
 
     name: str
     framework: str  # "torch" or "jax"
-    make: Callable[[Shape], Callable[[dict], Any]] | None
+    make: Callable[[shapes.Shape, dict], Callable[[], Any]] | None
     note: str = ""
 
 
+def _not_installed(name: str, error: BaseException) -> Impl:
+    framework = "jax" if name in JAX_IMPLS else "torch"
+    return Impl(name, framework, None, f"not installed ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+
+
 def load_impls(wanted: list[str]) -> dict[str, Impl]:
-    """Import what is asked for; an implementation that cannot be imported gets make=None and a note."""
+    """Import what is asked for; whatever cannot be imported becomes a "not installed" row."""
     impls: dict[str, Impl] = {}
-
-    def skipped(name: str, framework: str, error: BaseException) -> Impl:
-        return Impl(name, framework, None, f"skipped: import failed: {type(error).__name__}: {error}")
-
     if "gdn-triton" in wanted:
         try:
             from gdn.triton import chunk_gated_delta_rule as gdn_triton
 
-            def make_gdn_triton(shape: Shape) -> Callable[[dict], Any]:
-                return lambda t: gdn_triton(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["h0"],
-                                            output_final_state=True, cu_seqlens=t.get("cu_seqlens"),
-                                            chunk_indices=t.get("chunk_indices"))
+            def make_gdn_triton(shape: shapes.Shape, t: dict) -> Callable[[], Any]:
+                return lambda: gdn_triton(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"],
+                                          output_final_state=True, cu_seqlens=t["cu_seqlens"],
+                                          chunk_indices=t["chunk_indices"])
 
             impls["gdn-triton"] = Impl("gdn-triton", "torch", make_gdn_triton)
-        except Exception as error:  # noqa: BLE001 - the forward may not exist yet
-            impls["gdn-triton"] = skipped("gdn-triton", "torch", error)
-
+        except Exception as error:  # noqa: BLE001 - any import failure is reported as a row
+            impls["gdn-triton"] = _not_installed("gdn-triton", error)
     if "fla" in wanted:
         try:
             progress("importing fla.ops.gated_delta_rule (fla-core imports all of fla.ops) ...")
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_forward
 
-            def make_fla(shape: Shape) -> Callable[[dict], Any]:
-                return lambda t: fla_gdn(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["h0"],
-                                         output_final_state=True, cu_seqlens=t.get("cu_seqlens_i64"),
-                                         cu_seqlens_cpu=t.get("cu_seqlens_cpu"),
-                                         chunk_indices=t.get("chunk_indices_i64"))
+            def make_fla(shape: shapes.Shape, t: dict) -> Callable[[], Any]:
+                varlen = {} if t["cu_seqlens"] is None else {
+                    "cu_seqlens": t["cu_seqlens"].long(), "cu_seqlens_cpu": t["cu_seqlens"].cpu().long(),
+                    "chunk_indices": t["chunk_indices"].long()}
+                return lambda: fla_forward(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"],
+                                           output_final_state=True, **varlen)
 
-            impls["fla"] = Impl("fla", "torch", make_fla, f"fla-core {harness._version('fla-core')}")
+            impls["fla"] = Impl("fla", "torch", make_fla, f"fla-core {harness.version('fla-core')}")
         except Exception as error:  # noqa: BLE001
-            impls["fla"] = skipped("fla", "torch", error)
+            impls["fla"] = _not_installed("fla", error)
+    for name, use_cp in (("flashinfer", False), ("flashinfer-cp", True)):
+        if name in wanted:
+            try:
+                import fi_gdn
 
-    jax_wanted = [n for n in IMPLS if n in wanted and n in ("gdn-pallas", "jla-mosaic", "jla-chunked")]
+                impls[name] = Impl(name, "torch", _flashinfer_maker(fi_gdn, use_cp),
+                                   f"{harness.flashinfer_bundle_version()}, use_cp={use_cp}")
+            except Exception as error:  # noqa: BLE001
+                impls[name] = _not_installed(name, error)
+    jax_wanted = [n for n in JAX_IMPLS if n in wanted]
     if jax_wanted:
         try:
             import jax
-            import jax.numpy as jnp
 
             if jax.default_backend() != "gpu":
                 raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
         except Exception as error:  # noqa: BLE001
-            for n in jax_wanted:
-                impls[n] = Impl(n, "jax", None, f"skipped: {type(error).__name__}: {error}")
+            for name in jax_wanted:
+                impls[name] = _not_installed(name, error)
             jax_wanted = []
-
     if "gdn-pallas" in jax_wanted:
         try:
             from gdn.pallas import chunk_gated_delta_rule as gdn_pallas
 
-            def make_gdn_pallas(shape: Shape) -> Callable[[dict], Any]:
-                return jax.jit(lambda j: gdn_pallas(j["q"], j["k"], j["v"], j["g"], j["beta"], initial_state=j["h0"],
-                                                    output_final_state=True, cu_seqlens=j.get("cu_seqlens"),
-                                                    chunk_indices=j.get("chunk_indices")))
+            def make_gdn_pallas(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
+                return lambda: gdn_pallas(j["q"], j["k"], j["v"], j["g"], j["beta"], initial_state=j["initial_state"],
+                                          output_final_state=True, cu_seqlens=j["cu_seqlens"],
+                                          chunk_indices=j["chunk_indices"])
 
             impls["gdn-pallas"] = Impl("gdn-pallas", "jax", make_gdn_pallas)
         except Exception as error:  # noqa: BLE001
-            impls["gdn-pallas"] = skipped("gdn-pallas", "jax", error)
-
-    jla_wanted = [n for n in jax_wanted if n.startswith("jla-")]
-    if jla_wanted:
+            impls["gdn-pallas"] = _not_installed("gdn-pallas", error)
+    if "jla-mosaic" in jax_wanted:
         try:
             from jla.ops import available, linear_attention
 
-            have = available("gated_deltanet")
+            if "mosaic_gpu" not in available("gated_deltanet"):
+                raise RuntimeError(f"jla has no mosaic_gpu gated_deltanet here ({available('gated_deltanet')})")
+
+            def make_jla(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
+                segment_ids = None if shape.seqlens is None else jax.numpy.asarray(
+                    np.repeat(np.arange(shape.N, dtype=np.int32), shape.seqlens)[None])
+                fn = jax.jit(lambda q, k, v, g, beta, s0, ids: linear_attention(
+                    "gated_deltanet", q, k, v, g=g, beta=beta, impl="mosaic_gpu", initial_state=s0,
+                    output_final_state=True, segment_ids=ids))
+                return lambda: fn(j["q"], j["k"], j["v"], j["g"], j["beta"], j["initial_state"], segment_ids)
+
+            impls["jla-mosaic"] = Impl("jla-mosaic", "jax", make_jla,
+                                       f"jax-linear-attention {harness.version('jax-linear-attention')}")
         except Exception as error:  # noqa: BLE001
-            for n in jla_wanted:
-                impls[n] = skipped(n, "jax", error)
-            jla_wanted = []
-
-    for name in jla_wanted:
-        backend = name.removeprefix("jla-").replace("mosaic", "mosaic_gpu")
-        if backend not in have:
-            impls[name] = Impl(name, "jax", None, f"skipped: jla has no {backend!r} gated_deltanet here (has {have})")
-            continue
-
-        def make_jla(shape: Shape, backend: str = backend) -> Callable[[dict], Any]:
-            group = shape.HV // shape.H
-
-            def call(j: dict) -> Any:
-                q, k = j["q"], j["k"]
-                if backend == "chunked" and group > 1:  # no grouped value heads in jla's chunked op
-                    q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
-                return linear_attention("gated_deltanet", q, k, j["v"], g=j["g"], beta=j["beta"], impl=backend,
-                                        initial_state=j["h0"], output_final_state=True,
-                                        segment_ids=j.get("segment_ids"))
-
-            return jax.jit(call)
-
-        note = f"jax-linear-attention {harness._version('jax-linear-attention')}"
-        impls[name] = Impl(name, "jax", make_jla, note + ("; q, k repeated to HV heads when HV > H"
-                                                           if backend == "chunked" else ""))
+            impls["jla-mosaic"] = _not_installed("jla-mosaic", error)
     return {n: impls[n] for n in IMPLS if n in impls}
 
 
-def call_synced(impl: Impl, fn: Callable[[dict], Any], inputs: Inputs) -> Any:
-    """One call, waited for: (o, final_state)."""
-    if impl.framework == "torch":
+def _flashinfer_maker(fi_gdn: Any, use_cp: bool) -> Callable[[shapes.Shape, dict], Callable[[], Any]]:
+    """FlashInfer's own chunk_gated_delta_rule on its packed layout (q, k, v [T, heads, 128], alpha = exp(g),
+    state [N, HV, V, K]), converted once; the call returns (o [B, T, HV, V], final state [N, HV, K, V]) views."""
+
+    def make(shape: shapes.Shape, t: dict) -> Callable[[], Any]:
         import torch
 
-        with torch.no_grad():
-            out = fn(inputs.torch)
-        torch.cuda.synchronize()
-        return out
-    import jax
+        B, T, HV = shape.B, shape.T, shape.HV
+        tokens = B * T
+        cu = (torch.arange(B + 1, device="cuda", dtype=torch.int64) * T if t["cu_seqlens"] is None
+              else t["cu_seqlens"].long())
+        packed = {n: t[n].reshape(tokens, *t[n].shape[2:]).contiguous() for n in ("q", "k", "v")}
+        alpha = t["g"].reshape(tokens, HV).exp().contiguous()
+        beta = t["beta"].reshape(tokens, HV).contiguous()
+        state = None if t["initial_state"] is None else t["initial_state"].transpose(-1, -2).contiguous()
+        longest = T if shape.seqlens is None else max(shape.seqlens)
 
-    return jax.block_until_ready(fn(inputs.jax))
+        def call() -> tuple[Any, Any]:
+            o, final = fi_gdn.chunk_gated_delta_rule(packed["q"], packed["k"], packed["v"], alpha, beta, None,
+                                                     initial_state=state, output_final_state=True, cu_seqlens=cu,
+                                                     use_cp=use_cp, max_seqlen=longest)
+            return o.reshape(B, T, HV, -1), final.transpose(-1, -2)
+
+        return call
+
+    return make
 
 
 # ----------------------------------------------------------------------------------------------- a shape
 
+def _numpy(x: Any) -> np.ndarray | None:
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x.astype("float32"))
+
+
 def rel_err(x: np.ndarray | None, ref: np.ndarray | None) -> float | None:
     """max|x − ref| / max|ref| (None when either is missing)."""
-    if x is None or ref is None:
+    if x is None or ref is None or x.shape != ref.shape:
         return None
     return float(np.abs(x - ref).max() / max(float(np.abs(ref).max()), 1e-30))
 
 
-def run_shape(shape: Shape, impls: dict[str, Impl], jax_runs: int) -> list[dict[str, Any]]:
-    """Correctness check then timing of every implementation at one shape; one row per implementation."""
+def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> list[dict[str, Any]]:
+    """The correctness check, then device and wall time, of every implementation at one shape."""
     import torch
 
-    want_jax = any(i.framework == "jax" and i.make for i in impls.values())
-    sets = harness.rotating_sets(set_bytes(shape)) if want_jax else 1
-    progress(f"{shape.name}: generating {sets} input set(s) ...")
-    base = dict(shape=shape.name, B=shape.B, T=shape.T, H=shape.H, HV=shape.HV, K=shape.K, V=shape.V,
-                varlen_sequences=None if shape.seqlens is None else len(shape.seqlens))
-    try:
-        inputs = [make_inputs(shape, 1000 + s, want_jax) for s in range(sets)]
-    except Exception as error:  # noqa: BLE001 - e.g. out of memory: skip the shape
-        progress(f"{shape.name}: input generation failed: {type(error).__name__}: {error}")
-        return [dict(base, impl=n, note=f"inputs failed: {error}") for n in impls]
-
+    progress(f"{shape.name}: inputs ...")
+    torch_inputs = shapes.forward_inputs(shape, seed=1000)
+    jax_inputs = shapes.to_jax(torch_inputs) if any(i.framework == "jax" and i.make for i in impls.values()) else {}
+    floor_us = shape.forward_bytes() / copy_bw * 1e6
+    base = {"shape": shape.name, "label": shape.label, "mb_moved": shape.forward_bytes() / 1e6,
+            "floor_us": floor_us}
     rows: list[dict[str, Any]] = []
-    ref_name, ref_o, ref_state = None, None, None
+    reference: tuple[str, np.ndarray, np.ndarray | None] | None = None
     for impl in impls.values():
         row: dict[str, Any] = dict(base, impl=impl.name, note=impl.note)
         rows.append(row)
         if impl.make is None:
             continue
         try:
-            fn = impl.make(shape)
-            o, state = call_synced(impl, fn, inputs[0])  # compile / autotune here, outside the timings
-            o, state = to_numpy_f32(o), None if state is None else to_numpy_f32(state)
-            if ref_o is None:
-                ref_name, ref_o, ref_state = impl.name, o, state
-                progress(f"{shape.name}: reference for the error columns: {ref_name}")
-            ref_s = ref_state
-            if impl.name.startswith("jla-") and shape.seqlens is not None and ref_s is not None:
-                ref_s = ref_s[-1:]  # segment_ids: the state after the row's last token = last sequence's
-            row.update(reference=ref_name, rel_err_o=rel_err(o, ref_o), rel_err_state=rel_err(state, ref_s),
-                       finite=bool(np.isfinite(o).all()))
-            errors = [e for e in (row["rel_err_o"], row["rel_err_state"]) if e is not None]
-            row["check"] = ("MISMATCH" if (errors and max(errors) > MISMATCH_TOL) or not row["finite"]
-                            or (state is None) != (ref_s is None) else "ok")
-            progress(f"{shape.name}: {impl.name:<12} rel err vs {ref_name}: o {fmt(row['rel_err_o'], 6) or '-'}"
-                     f"  state {fmt(row['rel_err_state'], 6) or '-'}  {row['check']}")
-            del o, state
+            call = impl.make(shape, jax_inputs if impl.framework == "jax" else torch_inputs)
+            o, state = _synced(impl, call)  # compiles and autotunes here, outside the timings
+            o, state = _numpy(o), _numpy(state)
+            if reference is None:
+                reference = (impl.name, o, state)
+            ref_name, ref_o, ref_state = reference
+            if impl.name == "jla-mosaic" and shape.seqlens is not None and ref_state is not None:
+                ref_state = ref_state[-1:]  # segment_ids: the state after the row's last token
+            errors = [rel_err(o, ref_o), rel_err(state, ref_state)]
+            bad = not np.isfinite(o).all() or any(e is None or e > MISMATCH_TOL for e in errors)
+            row.update(reference=ref_name, rel_err_o=errors[0], rel_err_state=errors[1],
+                       check="MISMATCH" if bad else "ok")
+            progress(f"{shape.name}: {impl.name:<13} vs {ref_name}: o {fmt(errors[0], 6)}  state "
+                     f"{fmt(errors[1], 6)}  {row['check']}")
             if impl.framework == "torch":
-                t0 = inputs[0].torch
                 with torch.no_grad():
-                    timing = harness.time_torch(lambda fn=fn, t0=t0: fn(t0))
-                row["us_compare"] = timing.median_us
+                    device, wall, note = harness.time_torch_call(call)
             else:
-                arg_sets = [(s.jax,) for s in inputs]
-                timing = harness.time_jax(fn, arg_sets, runs=jax_runs)
-                pipelined = harness.time_jax(fn, arg_sets, runs=max(10, jax_runs // 5), warmup=2, batch=10)
-                row["us_pipelined"] = row["us_compare"] = pipelined.median_us
-            row.update(us_median=timing.median_us, us_p10=timing.p10_us, us_p90=timing.p90_us, samples=timing.n,
-                       method=timing.method)
-            extra = f"  pipelined {row['us_pipelined']:.1f} µs" if "us_pipelined" in row else ""
-            progress(f"{shape.name}: {impl.name:<12} {timing.median_us:10.1f} µs{extra}")
-        except Exception as error:  # noqa: BLE001 - report, skip, carry on
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            row["note"] = f"failed: {type(error).__name__}: {message}"[:300]
+                device = harness.time_jax(call, [()], runs=20, warmup=2, batch=PIPELINED_CALLS)
+                wall = harness.time_jax(call, [()], runs=50, warmup=2)
+                note = ""
+            _store(row, "device", device)
+            _store(row, "wall", wall)
+            if note:
+                row["note"] = "; ".join(n for n in (row["note"], note) if n)
+            if device is not None:
+                row["pct_floor"] = 100 * floor_us / device.median_us
+            progress(f"{shape.name}: {impl.name:<13} device {fmt(row.get('device_us'), 1) or '-'} µs  "
+                     f"wall {fmt(row.get('wall_us'), 1)} µs")
+        except Exception as error:  # noqa: BLE001 - report, carry on
+            row["note"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" \
+                if str(error).strip() else f"failed: {type(error).__name__}"
             progress(f"{shape.name}: {impl.name} failed:")
             traceback.print_exc(limit=4)
             sys.stdout.flush()
-    times = {r["impl"]: r.get("us_compare") for r in rows}
-    for r in rows:
-        for other in ("fla", "jla-mosaic"):
-            if r.get("us_compare") and times.get(other):
-                r[f"ratio_vs_{other}"] = r["us_compare"] / times[other]
-    del inputs
+    del torch_inputs, jax_inputs
     return rows
 
 
-# -------------------------------------------------------------------------------------------- cold start
+def _synced(impl: Impl, call: Callable[[], Any]) -> Any:
+    if impl.framework == "torch":
+        import torch
 
-def cold_child(impl_name: str, shape: Shape) -> int:
-    """In a fresh process: framework init, import, inputs, then the first call (timed) and a second one."""
-    t0 = time.perf_counter()
+        with torch.no_grad():
+            out = call()
+        torch.cuda.synchronize()
+        return out
+    import jax
+
+    return jax.block_until_ready(call())
+
+
+def _store(row: dict[str, Any], what: str, timing: harness.Timing | None) -> None:
+    if timing is not None:
+        row.update({f"{what}_us": timing.median_us, f"{what}_p10_us": timing.p10_us,
+                    f"{what}_p90_us": timing.p90_us, f"{what}_method": timing.method})
+
+
+# ------------------------------------------------------------------------------------------- host time
+
+def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
+    """CPU µs per call at HOST_SHAPE: back-to-back calls without synchronization; the JAX ops through their
+    benchmark call (jitted) and, for gdn-pallas, the same call again (it is already the eager public op)."""
+    import torch
+
+    shape = shapes.HOST_SHAPE
+    progress(f"host time at {shape.name}: {calls} back-to-back calls per implementation ...")
+    torch_inputs = shapes.forward_inputs(shape, seed=7)
+    jax_inputs = shapes.to_jax(torch_inputs) if any(i.framework == "jax" and i.make for i in impls.values()) else {}
+    rows = []
+    for impl in impls.values():
+        if impl.make is None:
+            continue
+        try:
+            call = impl.make(shape, jax_inputs if impl.framework == "jax" else torch_inputs)
+            if impl.framework == "torch":
+                with torch.no_grad():
+                    host_us = harness.host_time_per_call(call, torch.cuda.synchronize, calls)
+            else:
+                last = [_synced(impl, call)]
+
+                def keep(call: Callable[[], Any] = call, last: list = last) -> None:
+                    last[0] = call()
+
+                host_us = harness.host_time_per_call(keep, lambda last=last: _block(last[0]), calls)
+            rows.append({"impl": impl.name, "shape": shape.name, "label": shape.label, "host_us": host_us,
+                         "calls": calls})
+            progress(f"host time: {impl.name:<13} {host_us:7.1f} µs/call")
+        except Exception as error:  # noqa: BLE001
+            progress(f"host time: {impl.name} failed: {type(error).__name__}: {error}")
+    return rows
+
+
+def _block(out: Any) -> None:
+    import jax
+
+    jax.block_until_ready(out)
+
+
+# ------------------------------------------------------------------------------------------ cold start
+
+def cold_child(impl_name: str, shape: shapes.Shape) -> int:
+    """In a fresh process: framework start, import, inputs, then the first call (timed) and a second one."""
+    start = time.perf_counter()
     import torch
 
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     result: dict[str, Any] = {"impl": impl_name, "shape": shape.name}
-    framework = "jax" if impl_name in ("gdn-pallas", "jla-mosaic", "jla-chunked") else "torch"
-    if framework == "jax":
+    if impl_name in JAX_IMPLS:
         import jax.numpy as jnp
 
         jnp.zeros(1).block_until_ready()
-    result["framework_init_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    result["framework_init_s"] = time.perf_counter() - start
+    start = time.perf_counter()
     impl = load_impls([impl_name])[impl_name]
-    result["import_s"] = time.perf_counter() - t0
+    result["import_s"] = time.perf_counter() - start
     if impl.make is None:
         raise RuntimeError(impl.note)
-    inputs = make_inputs(shape, 0, framework == "jax")
-    fn = impl.make(shape)
+    inputs = shapes.forward_inputs(shape, seed=0)
+    call = impl.make(shape, shapes.to_jax(inputs) if impl.framework == "jax" else inputs)
     for key in ("first_call_s", "second_call_s"):
-        t0 = time.perf_counter()
-        call_synced(impl, fn, inputs)
-        result[key] = time.perf_counter() - t0
+        start = time.perf_counter()
+        _synced(impl, call)
+        result[key] = time.perf_counter() - start
     print(COLD_MARK + json.dumps(result), flush=True)
     return 0
 
 
-def run_cold(impl_name: str, shape: Shape, timeout_s: float) -> dict[str, Any]:
-    """cold_child in a fresh subprocess with an empty TRITON_CACHE_DIR; its result, or {"cold_note": why}."""
+def run_cold(impl_name: str, shape: shapes.Shape, timeout_s: float) -> dict[str, Any]:
+    """cold_child in a fresh subprocess with an empty TRITON_CACHE_DIR: its result, or a note saying why not."""
+    row: dict[str, Any] = {"impl": impl_name, "shape": shape.name, "label": shape.label}
     with tempfile.TemporaryDirectory(prefix="gdn-forward-cold-") as cache_dir:
-        cmd = [sys.executable, "-m", "benchmarks.forward", "--cold-child", impl_name, "--shapes", shape.name]
+        command = [sys.executable, "-m", "benchmarks.forward", "--cold-child", impl_name, "--shapes", shape.name]
         progress(f"cold: {impl_name} at {shape.name}: fresh subprocess, empty TRITON_CACHE_DIR ...")
-        t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                                  env=harness.fresh_process_env(cache_dir), timeout=timeout_s, check=False)
+            proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                                  text=True, env=harness.fresh_process_env(cache_dir), timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
-            return {"cold_note": f"cold: killed after {timeout_s:.0f} s"}
+            return dict(row, note=f"killed after {timeout_s:.0f} s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith(COLD_MARK)]
     if proc.returncode != 0 or not lines:
-        tail = " | ".join(line for line in (proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        return {"cold_note": f"cold: failed (rc {proc.returncode}): {tail}"[:300]}
-    r = json.loads(lines[-1][len(COLD_MARK):])
-    progress(f"cold: {impl_name}: first call {r['first_call_s']:.2f} s (import {r['import_s']:.2f} s, second call "
-             f"{r['second_call_s'] * 1e3:.2f} ms, process {time.perf_counter() - t0:.1f} s)")
-    return {"cold_first_call_s": r["first_call_s"], "cold_import_s": r["import_s"],
-            "cold_framework_init_s": r["framework_init_s"], "cold_second_call_s": r["second_call_s"]}
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-2:])
+        return dict(row, note=f"failed (rc {proc.returncode}): {tail}"[:300])
+    result = json.loads(lines[-1][len(COLD_MARK):])
+    progress(f"cold: {impl_name}: first call {result['first_call_s']:.2f} s (import {result['import_s']:.2f} s, "
+             f"second call {result['second_call_s'] * 1e3:.2f} ms)")
+    return dict(row, **{key: result[key] for key in ("first_call_s", "second_call_s", "import_s",
+                                                     "framework_init_s")})
 
 
-# ------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------ main
+
+def ratio_columns(rows: list[dict[str, Any]]) -> None:
+    """Per row: the gdn implementations' device time over this implementation's, in the same run and shape."""
+    for shape in {r["shape"] for r in rows}:
+        same = [r for r in rows if r["shape"] == shape]
+        for r in same:
+            for gdn in ("gdn-triton", "gdn-pallas"):
+                mine = next((x.get("device_us") for x in same if x["impl"] == gdn), None)
+                if mine and r.get("device_us"):
+                    r[f"{gdn}_ratio"] = mine / r["device_us"]
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    return harness.format_table(
+        [dict(r, dev=fmt(r.get("device_us"), 1),
+              spread=(f"{r['device_p10_us']:.1f}–{r['device_p90_us']:.1f}" if r.get("device_p10_us") else None),
+              wall=fmt(r.get("wall_us"), 1), pct=fmt(r.get("pct_floor"), 0),
+              rt=fmt(r.get("gdn-triton_ratio"), 2), rp=fmt(r.get("gdn-pallas_ratio"), 2),
+              err=None if r.get("rel_err_o") is None else f"{r['rel_err_o']:.1e}",
+              why=None if r.get("device_us") or r.get("wall_us") else r.get("note")) for r in rows],
+        [("impl", "impl"), ("label", "shape"), ("dev", "device µs"), ("spread", "p10–p90"), ("wall", "wall µs"),
+         ("pct", "% floor"), ("rt", "Triton ÷"), ("rp", "Pallas ÷"), ("err", "rel err o"), ("check", "check"),
+         ("why", "note")])
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    names = [s.name for s in shapes()]
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="shapes:\n  " + "\n  ".join(names))
-    parser.add_argument("--shapes", default="", help="comma-separated shape names or fnmatch patterns "
-                        "(e.g. 'bf16-B1-*'); default all")
+                                     epilog="shapes:\n  " + "\n  ".join(s.name for s in shapes.SHAPES))
+    parser.add_argument("--shapes", default="", help="comma-separated shape names or fnmatch patterns; default all")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    parser.add_argument("--no-cold", action="store_true", help="skip the fresh-process first-call timings")
-    parser.add_argument("--cold-shape", default=COLD_SHAPE, help=f"shape of the cold first calls (default "
-                        f"{COLD_SHAPE}, or the first selected shape when that one is not selected)")
-    parser.add_argument("--cold-timeout", type=float, default=600, help="seconds per cold subprocess (default 600)")
-    parser.add_argument("--jax-runs", type=int, default=50, help="timed synchronized JAX calls per shape (default 50)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the fresh-process first calls")
+    parser.add_argument("--cold-shape", default=COLD_SHAPE, help=f"shape of the first calls (default {COLD_SHAPE})")
+    parser.add_argument("--cold-timeout", type=float, default=300, help="seconds per cold subprocess")
+    parser.add_argument("--host-calls", type=int, default=1000, help="calls of the host-time loop")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--list", action="store_true", help="print the selected shape names and exit")
-    parser.add_argument("--floors", type=float, metavar="TBPS", help="print each shape's memory floors at this "
-                        "copy bandwidth (TB/s) against 0.5x FLA's time in --out's forward.csv, and exit (no GPU)")
     parser.add_argument("--cold-child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [n for n in args.impls.split(",") if n and n not in IMPLS]
     if unknown:
         parser.error(f"--impls: unknown {unknown}; expected a subset of {list(IMPLS)}")
-    patterns = [p for p in args.shapes.split(",") if p]
-    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if missing:
-        parser.error(f"--shapes: {missing} match no shape; shapes are: {names}")
-    args.selected = [s for s in shapes() if not patterns or any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    try:
+        args.selected = shapes.select(shapes.SHAPES, args.shapes)
+    except ValueError as error:
+        parser.error(str(error))
     return args
-
-
-def summary_table(rows: list[dict[str, Any]], names: list[str]) -> str:
-    """One line per shape: µs per implementation (MISMATCH appended) and the gdn/FLA, gdn/jla-mosaic ratios."""
-    by_shape: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by_shape.setdefault(r["shape"], {})[r["impl"]] = r
-    lines, columns = [], [("shape", "shape")] + [(n, f"{n} µs") for n in names]
-    pairs = [(g, o) for g in ("gdn-triton", "gdn-pallas") for o in ("fla", "jla-mosaic")
-             if g in names and o in names]
-    columns += [(f"{g}/{o}", f"{g.removeprefix('gdn-')}/{o}") for g, o in pairs]
-    for shape, impl_rows in by_shape.items():
-        line: dict[str, Any] = {"shape": shape}
-        for n in names:
-            r = impl_rows.get(n, {})
-            cell = fmt(r.get("us_compare"), 1)
-            line[n] = None if cell is None else cell + (" MISMATCH" if r.get("check") == "MISMATCH" else "")
-        for g, o in pairs:
-            ratio = impl_rows.get(g, {}).get(f"ratio_vs_{o}")
-            line[f"{g}/{o}"] = None if ratio is None else f"{ratio:.2f}"
-        lines.append(line)
-    return harness.format_table(lines, columns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,78 +426,46 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.cold_child:
         return cold_child(args.cold_child, args.selected[0])
-    if args.list:
-        print("\n".join(s.name for s in args.selected))
-        return 0
-    if args.floors:
-        print_floors(args.floors, args.out / "forward.csv")
-        return 0
-    wanted = [n for n in IMPLS if n in args.impls.split(",")]
-
     env = harness.environment("benchmarks.forward")
-    env["jax-linear-attention"] = harness._version("jax-linear-attention")
-    header = harness.format_header(env)
-    print(header, flush=True)
-
+    print(harness.format_header(env), flush=True)
     import torch
 
     if not torch.cuda.is_available():
         print("error: torch sees no CUDA device; this benchmark needs one", file=sys.stderr)
         return 2
-    impls = load_impls(wanted)
+    copy_bw, _ = harness.copy_bandwidth()
+    env["copy bandwidth"] = f"{copy_bw / 1e12:.3f} TB/s"
+    progress(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s")
+    impls = load_impls([n for n in IMPLS if n in args.impls.split(",")])
     for impl in impls.values():
-        progress(f"{impl.name}: {'available' if impl.make else impl.note}"
-                 + (f" ({impl.note})" if impl.make and impl.note else ""))
+        progress(f"{impl.name}: {'available' if impl.make else impl.note}")
 
     rows: list[dict[str, Any]] = []
     for shape in args.selected:
-        rows += run_shape(shape, impls, args.jax_runs)
+        rows += run_shape(shape, impls, copy_bw)
         gc.collect()
         torch.cuda.empty_cache()
-
+    ratio_columns(rows)
+    host = host_rows(impls, args.host_calls)
+    cold_rows = []
     if not args.no_cold:
-        cold = next((s for s in args.selected if s.name == args.cold_shape), args.selected[0])
-        for impl in impls.values():
-            if impl.make is None:
-                continue
-            result = run_cold(impl.name, cold, args.cold_timeout)
-            row = next(r for r in rows if r["impl"] == impl.name and r["shape"] == cold.name)
-            row.update(result)
-            if "cold_note" in result:
-                progress(f"cold: {impl.name}: {result['cold_note']}")
+        cold_shape = shapes.select(shapes.SHAPES, args.cold_shape)[0]
+        cold_rows = [run_cold(impl.name, cold_shape, args.cold_timeout) for impl in impls.values() if impl.make]
 
-    names = [n for n in IMPLS if n in impls]
-    summary = summary_table(rows, names)
-    detail = harness.format_table(
-        [dict(r, us_s=fmt(r.get("us_median"), 1), pipe_s=fmt(r.get("us_pipelined"), 1),
-              eo=None if r.get("rel_err_o") is None else f"{r['rel_err_o']:.2e}",
-              es=None if r.get("rel_err_state") is None else f"{r['rel_err_state']:.2e}",
-              cold_s=fmt(r.get("cold_first_call_s"), 2),
-              why=r.get("cold_note") or (r.get("note") if not r.get("us_median") else None)) for r in rows],
-        [("impl", "impl"), ("shape", "shape"), ("us_s", "µs median"), ("pipe_s", "pipelined µs"),
-         ("eo", "rel err o"), ("es", "rel err state"), ("check", "check"), ("reference", "vs"),
-         ("cold_s", "cold first call s"), ("why", "note")])
-    notes = [
-        "notes:",
-        ("  summary µs: torch do_bench median (CUDA events, L2 cleared each call); JAX median wall time per call"
-         " with 10 calls per block_until_ready (pipelined; the detail table also gives the synchronized time);"),
-        ("  a/b ratio = time of gdn a / time of b (< 1: gdn faster); rel err = max|Δ| / max|reference| for o and"
-         f" the final state, MISMATCH above {MISMATCH_TOL:g};"),
-        ("  dense shapes start from an N(0, 1) initial state, varlen from zero; jla varlen runs as segment_ids"
-         " (its final state: the last sequence's only);"),
-        ("  cold first call: fresh process, empty TRITON_CACHE_DIR, no JAX compilation cache: compile (+ FLA's"
-         " autotune) + run, synchronized."),
-    ]
-    report = [header, "", summary, "", detail, *notes]
-    print("\n" + "\n".join(report[2:]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    fields = ["impl", "shape", "B", "T", "H", "HV", "K", "V", "varlen_sequences", "us_median", "us_p10", "us_p90",
-              "samples", "us_pipelined", "us_compare", "ratio_vs_fla", "ratio_vs_jla-mosaic", "reference",
-              "rel_err_o", "rel_err_state", "check", "cold_first_call_s", "cold_import_s", "cold_framework_init_s",
-              "cold_second_call_s", "cold_note", "method", "note"]
-    harness.write_csv(args.out / "forward.csv", rows, fields)
-    (args.out / "forward.txt").write_text("\n".join(report) + "\n")
-    progress(f"wrote {args.out / 'forward.csv'}, {args.out / 'forward.txt'}")
+    report = summary(rows)
+    if host:
+        report += "\n\nhost µs per call\n" + harness.format_table(
+            [dict(r, us=fmt(r["host_us"], 1)) for r in host], [("impl", "impl"), ("label", "shape"), ("us", "µs")])
+    if cold_rows:
+        report += "\n\ncold first call\n" + harness.format_table(
+            [dict(r, s=fmt(r.get("first_call_s"), 2)) for r in cold_rows],
+            [("impl", "impl"), ("label", "shape"), ("s", "first call s"), ("note", "note")])
+    print("\n" + report, flush=True)
+    harness.write_results(args.out, "forward", env, rows, report=report)
+    if host:
+        harness.write_results(args.out, "forward_host", env, host)
+    if cold_rows:
+        harness.write_results(args.out, "forward_cold", env, cold_rows)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Shared benchmark helpers: environment header, timing (torch and JAX), copy bandwidth, tables, CSV, plots,
-and Triton JIT-cache introspection.
+"""Shared benchmark helpers: environment header, timing (torch, CUDA graphs and JAX), copy bandwidth, tables,
+the result files every script writes (CSV, text report, environment JSON), plots, and Triton JIT-cache
+introspection.
 
 Nothing here imports jax at module level, and torch / triton only inside the functions that time them, so
 ``--help`` works anywhere.
@@ -12,6 +13,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -36,11 +38,22 @@ def progress(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", flush=True)
 
 
-def _version(dist: str) -> str:
+def version(dist: str) -> str:
+    """The installed version of a distribution, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def flashinfer_bundle_version() -> str:
+    """FlashInfer's GDN prefill as the fi_gdn bundle provides it (a benchmark peer put on PYTHONPATH, never
+    installed), or "not installed"."""
+    try:
+        import fi_gdn
+    except Exception:  # noqa: BLE001 - any import failure means the peer is absent
+        return "not installed"
+    return str(getattr(fi_gdn, "__version__", "fi_gdn bundle"))
 
 
 def _nvidia_smi() -> str:
@@ -76,13 +89,15 @@ def environment(module: str, cuda: bool = True) -> dict[str, str]:
         "host": platform.node(),
         "python": platform.python_version(),
         "nvidia-smi (name, driver, memory, max SM clock)": _nvidia_smi(),
-        "torch": _version("torch"),
-        "triton": _version("triton"),
-        "jax": _version("jax"),
-        "jaxlib": _version("jaxlib"),
-        "jax-cuda plugin": _version("jax-cuda13-plugin") if _version("jax-cuda13-plugin") != "not installed"
-        else _version("jax-cuda12-plugin"),
-        "fla-core": _version("fla-core"),
+        "torch": version("torch"),
+        "triton": version("triton"),
+        "jax": version("jax"),
+        "jaxlib": version("jaxlib"),
+        "jax-cuda plugin": version("jax-cuda13-plugin") if version("jax-cuda13-plugin") != "not installed"
+        else version("jax-cuda12-plugin"),
+        "fla-core": version("fla-core"),
+        "jax-linear-attention": version("jax-linear-attention"),
+        "flashinfer": flashinfer_bundle_version(),
         "gdn git revision": _git_revision(),
     }
     if cuda:
@@ -138,6 +153,18 @@ def fmt(x: float | None, digits: int = 1) -> str | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def write_results(out: Path, name: str, env: dict[str, str], rows: Sequence[dict[str, Any]],
+                  fields: Sequence[str] | None = None, report: str | None = None) -> None:
+    """The files a benchmark leaves in out for benchmarks.report: name.csv (rows), name.env.json (the
+    environment header) and, with report, name.txt (what the script printed: header and tables)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / f"{name}.csv", rows, fields)
+    (out / f"{name}.env.json").write_text(json.dumps(env, indent=1) + "\n")
+    if report is not None:
+        (out / f"{name}.txt").write_text(format_header(env) + "\n\n" + report.rstrip() + "\n")
+    progress(f"wrote {out / name}.csv, .env.json" + (", .txt" if report is not None else ""))
+
+
 # ---------------------------------------------------------------------------------------------- timings
 
 @dataclasses.dataclass
@@ -177,6 +204,39 @@ def time_torch(fn: Callable[[], Any], warmup_ms: float = 50, rep_ms: float = 200
         return Timing(samples_ms[1] * 1e3, samples_ms[0] * 1e3, samples_ms[2] * 1e3, 0,
                       "do_bench quantiles (CUDA events, L2 cleared)")
     return Timing.from_samples([t * 1e3 for t in samples_ms], "do_bench (CUDA events, L2 cleared each call)")
+
+
+def cuda_graph(fn: Callable[[], Any]) -> Any:
+    """fn captured in a CUDA graph (after two calls on a side stream, which compile and autotune): its replay
+    runs the same kernels without any host time."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_torch_call(fn: Callable[[], Any]) -> tuple[Timing | None, Timing, str]:
+    """(device time, wall time, note) of a torch callable: device = fn captured in a CUDA graph and replayed
+    under do_bench (no host time), None with a note when fn cannot be captured (a host sync inside it);
+    wall = do_bench of the plain Python call (the GPU waits on the host when the host is slower)."""
+    import torch
+
+    wall = time_torch(fn)
+    try:
+        graph = cuda_graph(fn)
+        device = time_torch(graph.replay)
+        return dataclasses.replace(device, method="CUDA graph replay, " + device.method), wall, ""
+    except Exception as error:  # noqa: BLE001 - no graph for this callable: wall time only
+        torch.cuda.synchronize()
+        return None, wall, f"no CUDA graph ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
 
 
 def time_jax(fn: Callable[..., Any], arg_sets: Sequence[tuple], runs: int = 100, warmup: int = 10,

@@ -1,4 +1,5 @@
-"""Launch each chunk_fwd_o kernel a few times at named shapes, for Nsight Compute, plus a host-time breakdown.
+"""``python -m benchmarks.profile_chunk_o``: chunk_fwd_o's kernels launched a few times at the benchmark shapes,
+for Nsight Compute, plus a host-time breakdown, cold first calls and the Pallas grid sweep.
 
     ncu --clock-control none --kernel-name regex:chunk_fwd_o --metrics gpu__time_duration.sum,... \\
         python -m benchmarks.profile_chunk_o
@@ -14,41 +15,33 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-SHAPES = [(1, 512, 16, 16), (1, 8192, 16, 16), (1, 8192, 2, 8), (1, 65536, 16, 16), (8, 2048, 16, 32)]
-
-
-def _inputs(B: int, T: int, H: int, HV: int) -> dict:
-    from gdn.common import example
-
-    return example.random_inputs(B, T, H, HV, 128, 128, "bfloat16", True, None, seed=0)
+ARGS = ("q", "k", "v", "h", "g", "scale", "cu_seqlens", "chunk_indices")
 
 
 def profile_launches() -> None:
+    """Per shape of benchmarks.shapes.SHAPES: two Triton launches, then two Pallas launches."""
     import jax
-    import jax.numpy as jnp
     import torch
 
     import gdn.pallas
     import gdn.triton
+    from benchmarks import shapes
 
-    for B, T, H, HV in SHAPES:
-        a = _inputs(B, T, H, HV)
-        t = {n: torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh"}
-        g = torch.from_numpy(a["g"]).cuda()
+    for shape in shapes.SHAPES:
+        t = dict(shapes.chunk_o_inputs(shape, seed=0), scale=None)
+        j = shapes.to_jax(t)
         for _ in range(2):
-            gdn.triton.chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], g)
+            gdn.triton.chunk_fwd_o(*(t[n] for n in ARGS))
         torch.cuda.synchronize()
-        j = {n: jnp.asarray(a[n], jnp.bfloat16) for n in "qkvh"}
-        fn = jax.jit(gdn.pallas.chunk_fwd_o)
         for _ in range(2):
-            fn(j["q"], j["k"], j["v"], j["h"], jnp.asarray(a["g"])).block_until_ready()
-        print(f"launched B{B}-T{T}-H{H}-HV{HV}", flush=True)
+            jax.block_until_ready(gdn.pallas.chunk_fwd_o(*(j[n] for n in ARGS)))
+        print(f"launched {shape.name}", flush=True)
 
 
 def _c_launcher_only(run, runtime_args: tuple) -> Callable[[], None]:
@@ -68,23 +61,18 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     the median and the least of rounds of calls back to back."""
     import torch
 
-    from gdn.common import example, spec
+    from benchmarks import shapes
+    from gdn.common import spec
     from gdn.triton import chunk_gated_delta_rule, chunk_o, decode_step
 
-    a = _inputs(1, 512, 16, 16)
-    q, k, v, h = (torch.from_numpy(a[n]).cuda().to(torch.bfloat16) for n in "qkvh")
-    g = torch.from_numpy(a["g"]).cuda()
+    t = shapes.chunk_o_inputs(shapes.HOST_SHAPE, seed=0)
+    q, k, v, h, g = (t[n] for n in "qkvhg")
     o = torch.empty_like(v)
     problem, run, _ = chunk_o.call_plan(q, k, v, h, g)  # chunk_fwd_o's plan of this call signature
     chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles the variant and records it in run
     runtime_args = (q, k, v, h, g, o, None, None, spec.default_scale(problem.K), problem.T)
-    f = {n: torch.from_numpy(x).cuda() for n, x in
-         example.random_recurrent_inputs(1, 512, 16, 16, 128, 128, "bfloat16", seed=0).items()}
-    d = {n: torch.from_numpy(x).cuda() for n, x in
-         example.random_recurrent_inputs(64, 1, 16, 32, 128, 128, "bfloat16", seed=0).items()}
-    fq, fk, fv, dq, dk, dv = (x.to(torch.bfloat16) for x in (f["q"], f["k"], f["v"], d["q"][:, 0], d["k"][:, 0],
-                                                                d["v"][:, 0]))
-    dg, dbeta, d_state = d["g"][:, 0].contiguous(), d["beta"][:, 0].contiguous(), d["initial_state"]
+    f = shapes.forward_inputs(shapes.HOST_SHAPE, seed=0)
+    d = shapes.decode_inputs(64, seed=0)
     layers = {
         "chunk_fwd_o (all)": lambda: chunk_o.chunk_fwd_o(q, k, v, h, g),
         "contract check + plan (cached)": lambda: chunk_o.call_plan(q, k, v, h, g),
@@ -93,9 +81,9 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
                                                                  **run.launch_options),
         "KernelLaunch (recorded variant)": lambda: run(*runtime_args),
         "the variant's launch function alone": _c_launcher_only(run, runtime_args),
-        "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(fq, fk, fv, f["g"], f["beta"],
+        "chunk_gated_delta_rule T512": lambda: chunk_gated_delta_rule(f["q"], f["k"], f["v"], f["g"], f["beta"],
                                                                       output_final_state=True),
-        "decode_step N64 HV32": lambda: decode_step(dq, dk, dv, dg, dbeta, d_state),
+        "decode_step N64 HV32": lambda: decode_step(*(d[n] for n in ("q", "k", "v", "g", "beta", "state"))),
     }
     for name, fn in layers.items():
         us = []
@@ -144,19 +132,19 @@ PALLAS_GRID_SHAPES = [(1, 2048, 16, 16), (1, 4096, 16, 16), (1, 8192, 16, 16), (
 
 
 def pallas_grids() -> None:
-    """The measurement behind tilings.persistent_programs: gdn's Pallas chunk_fwd_o at each shape (and the chunk_o
-    benchmark's varlen batch) with the spec's grid, one program per work item, and persistent grids of 1 and 2
-    programs per SM, each launched once to warm up and three times for Nsight Compute; every grid's output is
-    checked bit for bit against the spec grid's. Prints the launch order."""
+    """The measurement behind tilings.persistent_programs: gdn's Pallas chunk_fwd_o at each shape (and a varlen
+    batch of 64 sequences, 65536 tokens) with the spec's grid, one program per work item, and persistent grids of
+    1 and 2 programs per SM, each launched once to warm up and three times for Nsight Compute; every grid's
+    output is checked bit for bit against the spec grid's. Prints the launch order."""
     import jax.numpy as jnp
 
-    from benchmarks.chunk_o import varlen_seqlens
+    from benchmarks.shapes import varlen_seqlens
     from gdn.common import example, spec, tilings
     from gdn.pallas.arrays import as_index, multiprocessor_count
     from gdn.pallas.chunk_o import checked_problem, launch
 
     sms = multiprocessor_count()
-    lengths = varlen_seqlens()
+    lengths = varlen_seqlens(64, 4000, 65536)
     shapes = [shape + (None,) for shape in PALLAS_GRID_SHAPES] + [(1, sum(lengths), 16, 16, lengths)]
     for B, T, H, HV, seqlens in shapes:
         cu = None if seqlens is None else np.cumsum((0,) + seqlens).astype(np.int32)
@@ -180,13 +168,14 @@ def pallas_grids() -> None:
                   f"bit-equal to the spec grid {bool(jnp.array_equal(o, spec_grid))}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_chunk_o", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", action="store_true", help="print the host-time breakdown instead")
     parser.add_argument("--cold", action="store_true", help="print cold first-call times (empty Triton cache)")
     parser.add_argument("--pallas-grids", action="store_true",
                         help="launch the Pallas kernel on the grids behind tilings.persistent_programs (for ncu)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.host:
         host_breakdown()
     elif args.cold:

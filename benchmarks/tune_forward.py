@@ -1,16 +1,19 @@
-"""Sweep chunk_gated_delta_rule's tilings, context-parallel pieces and walk kind on the GPU: the measurements
-behind tilings.walk_tiling, tilings.context_pieces, tilings.FUSED_WALK and tilings.prepare_tiling, and the
-stage table of RESULTS.md.
+"""``python -m benchmarks.tune_forward``: chunk_gated_delta_rule's tilings, context-parallel pieces and walk kind
+swept on one CUDA GPU: the measurements behind tilings.walk_tiling, tilings.context_pieces, tilings.FUSED_WALK
+and tilings.prepare_tiling, and the forward's stage times.
 
     python -m benchmarks.tune_forward [--out DIR] [--only walk|fused|prepare|stages]
 
-bf16, K = V = 128, unit-norm q/k rows, log-sigmoid gates, sigmoid beta (gdn.common.example), final state on.
+The dense shapes of benchmarks.shapes.SHAPES (bf16, K = V = 128, inputs from benchmarks.shapes.forward_inputs
+without an initial state), final state on.
 walk: at each shape, the whole forward (Triton) with every candidate walk tiling (V tile, warps, stages) in
 1, 2, 4 and 8 pieces per sequence, device time by CUDA-graph replay (triton.testing.do_bench_cudagraph), each
 output checked against the spec's choice (max |Δ| / max |ref| of o). fused: the same with the walk that
 computes o itself (tilings.FUSED_WALK). prepare: the prepare kernel alone with each candidate tiling. stages:
-the spec's forward split into its kernels (prepare, map walk + combine, walk, chunk_fwd_o). Writes
-tune_walk.csv, tune_fused.csv, tune_prepare.csv and forward_stages.csv.
+the spec's forward split into its kernels (prepare, map walk + combine, walk, chunk_fwd_o). These call the
+forward's kernels one by one (gdn.triton.forward), so they follow its design: a sweep whose functions this
+version of gdn does not have says so and exits. Writes tune_walk.csv, tune_fused.csv, tune_prepare.csv and
+forward_stages.csv (with .env.json and .txt) for benchmarks.report.
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks import harness
-from gdn.common import contract, example, tilings
+from benchmarks import harness, shapes
+from gdn.common import contract, spec, tilings
 from gdn.triton import forward
 from gdn.triton.arrays import array_info, tensor_keys
 from gdn.triton.chunk_o import launch as launch_chunk_o
 
 K = V = 128
 DEVICE = "cuda"
-SHAPES = [(1, 8192, 16, 16), (1, 8192, 2, 8), (1, 8192, 16, 32), (8, 2048, 16, 32), (1, 65536, 16, 16),
-          (1, 512, 16, 16)]
-"""(B, T, H, HV) of the forward benchmark's dense shapes."""
+SHAPES = [shape for shape in shapes.SHAPES if shape.seqlens is None]
+"""The forward benchmark's dense shapes; the walk and fused sweeps skip the first (B1 T512), prepare takes the
+two after it."""
 WALK_CANDIDATES = [tilings.Tiling(K, block_v, warps, stages)
                    for block_v, warps, stages in itertools.product(tilings.WALK_BLOCK_V, (4, 8), (2, 3))]
 FUSED_CANDIDATES = [tilings.Tiling(K, block_v, 4, 2) for block_v in (32, 64)]
@@ -42,13 +45,10 @@ PREPARE_CANDIDATES = [tilings.Tiling(block, block, 4, 1, registers)
 PIECES = (1, 2, 4, 8)
 
 
-def _inputs(B: int, T: int, H: int, HV: int) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
-    a = example.random_recurrent_inputs(B, T, H, HV, K, V, "bfloat16", seed=0)
-    t = {n: torch.from_numpy(x).to(DEVICE) for n, x in a.items() if n != "initial_state"}
-    for n in ("q", "k", "v"):
-        t[n] = t[n].to(torch.bfloat16)
+def _inputs(shape: shapes.Shape) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
+    t = dict(shapes.forward_inputs(shape, seed=0), initial_state=None)
     names = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
-    keys = tensor_keys(names, [t.get(n) for n in names])
+    keys = tensor_keys(names, [t.get(n) for n in names], op=spec.FORWARD_OP)
     problem = contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
                                                output_final_state=True)
     return problem, t
@@ -63,14 +63,10 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
-def _shape_name(B: int, T: int, H: int, HV: int) -> str:
-    return f"B{B}-T{T}-H{H}-HV{HV}"
-
-
-def walk_rows(shape: tuple[int, int, int, int], fused: bool = False) -> list[dict]:
+def walk_rows(shape: shapes.Shape, fused: bool = False) -> list[dict]:
     """The whole forward at shape with every walk candidate (of the fused walk with fused) in every piece
     count."""
-    problem, t = _inputs(*shape)
+    problem, t = _inputs(shape)
     args = (t["q"], t["k"], t["v"], t["g"], t["beta"], K**-0.5, None, None, None)
     spec_pieces = problem.pieces(forward.multiprocessors(torch.device(DEVICE)))
     reference, _ = forward.forward(problem, *args, spec_pieces)
@@ -84,8 +80,8 @@ def walk_rows(shape: tuple[int, int, int, int], fused: bool = False) -> list[dic
         except Exception as failure:  # a tiling that does not compile (registers, shared memory) is reported
             harness.progress(f"walk {tiling} P{pieces}: failed: {type(failure).__name__}: {failure}"[:300])
             continue
-        row = {"shape": _shape_name(*shape), "fused": fused, "BV": tiling.block_v, "warps": tiling.num_warps,
-               "stages": tiling.num_stages, "pieces": pieces, "us": round(us, 1),
+        row = {"shape": shape.name, "label": shape.label, "fused": fused, "BV": tiling.block_v,
+               "warps": tiling.num_warps, "stages": tiling.num_stages, "pieces": pieces, "us": round(us, 1),
                "rel_err_vs_spec": f"{_rel(o, reference):.1e}",
                "spec": tiling == problem.walk and pieces == spec_pieces and fused == tilings.FUSED_WALK}
         harness.progress("  ".join(f"{key}={value}" for key, value in row.items()))
@@ -93,9 +89,9 @@ def walk_rows(shape: tuple[int, int, int, int], fused: bool = False) -> list[dic
     return rows
 
 
-def prepare_rows(shape: tuple[int, int, int, int]) -> list[dict]:
+def prepare_rows(shape: shapes.Shape) -> list[dict]:
     """The prepare kernel alone at shape with every candidate tiling."""
-    problem, t = _inputs(*shape)
+    problem, t = _inputs(shape)
     k, v, g, beta = t["k"], t["v"], t["g"], t["beta"]
     reference = forward.prepare(problem, k, v, g, beta, None, None)[1]
     rows = []
@@ -106,7 +102,7 @@ def prepare_rows(shape: tuple[int, int, int, int]) -> list[dict]:
         except Exception as failure:
             harness.progress(f"prepare {tiling}: failed: {type(failure).__name__}: {failure}"[:300])
             continue
-        row = {"shape": _shape_name(*shape), "BK": tiling.block_k, "warps": tiling.num_warps,
+        row = {"shape": shape.name, "label": shape.label, "BK": tiling.block_k, "warps": tiling.num_warps,
                "stages": tiling.num_stages, "us": round(us, 1), "rel_err_vs_spec": f"{_rel(w, reference):.1e}",
                "spec": tiling == problem.prepare}
         harness.progress("  ".join(f"{key}={value}" for key, value in row.items()))
@@ -114,9 +110,9 @@ def prepare_rows(shape: tuple[int, int, int, int]) -> list[dict]:
     return rows
 
 
-def stage_row(shape: tuple[int, int, int, int]) -> dict:
+def stage_row(shape: shapes.Shape) -> dict:
     """µs of each kernel of the spec's forward at shape, and of the whole call."""
-    problem, t = _inputs(*shape)
+    problem, t = _inputs(shape)
     q, k, v, g, beta = (t[n] for n in ("q", "k", "v", "g", "beta"))
     pieces = problem.pieces(forward.multiprocessors(torch.device(DEVICE)))
     g_cum, w, u = forward.prepare(problem, k, v, g, beta, None, None)
@@ -124,7 +120,7 @@ def stage_row(shape: tuple[int, int, int, int]) -> dict:
     _, _, h, v_new = forward.walk(problem, None, k, w, u, g_cum, starts, None, K**-0.5, pieces, store_h=True)
     chunk_o = problem.chunk_o()
     o = torch.empty_like(v)
-    row = {"shape": _shape_name(*shape), "pieces": pieces,
+    row = {"shape": shape.name, "label": shape.label, "pieces": pieces,
            "total_us": round(_graph_us(lambda: forward.forward(problem, q, k, v, g, beta, K**-0.5, None, None, None,
                                                                pieces)), 1),
            "prepare_us": round(_graph_us(lambda: forward.prepare(problem, k, v, g, beta, None, None)), 1),
@@ -139,26 +135,32 @@ def stage_row(shape: tuple[int, int, int, int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_forward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--only", choices=("walk", "fused", "prepare", "stages"), help="one sweep only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    print(harness.format_header(harness.environment("benchmarks.tune_forward")), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    env = harness.environment("benchmarks.tune_forward")
+    print(harness.format_header(env), flush=True)
     sweeps = {
-        "stages": ("forward_stages.csv", lambda: [stage_row(shape) for shape in SHAPES]),
-        "walk": ("tune_walk.csv", lambda: [row for shape in SHAPES[:5] for row in walk_rows(shape)]),
-        "fused": ("tune_fused.csv", lambda: [row for shape in SHAPES[:5] for row in walk_rows(shape, fused=True)]),
-        "prepare": ("tune_prepare.csv", lambda: [row for shape in SHAPES[:2] for row in prepare_rows(shape)]),
+        "stages": ("forward_stages", lambda: [stage_row(shape) for shape in SHAPES]),
+        "walk": ("tune_walk", lambda: [row for shape in SHAPES[1:] for row in walk_rows(shape)]),
+        "fused": ("tune_fused", lambda: [row for shape in SHAPES[1:] for row in walk_rows(shape, fused=True)]),
+        "prepare": ("tune_prepare", lambda: [row for shape in SHAPES[1:3] for row in prepare_rows(shape)]),
     }
-    for name, (filename, run) in sweeps.items():
+    for name, (result, run) in sweeps.items():
         if args.only not in (None, name):
             continue
-        rows = run()
-        print(harness.format_table(rows, [(c, c) for c in rows[0]]), flush=True)
-        harness.write_csv(args.out / filename, rows)
+        try:
+            rows = run()
+        except AttributeError as error:
+            parser.exit(1, f"python -m benchmarks.tune_forward: this version of gdn's forward has no such step "
+                           f"({error}); the {name} sweep measured the steps it was written for\n")
+        report = harness.format_table(rows, [(c, c) for c in rows[0]])
+        print(report, flush=True)
+        harness.write_results(args.out, result, env, rows, report=report)
     return 0
 
 

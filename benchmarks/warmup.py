@@ -1,4 +1,5 @@
-"""``python -m benchmarks.warmup``: cold-start cost of chunk_fwd_o's compile policy, each policy from cold.
+"""``python -m benchmarks.warmup``: the cold-start cost of chunk_fwd_o's compile policy against the policies gdn
+does not use, each policy from cold.
 
 Every policy runs in a fresh subprocess with a fresh, empty TRITON_CACHE_DIR (JAX: no persistent compilation
 cache), so no in-process JIT state and no on-disk kernel or autotune cache survives from another policy.
@@ -6,35 +7,29 @@ Problem: B=1, H=HV=16, K=V=128, bf16, gated, dense (not varlen); inputs from gdn
 in every process).
 
 Policies:
-  old-autotune  the old tile-height policy BT = min(CHUNK_SIZE, max(16, next_pow2(T))), plus a runtime
-                autotuner over fla-core 0.6's chunk_fwd_o configs for NVIDIA non-Blackwell GPUs:
-                (BK, BV, warps, stages) = (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3), keyed like FLA's
-                on (H, HV, K, V, BT) and the tensors' dtypes, timings cached on disk like FLA's
-                (cache_results). Warmed over T = 16, 32, CHUNK_SIZE.
-  old-static    the old BT policy alone, with gdn's static tiling (tilings.chunk_o_tiling): separates the cost of
-                the BT switch from that of the autotuner. Warmed over T = 16, 32, CHUNK_SIZE.
-  gdn           gdn.triton.chunk_fwd_o as shipped: BT = CHUNK_SIZE always, static tiling. Warmed once, at
-                T = CHUNK_SIZE.
-  gdn-pallas    gdn.pallas.chunk_fwd_o under jax.jit, first call at T = CHUNK_SIZE (trace + lower + compile
-                + run).
-                jax.jit specializes on shapes: every new T is a new compilation, counted and timed too.
+  gdn           gdn.triton.chunk_fwd_o: BT = CHUNK_SIZE always, static tiling. Warmed once, at T = CHUNK_SIZE.
+  gdn-pallas    gdn.pallas.chunk_fwd_o, first call at T = CHUNK_SIZE (trace + lower + compile + run). JAX
+                specializes on shapes: every new T is a new compilation, counted and timed too.
   fla           fla-core 0.6 fla.ops.common.chunk_o.chunk_fwd_o (g·log2(e)), first call at T = CHUNK_SIZE
-                (compile + autotune of its configs), when importable.
-
-Both old policies are the gdn kernel itself (gdn.triton.chunk_o.chunk_fwd_o_kernel, BT is a constexpr)
-launched by a benchmark-only launcher that mirrors the library wrapper with another BT; no kernel source is
-copied. With BT < CHUNK_SIZE the kernel cuts T into BT-row chunks, so h must have cdiv(T, BT) rows: for
-T ≤ CHUNK_SIZE that is one row, the same as gdn's, and for T ≥ CHUNK_SIZE both policies pick BT = CHUNK_SIZE.
-So the outputs of two policies are comparable bit for bit at T = CHUNK_SIZE, CHUNK_SIZE + 1 and 8192 (same
-BT); at T = 16 and 32
-only the max difference is meaningful (different BT, different tiles).
+                (compile + autotune of its configs), when installed.
+  pow2-autotune and pow2-static measure a policy gdn does not use, for comparison (this benchmark is why it
+  is not used): a tile height that follows T, BT = min(CHUNK_SIZE, max(16, next_pow2(T))), with
+    pow2-autotune  a runtime autotuner over fla-core 0.6's chunk_fwd_o configs for NVIDIA non-Blackwell GPUs,
+                   (BK, BV, warps, stages) = (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3), keyed like FLA's
+                   on (H, HV, K, V, BT) and the tensors' dtypes, timings cached on disk like FLA's;
+    pow2-static    gdn's static tiling (tilings.chunk_o_tiling): the cost of the BT switch without the autotuner;
+  both warmed over T = 16, 32, CHUNK_SIZE. They launch gdn's own kernel (gdn.triton.chunk_o.chunk_fwd_o_kernel,
+  BT is a constexpr) with another BT: with BT < CHUNK_SIZE the kernel cuts T into BT-row chunks, so h must
+  have cdiv(T, BT) rows, one row for T ≤ CHUNK_SIZE as gdn's; for T ≥ CHUNK_SIZE both pick BT = CHUNK_SIZE, so
+  outputs are comparable bit for bit at T = CHUNK_SIZE, CHUNK_SIZE + 1 and 8192; at T = 16 and 32 only the max
+  difference is meaningful (different BT, different tiles).
 
 Measured per policy: compiled variants (entries in the kernel's in-process JIT cache, after warm-up and after
 all calls; JAX: the jitted function's cache size), tuning configs benchmarked, warm-up wall time (each call
 synchronized), the first-call time at every T, the size of TRITON_CACHE_DIR, and the outputs' bits at
 T = 16, 32, CHUNK_SIZE, CHUNK_SIZE + 1, 8192: bit-equality with the gdn policy at the last three and max |Δ|
-at the first two, and
-each policy's max |Δ| against the float64 reference.
+at the first two, and each policy's max |Δ| against the float64 reference. Writes warmup.csv (with .env.json
+and .txt) for benchmarks.report.
 """
 
 from __future__ import annotations
@@ -63,20 +58,20 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 LOG2E = math.log2(math.e)
 PROBLEM = dict(B=1, H=16, HV=16, K=128, V=128, dtype="bfloat16")
-MIN_OLD_BT = 16
-OLD_WARM_TS = (16, 32, spec.CHUNK_SIZE)
+MIN_POW2_BT = 16
+POW2_WARM_TS = (16, 32, spec.CHUNK_SIZE)
 EQUAL_TS = (spec.CHUNK_SIZE, spec.CHUNK_SIZE + 1, 8192)  # both policies pick BT = CHUNK_SIZE here
-ALL_TS = tuple(sorted(set(OLD_WARM_TS) | set(EQUAL_TS)))
-POLICIES = ("old-autotune", "old-static", "gdn", "gdn-pallas", "fla")
-WARM_TS = {"old-autotune": OLD_WARM_TS, "old-static": OLD_WARM_TS, "gdn": (spec.CHUNK_SIZE,),
+ALL_TS = tuple(sorted(set(POW2_WARM_TS) | set(EQUAL_TS)))
+POLICIES = ("pow2-autotune", "pow2-static", "gdn", "gdn-pallas", "fla")
+WARM_TS = {"pow2-autotune": POW2_WARM_TS, "pow2-static": POW2_WARM_TS, "gdn": (spec.CHUNK_SIZE,),
            "gdn-pallas": (spec.CHUNK_SIZE,), "fla": (spec.CHUNK_SIZE,)}
 # fla-core 0.6 fla/ops/common/chunk_o.py _O_CONFIGS on NVIDIA outside Blackwell: (BK, BV, num_warps, num_stages)
 FLA_06_CONFIGS = ((128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3))
 
 
-def old_policy_bt(T: int) -> int:
-    """The old tile height: the next power of two of T, clamped to [16, CHUNK_SIZE]."""
-    return min(spec.CHUNK_SIZE, max(MIN_OLD_BT, 1 << max(0, T - 1).bit_length()))
+def pow2_bt(T: int) -> int:
+    """The tile height of the pow2 policies: the next power of two of T, clamped to [16, CHUNK_SIZE]."""
+    return min(spec.CHUNK_SIZE, max(MIN_POW2_BT, 1 << max(0, T - 1).bit_length()))
 
 
 def inputs_for(T: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -86,11 +81,11 @@ def inputs_for(T: int, seed: int = 0) -> dict[str, np.ndarray]:
     return example.random_inputs(p["B"], T, p["H"], p["HV"], p["K"], p["V"], p["dtype"], True, None, seed=seed)
 
 
-# ------------------------------------------------------------------------------------- old-policy launcher
+# ------------------------------------------------------------------------------------- pow2-policy launcher
 
-class OldPolicyLauncher:
+class Pow2PolicyLauncher:
     """Launches gdn's chunk_fwd_o_kernel as the library wrapper does (same arguments, grid order and
-    precision), except that BT follows old_policy_bt(T) and, with autotune, BK/BV/warps/stages come from a
+    precision), except that BT follows pow2_bt(T) and, with autotune, BK/BV/warps/stages come from a
     triton.autotune over FLA_06_CONFIGS instead of tilings.chunk_o_tiling. Dense (non-varlen) inputs only."""
 
     def __init__(self, autotune: bool):
@@ -130,10 +125,10 @@ class OldPolicyLauncher:
 
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
-        BT = old_policy_bt(T)
+        BT = pow2_bt(T)
         NT = triton.cdiv(T, BT)
         if tuple(h.shape) != (B, NT, HV, K, V):
-            raise ValueError(f"old-policy launcher: h: expected shape {(B, NT, HV, K, V)} (NT = cdiv(T, BT) "
+            raise ValueError(f"pow2-policy launcher: h: expected shape {(B, NT, HV, K, V)} (NT = cdiv(T, BT) "
                              f"with BT = {BT}); got {tuple(h.shape)}")
         o = torch.empty_like(v)
         scale = spec.default_scale(K) if scale is None else float(scale)
@@ -229,7 +224,7 @@ def _child(policy: str, result_path: Path) -> int:
                 def configs_tried():
                     return 0
             else:
-                launcher = OldPolicyLauncher(autotune=policy == "old-autotune")
+                launcher = Pow2PolicyLauncher(autotune=policy == "pow2-autotune")
                 launch = launcher
 
                 def configs_tried():
@@ -282,12 +277,12 @@ def _child(policy: str, result_path: Path) -> int:
     sync(call(spec.CHUNK_SIZE))
     result["warm_call_s"] = time.perf_counter() - t0
     result["first_call_s"] = {str(T): first_call_s[T] for T in ALL_TS}
-    result["serve_16_32_64_s"] = sum(first_call_s[T] for T in OLD_WARM_TS)
+    result["serve_16_32_64_s"] = sum(first_call_s[T] for T in POW2_WARM_TS)
     result["variants_after_all"] = variants()
     result["configs_tried_after_all"] = configs_tried()
     result["cache_bytes_after_all"], result["cache_files_after_all"] = (
         harness.dir_size(cache_dir) if cache_dir else (None, None))
-    if policy == "old-autotune":
+    if policy == "pow2-autotune":
         result["chosen_configs"] = launcher.chosen_configs()
     if policy == "fla" and tuner is not None:
         result["chosen_configs"] = {str(key): str(cfg) for key, cfg in tuner.cache.items()}
@@ -350,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"subset of {','.join(POLICIES)}")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per policy subprocess (default 300)")
-    parser.add_argument("--quick", action="store_true", help="accepted for symmetry with chunk_o; the warm-up "
-                        "measures one cold start per policy either way")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (caches, outputs)")
     parser.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -370,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     header = harness.format_header(env)
     print(header, flush=True)
     for T in ALL_TS:  # the premise of comparing outputs: same h for both policies
-        assert -(-T // old_policy_bt(T)) == spec.num_chunks(T), T
+        assert -(-T // pow2_bt(T)) == spec.num_chunks(T), T
 
     from gdn.common import reference
 
@@ -408,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = results[policy]
         row.update({
-            "bt_by_t": " ".join(f"{T}:{old_policy_bt(T) if policy.startswith('old') else spec.CHUNK_SIZE}"
+            "bt_by_t": " ".join(f"{T}:{pow2_bt(T) if policy.startswith('pow2') else spec.CHUNK_SIZE}"
                                 for T in ALL_TS) if policy != "gdn-pallas" else f"all:{spec.CHUNK_SIZE}",
             "warm_ts": " ".join(map(str, r["warm_ts"])),
             "variants_after_warmup": r["variants_after_warmup"],
@@ -457,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                             else None))
                   for r in rows]
     columns = [("policy", "policy"), ("warm_ts", "warm T"), ("v", "variants warm/all"), ("cfg", "configs tried"),
-               ("warm", "warm-up s"), ("serve", "T" + "+".join(map(str, OLD_WARM_TS)) + " first calls s"),
+               ("warm", "warm-up s"), ("serve", "T" + "+".join(map(str, POW2_WARM_TS)) + " first calls s"),
                ("imp", "import s"), ("disk", "cache KiB"),
                ("eq", "bit-equal gdn @" + " ".join(map(str, EQUAL_TS))), ("d16", "max|Δ| gdn @16 32"),
                ("err", "max|Δ| vs f64 ref")]
@@ -466,9 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes:",
         "  variants: compiled kernels in the in-process JIT cache after the warm-up / after calls at T = "
         + ", ".join(map(str, ALL_TS)) + " (gdn-pallas: jax.jit cache entries; one per input shape);",
-        "  configs tried: autotuner benchmarks run (FLA-0.6-like configs for old-autotune, FLA's own for fla);",
+        "  configs tried: autotuner benchmarks run (FLA-0.6-like configs for pow2-autotune, FLA's own for fla);",
         "  warm-up s: the warm T calls, each synchronized, compile + tuning included; T" + "+".join(
-            map(str, OLD_WARM_TS)) + ": first calls at those T from cold, in warm-up order (for gdn: warm at "
+            map(str, POW2_WARM_TS)) + ": first calls at those T from cold, in warm-up order (for gdn: warm at "
         f"{spec.CHUNK_SIZE}, then 16 and 32, which must not compile);",
         "  import s: importing the implementation after torch / jax is up; cache KiB: TRITON_CACHE_DIR after the "
         "warm-up (XLA compiles gdn-pallas in-process: no Triton disk cache);",
@@ -488,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print("\n".join(notes + extra))
-    args.out.mkdir(parents=True, exist_ok=True)
-    harness.write_csv(args.out / "warmup.csv", rows)
-    (args.out / "warmup.txt").write_text("\n".join([header, "", table] + notes + extra) + "\n")
-    progress(f"wrote {args.out / 'warmup.csv'}, {args.out / 'warmup.txt'}")
+    harness.write_results(args.out, "warmup", env, rows, report="\n".join([table] + notes + extra))
     return 0 if "gdn" in results else 1
 
 
