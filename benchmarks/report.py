@@ -1,0 +1,434 @@
+"""``python -m benchmarks.report``: benchmarks/RESULTS.md, assembled from what the benchmark scripts left in
+benchmarks/results/ (name.csv rows and name.env.json environment headers; chunk_o.png).
+
+Run it after any of the scripts below; a result that is not there leaves its section out:
+
+    python -m benchmarks.chunk_o        # chunk_o.csv, chunk_o_host.csv, chunk_o.png
+    python -m benchmarks.forward        # forward.csv, forward_host.csv, forward_cold.csv
+    python -m benchmarks.decode         # decode.csv, tune_decode.csv
+    python -m benchmarks.warmup         # warmup.csv
+    python -m benchmarks.tune_chunk_o   # tune_chunk_o.csv
+    python -m benchmarks.tune_forward [--state-batches | --pipeline]   # forward_stages.csv, tune_forward.csv,
+                                                                       # state_tiling_sweep.csv, forward_pipeline.csv
+
+Every table says what each number is; the reading lines under a table are computed from its rows, so they stay
+true after a refresh. The targets at the end are evaluated on the same rows; a target that is not met carries
+the profiler's reason from REASONS below (update it with the profile that explains a new result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = Path(__file__).resolve().parent / "RESULTS.md"
+ENV_KEYS = ("gpu (torch)", "nvidia-smi (name, driver, memory, max SM clock)", "torch cuda", "torch", "triton", "jax",
+            "jaxlib", "fla-core", "jax-linear-attention", "flashinfer", "python")
+GDN = ("gdn-triton", "gdn-pallas")
+
+REASONS = {
+    # The profiler's reason for each target not met, keyed as in targets(); shown only while it is not met.
+    "chunk_o_t8192_triton": "the timed call includes the launch and event overhead; Nsight Compute kernel time on an "
+                            "H100 71.5–72.2 µs (ncu ... python -m benchmarks.profile_chunk_o)",
+    "chunk_o_t512": "the timed call includes the launch and event overhead; Nsight Compute kernel time on an H100 "
+                    "8.8–9.2 µs (Triton), 9.0–9.1 µs (Pallas)",
+    "chunk_o_pallas_floor": "the pipelined JAX calls leave dispatch gaps between programs; Nsight Compute kernel time "
+                            "on an H100 537.6–541 µs at B1 T65536 (99–100 % of the floor), 243–245 µs at B8 T2048 HV32 "
+                            "(92 %)",
+    "chunk_o_t8192_pallas": "same bytes and occupancy as the Triton kernel (2 blocks of 4 warps per SM, "
+                            "register-bound; Nsight Compute: 13.4 cycles between a warp's issued instructions "
+                            "against Triton's 10.6, 6.5 of them waiting on global loads): jaxlib's Triton schedules "
+                            "the loads later, and the Pallas-Triton lowering exposes no register cap or load-order "
+                            "control; every tiling and grid measured runs at 73–77 µs of kernel time on an H100",
+    "chunk_o_few_heads": "212–223 registers per thread cap the kernel at 2 blocks per SM; 1024 programs are 3.9 "
+                         "waves with a partial last one (Nsight Compute: every byte read once, q and k through L2; "
+                         "kernel time 30.5–33.4 µs, 76–83 % of the floor, on an H100); a cap at 168 registers "
+                         "spills and loses",
+    "chunk_o_host": "CPython calls into torch and Triton: the C launcher 4.9 µs, the per-call tensor checks 2.6, "
+                    "torch.empty_like 1.8, gdn's launch checks 1.2 (python -m benchmarks.profile_chunk_o --host)",
+    "forward_vs_peer": "the staged forward writes h [B, NT, HV, K, V] and v_new to HBM and reads them back, and its "
+                       "states walk is latency-bound (Nsight Compute at B1 T8192 H16: 128 programs on 132 SMs, 21 % "
+                       "of SM throughput, 40 % of DRAM bandwidth, ≈ 1.05 µs per chunk)",
+}
+
+
+def read_rows(name: str) -> list[dict[str, Any]] | None:
+    """The rows of results/name.csv with numbers parsed, or None when the script has not run."""
+    path = RESULTS / f"{name}.csv"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        return [{key: _value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+
+
+def _value(text: str) -> Any:
+    if text in ("", None):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_env(name: str) -> dict[str, str]:
+    path = RESULTS / f"{name}.env.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def num(x: Any, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}".replace(",", " ")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def measured_line(env: dict[str, str]) -> str:
+    """Where and when a result was measured: GPU, date, gdn commit and the copy bandwidth of that run."""
+    gpu = env.get("gpu (torch)", env.get("nvidia-smi (name, driver, memory, max SM clock)", "unknown GPU"))
+    parts = [gpu.split(",")[0], env.get("date", "unknown date"), f"gdn {env.get('gdn git revision', 'unknown')}"]
+    if "copy bandwidth" in env:
+        parts.append(f"copy bandwidth {env['copy bandwidth']}")
+    return "Measured: " + ", ".join(parts) + "."
+
+
+def environment_header(envs: dict[str, dict[str, str]]) -> str:
+    """One environment table for every result file: a column per distinct environment."""
+    distinct: list[tuple[dict[str, str], list[str]]] = []
+    for name, env in envs.items():
+        key = {k: env.get(k) for k in ENV_KEYS}
+        for known, names in distinct:
+            if {k: known.get(k) for k in ENV_KEYS} == key:
+                names.append(name)
+                break
+        else:
+            distinct.append((env, [name]))
+    header = ["", *(", ".join(names) for _, names in distinct)]
+    rows = [[key, *(env.get(key) or "—" for env, _ in distinct)] for key in ENV_KEYS]
+    return table(header, rows)
+
+
+# -------------------------------------------------------------------------------------------- sections
+
+def timing_table(rows: list[dict[str, Any]], floor_column: bool, wall: bool) -> str:
+    """One row per (shape, implementation): device µs (p10–p90), wall µs, % of the floor, the gdn
+    implementations' time over this row's; the shape's MB moved and floor µs on its first row."""
+    header = ["shape", "MB moved", "floor µs", "implementation", "µs (p10–p90)"] + (["wall µs"] if wall else []) \
+        + ["% of floor", "gdn Triton ÷ this", "gdn Pallas ÷ this"]
+    out, seen = [], set()
+    for r in rows:
+        first = r["shape"] not in seen
+        seen.add(r["shape"])
+        if r.get("device_us") is not None:
+            spread = f" ({num(r.get('device_p10_us'))}–{num(r.get('device_p90_us'))})" \
+                if r.get("device_p10_us") is not None else ""
+            time = num(r["device_us"]) + spread + (" MISMATCH" if r.get("check") == "MISMATCH" else "")
+        else:
+            time = f"— ({r.get('note') or 'not run'})"
+        cells = [r.get("label") or r["shape"] if first else "", num(r.get("mb_moved"), 0) if first else "",
+                 num(r.get("floor_us")) if first and floor_column else "", r["impl"], time]
+        if wall:
+            cells.append(num(r.get("wall_us")))
+        cells += [num(r.get("pct_floor"), 0), num(r.get("gdn-triton_ratio"), 2), num(r.get("gdn-pallas_ratio"), 2)]
+        out.append(cells)
+    return table(header, out)
+
+
+def timing_methods(rows: list[dict[str, Any]]) -> str:
+    """How each implementation's device time was taken, from the rows' device_method."""
+    by_method: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("device_method"):
+            names = by_method.setdefault(r["device_method"], [])
+            if r["impl"] not in names:
+                names.append(r["impl"])
+    return "Device time — " + "; ".join(f"{', '.join(names)}: {method}" for method, names in by_method.items()) + "."
+
+
+def best_peer(rows: list[dict[str, Any]], shape: str) -> dict[str, Any] | None:
+    peers = [r for r in rows if r["shape"] == shape and r["impl"] not in GDN and r.get("device_us")
+             and r.get("check") != "MISMATCH"]
+    return min(peers, key=lambda r: r["device_us"]) if peers else None
+
+
+def section_chunk_o() -> str | None:
+    rows = read_rows("chunk_o")
+    if rows is None:
+        return None
+    env = read_env("chunk_o")
+    lines = ["## chunk_fwd_o", "", "`python -m benchmarks.chunk_o` — " + measured_line(env) + " K = V = 128, gated. "
+             + timing_methods(rows) + " Wall: one Python call (torch: do_bench of the call; JAX: one call per sync). "
+             "Floor = q, k, v, g, h read once and o written once at the copy bandwidth.", "",
+             timing_table(rows, True, True)]
+    if (RESULTS / "chunk_o.png").exists():
+        lines += ["", "![chunk_fwd_o time and % of the floor against T](results/chunk_o.png)"]
+    triton = [r for r in rows if r["impl"] == "gdn-triton" and r.get("pct_floor")]
+    reading = []
+    if triton:
+        low, high = min(triton, key=lambda r: r["pct_floor"]), max(triton, key=lambda r: r["pct_floor"])
+        reading.append(f"gdn Triton runs at {num(low['pct_floor'], 0)} % ({low['label']}) to "
+                       f"{num(high['pct_floor'], 0)} % ({high['label']}) of the copy-bandwidth floor.")
+        ratios = [(r["label"], r["device_us"] / peer["device_us"]) for r in triton
+                  if (peer := best_peer(rows, r["shape"]))]
+        if ratios:
+            reading.append("Against the fastest other implementation at each shape gdn Triton takes "
+                           f"{num(min(x for _, x in ratios), 2)}–{num(max(x for _, x in ratios), 2)}× its time.")
+    host = read_rows("chunk_o_host")
+    if host:
+        lines += ["", "Host time per call at " + host[0]["label"] + " (1000 calls back to back, no sync; "
+                  "`chunk_o_host.csv`):", "",
+                  table(["implementation", "CPU µs per call"], [[r["impl"], num(r["host_us"])] for r in host])]
+        eager = next((r for r in host if r["impl"] == "gdn-pallas"), None)
+        jitted = next((r for r in host if r["impl"].startswith("gdn-pallas (")), None)
+        if eager and jitted:
+            reading.append(f"An eager gdn.pallas call costs {num(eager['host_us'])} µs of CPU, inside a caller's "
+                           f"jax.jit {num(jitted['host_us'])} µs.")
+    return "\n".join(lines + [""] + reading[:3])
+
+
+def section_forward() -> str | None:
+    rows = read_rows("forward")
+    if rows is None:
+        return None
+    env = read_env("forward")
+    lines = ["## chunk_gated_delta_rule (the forward)", "",
+             "`python -m benchmarks.forward` — " + measured_line(env) + " bf16, K = V = 128, log-sigmoid gates, "
+             "final state returned; dense shapes from an N(0, 1) initial state. " + timing_methods(rows) +
+             " Wall: one Python call (torch: do_bench of the call; JAX: one call per sync). Floor = q, k, v, g, beta, "
+             "initial state in and o, final state out at the copy bandwidth.", "", timing_table(rows, True, True)]
+    reading = []
+    triton = [r for r in rows if r["impl"] == "gdn-triton" and r.get("device_us")]
+    ratios = [(r["label"], r["device_us"] / peer["device_us"], peer["impl"]) for r in triton
+              if (peer := best_peer(rows, r["shape"]))]
+    if ratios:
+        worst = max(ratios, key=lambda x: x[1])
+        reading.append(f"gdn Triton takes {num(min(x for _, x, _ in ratios), 2)}–{num(worst[1], 2)}× the best "
+                       f"peer's device time (the widest gap: {worst[0]}, against {worst[2]}).")
+    pallas = {r["shape"]: r["device_us"] for r in rows if r["impl"] == "gdn-pallas" and r.get("device_us")}
+    over = [pallas[r["shape"]] / r["device_us"] for r in triton if r["shape"] in pallas]
+    if over:
+        reading.append(f"gdn Pallas takes {num(min(over), 2)}–{num(max(over), 2)}× gdn Triton's time.")
+    host = read_rows("forward_host")
+    if host:
+        lines += ["", "Host time per call at " + host[0]["label"] + " (1000 calls back to back, no sync; "
+                  "gdn-pallas called eagerly; `forward_host.csv`):", "",
+                  table(["implementation", "CPU µs per call"], [[r["impl"], num(r["host_us"])] for r in host])]
+    cold = read_rows("forward_cold")
+    if cold:
+        lines += ["", "Cold first call (fresh process, empty Triton cache, no JAX compilation cache; compile, "
+                  "autotune and run; `forward_cold.csv`, " + measured_line(read_env("forward_cold")) + "):", "",
+                  table(["implementation", "shape", "first call s", "import s"],
+                        [[r["impl"], r.get("label") or r["shape"], num(r.get("first_call_s"), 2),
+                          num(r.get("import_s"), 2)] for r in cold])]
+    return "\n".join(lines + [""] + reading[:3])
+
+
+def section_decode() -> str | None:
+    rows = read_rows("decode")
+    if rows is None:
+        return None
+    lines = ["## decode_step", "", "`python -m benchmarks.decode` — " + measured_line(read_env("decode")) +
+             " H16 HV32 K = V = 128, bf16 inputs, float32 state; floor = reading and writing the state at the copy "
+             "bandwidth. torch: do_bench of the call; JAX: 10 calls per sync.", "",
+             table(["N", "implementation", "µs", "% of floor"],
+                   [[str(r["N"]), r["impl"], num(r["us"], 2), num(r["pct_floor"], 0)] for r in rows])]
+    sweep = read_rows("tune_decode")
+    if sweep:
+        lines += ["", "The tiling sweep behind `tilings.decode_tiling` (`tune_decode.csv`, " +
+                  measured_line(read_env("tune_decode")) + "), µs (% of floor), the spec's row in bold:", "",
+                  _pivot(sweep, "N", lambda r: f"BV {r['BV']}, {r['warps']} warps",
+                         lambda r: f"{num(r['us'])} ({num(r['pct_floor'], 0)} %)")]
+    triton = [r for r in rows if r["impl"] == "gdn-triton"]
+    reading = [f"gdn Triton reaches {num(triton[-1]['pct_floor'], 0)} % of the floor at N = {triton[-1]['N']}; "
+               f"at small N every implementation is launch-bound."] if triton else []
+    return "\n".join(lines + [""] + reading)
+
+
+def _pivot(rows: list[dict[str, Any]], column: str, row_label: Callable[[dict], str],
+           cell: Callable[[dict], str]) -> str:
+    """A table with one row per row_label and one column per value of `column`; spec rows in bold."""
+    columns = list(dict.fromkeys(str(r[column]) for r in rows))
+    labels = list(dict.fromkeys(row_label(r) for r in rows))
+    cells: dict[tuple[str, str], str] = {}
+    for r in rows:
+        text = cell(r)
+        cells[row_label(r), str(r[column])] = f"**{text}**" if r.get("spec") else text
+    return table(["", *columns], [[label, *(cells.get((label, c), "—") for c in columns)] for label in labels])
+
+
+def section_warmup() -> str | None:
+    rows = read_rows("warmup")
+    if rows is None:
+        return None
+    lines = ["## Warm-up and compile cost", "", "`python -m benchmarks.warmup` — " + measured_line(read_env("warmup")) +
+             " chunk_fwd_o at B1 H16 K = V = 128 bf16, each policy in a fresh process with an empty Triton cache; "
+             "pow2-* are the tile-height policy gdn does not use (BT follows T), measured for comparison.", "",
+             table(["policy", "warm T", "compiled variants (warm-up / all T)", "configs timed", "warm-up s",
+                    "Triton cache KiB", "bit-equal to gdn at T = 64, 65, 8192"],
+                   [[r["policy"], str(r.get("warm_ts") or "—"),
+                     f"{r.get('variants_after_warmup')} / {r.get('variants_after_all')}",
+                     "—" if r.get("configs_tried") is None else str(r["configs_tried"]), num(r.get("warmup_s"), 2),
+                     num(r.get("cache_kib_after_warmup"), 0),
+                     " ".join("yes" if r.get(f"bit_equal_T{T}") else "no" for T in (64, 65, 8192))] for r in rows])]
+    gdn = next((r for r in rows if r["policy"] == "gdn"), None)
+    if gdn:
+        lines += ["", f"gdn compiles one variant in {num(gdn['warmup_s'], 2)} s (Triton's one-time start-up "
+                  "included) and nothing for any later T."]
+    return "\n".join(lines)
+
+
+def section_tilings() -> str | None:
+    parts = []
+    sweep = read_rows("tune_chunk_o")
+    if sweep:
+        parts += ["`python -m benchmarks.tune_chunk_o` (`tune_chunk_o.csv`, " + measured_line(read_env("tune_chunk_o"))
+                  + "), chunk_fwd_o µs by tiling (BK, BV, warps, stages), `tilings.chunk_o_tiling`'s row in bold:", "",
+                  _pivot(sweep, "label", lambda r: f"({r['BK']}, {r['BV']}, {r['warps']}, {r['stages']})",
+                         lambda r: num(r["us"]))]
+    states = read_rows("state_tiling_sweep")
+    if states:
+        parts += ["", "`python -m benchmarks.tune_forward --state-batches` (`state_tiling_sweep.csv`, " +
+                  measured_line(read_env("state_tiling_sweep")) + "), the states kernel's µs by V-tile width and "
+                  "batch, `tilings.state_tiling`'s width in bold:", "",
+                  _pivot(states, "label", lambda r: f"BV {r['BV']}", lambda r: num(r["us"]))]
+    stages = read_rows("forward_stages")
+    if stages:
+        parts += ["", "`python -m benchmarks.tune_forward --stages-only` (`forward_stages.csv`, " +
+                  measured_line(read_env("forward_stages")) + "), µs of each stage of the Triton forward:", "",
+                  table(["shape", "whole call", "prepare", "states", "chunk_fwd_o"],
+                        [[r.get("label") or r["shape"], num(r["total_us"]), num(r["prepare_us"]), num(r["states_us"]),
+                          num(r["chunk_fwd_o_us"])] for r in stages])]
+    pipeline = read_rows("forward_pipeline")
+    if pipeline:
+        parts += ["", "`python -m benchmarks.tune_forward --pipeline` (`forward_pipeline.csv`, " +
+                  measured_line(read_env("forward_pipeline")) + "), the Triton forward in one pass against the "
+                  "pipeline of segments (`tilings.pipeline_segment_chunks`), µs called from Python / replayed from a "
+                  "CUDA graph:", "",
+                  table(["shape", "segments of", "pipelined by the spec", "one pass", "pipelined", "bit-equal"],
+                        [[r.get("label") or r["shape"], f"{r['segment_chunks']} chunks", "yes" if r["spec_pipelines"]
+                          else "no", f"{num(r['one pass µs'])} / {num(r['one pass graph µs'])}",
+                          f"{num(r['pipelined µs'])} / {num(r['pipelined graph µs'])}",
+                          "yes" if r["bit_equal"] else "NO"] for r in pipeline])]
+    if not parts:
+        return None
+    return "\n".join(["## Tilings", "", "The sweeps behind the static tables of `gdn/common/tilings.py` (each row "
+                      "there cites its measurement):", "", *parts])
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def _row(rows: list[dict[str, Any]] | None, impl: str, shape: str) -> dict[str, Any] | None:
+    return next((r for r in rows or [] if r["impl"] == impl and r["shape"] == shape), None)
+
+
+def targets() -> list[tuple[str, str, str, bool]]:
+    """(reason key, target, measured, met) of every target the current results can judge."""
+    chunk_o, forward = read_rows("chunk_o"), read_rows("forward")
+    found: list[tuple[str, str, str, bool]] = []
+
+    def judge(rows, impl: str, shape: str, column: str, limit: float, key: str, text: str) -> None:
+        """A target on one row's column: at most limit (a time), or at least limit (pct_floor)."""
+        r = _row(rows, impl, shape)
+        if r and r.get(column) is not None:
+            value = r[column]
+            measured = f"{num(value, 0)} %" if column == "pct_floor" else f"{num(value)} µs"
+            found.append((key, text, measured, value >= limit if column == "pct_floor" else value <= limit))
+
+    t8192, t512 = "B1-T8192-H16-HV16", "B1-T512-H16-HV16"
+    judge(chunk_o, "gdn-triton", t8192, "device_us", 72, "chunk_o_t8192_triton", "chunk_fwd_o B1 T8192 H16, gdn Triton "
+          "≤ 72 µs")
+    judge(chunk_o, "gdn-pallas", t8192, "device_us", 72, "chunk_o_t8192_pallas", "chunk_fwd_o B1 T8192 H16, gdn Pallas "
+          "≤ 72 µs")
+    for impl, floor_key in (("gdn-triton", ""), ("gdn-pallas", "chunk_o_pallas_floor")):
+        judge(chunk_o, impl, "B1-T65536-H16-HV16", "pct_floor", 93, floor_key, f"chunk_fwd_o B1 T65536 H16, {impl} "
+              "≥ 93 % of the floor")
+        judge(chunk_o, impl, "B8-T2048-H16-HV32", "pct_floor", 90, floor_key, f"chunk_fwd_o B8 T2048 H16 HV32, {impl} "
+              "≥ 90 % of the floor")
+        judge(chunk_o, impl, "B1-T8192-H2-HV8", "pct_floor", 85, "chunk_o_few_heads", f"chunk_fwd_o B1 T8192 H2 HV8, "
+              f"{impl} ≥ 85 % of the floor")
+    judge(chunk_o, "gdn-triton", t512, "device_us", 10, "chunk_o_t512", "chunk_fwd_o B1 T512 H16, gdn Triton ≤ 10 µs")
+    host = {r["impl"]: r["host_us"] for r in read_rows("chunk_o_host") or []}
+    forward_host = {r["impl"]: r["host_us"] for r in read_rows("forward_host") or []}
+    if "gdn-triton" in host:
+        found.append(("chunk_o_host", "chunk_fwd_o host time, gdn Triton ≤ 15 µs per call",
+                      f"{num(host['gdn-triton'])} µs", host["gdn-triton"] <= 15))
+    for op, times in (("chunk_fwd_o", host), ("chunk_gated_delta_rule", forward_host)):
+        if "gdn-pallas" in times:
+            found.append(("", f"{op}: an eager gdn.pallas call ≤ 30 µs of CPU at B1 T512",
+                          f"{num(times['gdn-pallas'])} µs", times["gdn-pallas"] <= 30))
+    for r in forward or []:
+        if r["impl"] != "gdn-triton" or r.get("device_us") is None:
+            continue
+        peer = best_peer(forward, r["shape"])
+        if peer:
+            found.append(("forward_vs_peer", f"forward {r['label']}, gdn Triton ≤ 0.9× the best peer",
+                          f"{num(r['device_us'] / peer['device_us'], 2)}× {peer['impl']}",
+                          r["device_us"] <= 0.9 * peer["device_us"]))
+        pallas = _row(forward, "gdn-pallas", r["shape"])
+        if pallas and pallas.get("device_us") is not None:
+            found.append(("", f"forward {r['label']}, gdn Pallas ≤ 1.25× gdn Triton",
+                          f"{num(pallas['device_us'] / r['device_us'], 2)}×",
+                          pallas["device_us"] <= 1.25 * r["device_us"]))
+        if r.get("wall_us") is not None and "graph" in (r.get("device_method") or ""):
+            found.append(("", f"forward {r['label']}, gdn Triton wall − device ≤ 25 µs",
+                          f"{num(r['wall_us'] - r['device_us'])} µs", r["wall_us"] - r["device_us"] <= 25))
+    for r in read_rows("forward_cold") or []:
+        if r["impl"] in GDN and r.get("first_call_s") is not None:
+            found.append(("", f"forward cold first call, {r['impl']} ≤ 6 s", f"{num(r['first_call_s'], 2)} s",
+                          r["first_call_s"] <= 6))
+    return found
+
+
+def section_targets() -> str | None:
+    found = targets()
+    if not found:
+        return None
+    rows = [[text, measured, "yes" if met else "**no**", "" if met else REASONS.get(key, "—")]
+            for key, text, measured, met in found]
+    return "\n".join(["## Targets", "", "Each target judged on the tables above; where one is not met, the profiler's "
+                      "reason.", "", table(["target", "measured", "met", "why not"], rows)])
+
+
+SECTIONS = (section_chunk_o, section_forward, section_decode, section_warmup, section_tilings, section_targets)
+
+
+def render() -> str:
+    envs = {path.name.removesuffix(".env.json"): json.loads(path.read_text())
+            for path in sorted(RESULTS.glob("*.env.json"))}
+    parts = ["# gdn benchmark results", "",
+             "The current numbers, one snapshot: each section names the command that produced it, and "
+             "`python -m benchmarks.report` rebuilds this file from `benchmarks/results/` after the scripts ran. "
+             "Every comparison is within one run of one script.", "", "## Environment", "",
+             environment_header(envs)]
+    for section in SECTIONS:
+        text = section()
+        if text:
+            parts += ["", text]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the markdown file to write (default {OUT})")
+    args = parser.parse_args(argv)
+    args.out.write_text(render())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
