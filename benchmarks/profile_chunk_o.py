@@ -55,10 +55,10 @@ def _c_launcher_only(run, runtime_args: tuple) -> Callable[[], None]:
                                   *runtime_args, *variant.constexpr_values)
 
 
-def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
+def host_breakdown(repeats: int = 9, calls: int = 300) -> None:
     """CPU µs per call of each layer of the Triton path at T = 512 (no synchronization inside the loop), and
     of whole chunk_gated_delta_rule (T = 512) and decode_step (N = 64) calls: per layer, after a warm-up,
-    the median and the least of rounds of calls back to back."""
+    the median and the least of `repeats` loops of `calls` calls back to back."""
     import torch
 
     from benchmarks import shapes
@@ -87,7 +87,7 @@ def host_breakdown(rounds: int = 9, calls: int = 300) -> None:
     }
     for name, fn in layers.items():
         us = []
-        for round_number in range(rounds + 1):  # round 0 warms up
+        for _ in range(repeats + 1):  # the first loop warms up
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(calls):
