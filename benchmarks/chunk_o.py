@@ -27,7 +27,6 @@ Writes chunk_o.csv, chunk_o_host.csv (with .env.json and .txt) and chunk_o.png f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import math
 import os
@@ -49,28 +48,13 @@ IMPLS = ("gdn-triton", "gdn-pallas", "fla", "jnp", "torch-eager")
 PIPELINED_CALLS = 10
 
 
-@dataclasses.dataclass
-class Impl:
-    """make(shape, inputs) returns a call of no arguments returning o, with anything converted once (exp2 gates,
-    varlen indices, jit) done outside it; None with a note when absent."""
-
-    name: str
-    framework: str  # "torch" or "jax"
-    make: Callable[[shapes.Shape, dict], Callable[[], Any]] | None
-    note: str = ""
-
-
-def _not_installed(name: str, framework: str, error: BaseException) -> Impl:
-    return Impl(name, framework, None, f"not installed ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
-
-
-def load_impls(wanted: list[str]) -> dict[str, Impl]:
+def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
     """Import what is asked for; whatever cannot be imported becomes a "not installed" row."""
-    impls: dict[str, Impl] = {}
+    impls: dict[str, harness.Impl] = {}
     if "gdn-triton" in wanted:
         from gdn.triton import chunk_fwd_o as gdn_triton
 
-        impls["gdn-triton"] = Impl("gdn-triton", "torch", lambda shape, t: lambda: gdn_triton(
+        impls["gdn-triton"] = harness.Impl("gdn-triton", "torch", lambda shape, t: lambda: gdn_triton(
             t["q"], t["k"], t["v"], t["h"], t["g"], None, t["cu_seqlens"], t["chunk_indices"]))
     if "fla" in wanted:
         try:
@@ -84,9 +68,9 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                 return lambda: fla_chunk_fwd_o(q=t["q"], k=t["k"], v=t["v"], h=t["h"], g=g_log2, scale=None,
                                                chunk_size=spec.CHUNK_SIZE, **varlen)
 
-            impls["fla"] = Impl("fla", "torch", make_fla, f"fla-core {harness.version('fla-core')}")
+            impls["fla"] = harness.Impl("fla", "torch", make_fla, f"fla-core {harness.version('fla-core')}")
         except Exception as error:  # noqa: BLE001 - any import failure is a row
-            impls["fla"] = _not_installed("fla", "torch", error)
+            impls["fla"] = harness.not_installed("fla", "torch", error)
     if "torch-eager" in wanted:
         from benchmarks.formulations import chunk_fwd_o_torch, varlen_index
 
@@ -94,7 +78,7 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
             index = _varlen_index(shape, varlen_index, "torch")
             return lambda: chunk_fwd_o_torch(t["q"], t["k"], t["v"], t["h"], t["g"], None, *index)
 
-        impls["torch-eager"] = Impl("torch-eager", "torch", make_eager)
+        impls["torch-eager"] = harness.Impl("torch-eager", "torch", make_eager)
     jax_wanted = [n for n in ("gdn-pallas", "jnp") if n in wanted]
     if jax_wanted:
         try:
@@ -104,22 +88,23 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                 raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
         except Exception as error:  # noqa: BLE001
             for name in jax_wanted:
-                impls[name] = _not_installed(name, "jax", error)
+                impls[name] = harness.not_installed(name, "jax", error)
             jax_wanted = []
     if "gdn-pallas" in jax_wanted:
         from gdn.pallas import chunk_fwd_o as gdn_pallas
 
-        impls["gdn-pallas"] = Impl("gdn-pallas", "jax", lambda shape, j: lambda: gdn_pallas(
+        impls["gdn-pallas"] = harness.Impl("gdn-pallas", "jax", lambda shape, j: lambda: gdn_pallas(
             j["q"], j["k"], j["v"], j["h"], j["g"], None, j["cu_seqlens"], j["chunk_indices"]))
     if "jnp" in jax_wanted:
         from benchmarks.formulations import chunk_fwd_o_jnp, varlen_index
 
-        def make_jnp(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
-            fn = jax.jit(chunk_fwd_o_jnp)
-            index = _varlen_index(shape, varlen_index, "jax")
-            return lambda: fn(j["q"], j["k"], j["v"], j["h"], j["g"], None, *index)
+        jnp_chunk_fwd_o = jax.jit(chunk_fwd_o_jnp)
 
-        impls["jnp"] = Impl("jnp", "jax", make_jnp)
+        def make_jnp(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
+            index = _varlen_index(shape, varlen_index, "jax")
+            return lambda: jnp_chunk_fwd_o(j["q"], j["k"], j["v"], j["h"], j["g"], None, *index)
+
+        impls["jnp"] = harness.Impl("jnp", "jax", make_jnp)
     return {n: impls[n] for n in IMPLS if n in impls}
 
 
@@ -137,34 +122,18 @@ def _varlen_index(shape: shapes.Shape, varlen_index: Callable, framework: str) -
     return torch.from_numpy(token_index).cuda().long(), torch.from_numpy(token_slot).cuda().long()
 
 
-def _numpy(out: Any) -> np.ndarray:
-    if hasattr(out, "detach"):
-        return out.detach().float().cpu().numpy()
-    return np.asarray(out.astype("float32"))
-
-
-def _synced(impl: Impl, call: Callable[[], Any]) -> Any:
-    if impl.framework == "torch":
-        import torch
-
-        with torch.no_grad():
-            out = call()
-        torch.cuda.synchronize()
-        return out
-    import jax
-
-    return jax.block_until_ready(call())
-
-
 # ----------------------------------------------------------------------------------------------- a shape
 
-def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> list[dict[str, Any]]:
+def run_shape(shape: shapes.Shape, impls: dict[str, harness.Impl], copy_bw: float) -> list[dict[str, Any]]:
     """One row per implementation at one shape: the check against gdn-triton, then the timings."""
     import torch
 
     progress(f"{shape.name}: inputs ({shape.chunk_o_bytes() / 1e6:.0f} MB moved per call) ...")
     torch_inputs = shapes.chunk_o_inputs(shape, seed=1000)
-    jax_inputs = shapes.to_jax(torch_inputs) if any(i.framework == "jax" and i.make for i in impls.values()) else {}
+    jax_sets = []
+    if any(i.framework == "jax" and i.make for i in impls.values()):  # rotated so that no call finds them in L2
+        jax_sets = [shapes.to_jax(torch_inputs)] + [shapes.to_jax(shapes.chunk_o_inputs(shape, seed=1000 + s))
+                                                    for s in range(1, harness.rotating_sets(shape.chunk_o_bytes()))]
     floor_us = shape.chunk_o_bytes() / copy_bw * 1e6
     base = {"shape": shape.name, "label": shape.label, "dtype": shape.dtype, "mb_moved": shape.chunk_o_bytes() / 1e6,
             "floor_us": floor_us}
@@ -176,8 +145,10 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
         if impl.make is None:
             continue
         try:
-            call = impl.make(shape, jax_inputs if impl.framework == "jax" else torch_inputs)
-            result = _numpy(_synced(impl, call))
+            calls = [impl.make(shape, j) for j in jax_sets] if impl.framework == "jax" else \
+                [impl.make(shape, torch_inputs)]
+            call = calls[0]
+            result = harness.to_numpy(harness.synced(impl, call))
             if impl.name == "gdn-triton":
                 reference = result
             if reference is not None:
@@ -189,8 +160,9 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
                 with torch.no_grad():
                     device, wall, note = harness.time_torch_call(call)
             else:
-                device = harness.time_jax(call, [()], runs=50, warmup=2, batch=PIPELINED_CALLS)
-                wall = harness.time_jax(call, [()], runs=50, warmup=2)
+                sets = [(i,) for i in range(len(calls))]
+                device = harness.time_jax(lambda i: calls[i](), sets, runs=50, warmup=2, batch=PIPELINED_CALLS)
+                wall = harness.time_jax(lambda i: calls[i](), sets, runs=50, warmup=2)
             device = device or wall  # no CUDA graph: the wall time is the best device time there is
             row.update(device_us=device.median_us, device_p10_us=device.p10_us, device_p90_us=device.p90_us,
                        device_method=device.method, wall_us=wall.median_us, pct_floor=100 * floor_us / device.median_us)
@@ -199,20 +171,15 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
             progress(f"{shape.name}: {impl.name:<12} {device.median_us:9.1f} µs ({row['pct_floor']:.0f} % of the "
                      f"floor)  wall {wall.median_us:.1f} µs")
         except Exception as error:  # noqa: BLE001 - report, carry on
-            row["note"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" \
-                if str(error).strip() else f"failed: {type(error).__name__}"
+            row["note"] = harness.failure_note(error)
             progress(f"{shape.name}: {impl.name} failed:")
             traceback.print_exc(limit=4)
             sys.stdout.flush()
-    for r in rows:  # the gdn implementations' time over each row's, in the same run
-        for gdn in ("gdn-triton", "gdn-pallas"):
-            mine = next((x.get("device_us") for x in rows if x["impl"] == gdn), None)
-            if mine and r.get("device_us"):
-                r[f"{gdn}_ratio"] = mine / r["device_us"]
+    harness.ratio_columns(rows)
     return rows
 
 
-def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
+def host_rows(impls: dict[str, harness.Impl], calls: int) -> list[dict[str, Any]]:
     """CPU µs per call at HOST_SHAPE, back to back without synchronization; gdn-pallas also inside a caller's
     jax.jit."""
     import torch
@@ -221,7 +188,7 @@ def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
     progress(f"host time at {shape.name}: {calls} back-to-back calls per implementation ...")
     torch_inputs = shapes.chunk_o_inputs(shape, seed=7)
     jax_inputs = shapes.to_jax(torch_inputs) if any(i.framework == "jax" and i.make for i in impls.values()) else {}
-    calls_to_time: dict[str, tuple[Impl, Callable[[], Any]]] = {}
+    calls_to_time: dict[str, tuple[harness.Impl, Callable[[], Any]]] = {}
     for impl in impls.values():
         if impl.make is not None:
             calls_to_time[impl.name] = (impl, impl.make(shape, jax_inputs if impl.framework == "jax" else torch_inputs))
@@ -237,13 +204,13 @@ def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
     rows = []
     for name, (impl, call) in calls_to_time.items():
         try:
-            last = [_synced(impl, call)]
+            last = [harness.synced(impl, call)]
 
             def keep(call: Callable[[], Any] = call, last: list = last) -> None:
                 last[0] = call()
 
-            def sync(impl: Impl = impl, last: list = last) -> None:
-                _synced(impl, lambda: last[0])
+            def sync(impl: harness.Impl = impl, last: list = last) -> None:
+                harness.synced(impl, lambda: last[0])
 
             with torch.no_grad():
                 host_us = harness.host_time_per_call(keep, sync, calls)
@@ -304,16 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         progress("formulation check: " + line)
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: torch sees no CUDA device; this benchmark needs one", file=sys.stderr)
+    impls = load_impls([n for n in IMPLS if n in args.impls.split(",")])
+    copy_bw = harness.gpu_run(env, impls)
+    if copy_bw is None:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the default, stated: fp32 eager matmuls are IEEE
-    copy_bw, _ = harness.copy_bandwidth()
-    env["copy bandwidth"] = f"{copy_bw / 1e12:.3f} TB/s"
-    progress(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s")
-    impls = load_impls([n for n in IMPLS if n in args.impls.split(",")])
-    for impl in impls.values():
-        progress(f"{impl.name}: {'available' if impl.make else impl.note}")
 
     rows: list[dict[str, Any]] = []
     for shape in selected:

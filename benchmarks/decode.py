@@ -39,10 +39,6 @@ def _rel(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return x.float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x.astype("float32"))
-
-
 def calls(N: int, impls: list[str]) -> dict[str, tuple[str, Callable[[], Any]]]:
     """(framework, call) of each available implementation at N sequences; a missing peer is skipped with a line."""
     from gdn.triton import decode_step
@@ -80,7 +76,7 @@ def run_batch(N: int, impls: list[str], bandwidth: float) -> list[dict[str, Any]
     rows = []
     reference = None
     for name, (framework, call) in calls(N, impls).items():
-        o, state = (_numpy(x) for x in call())
+        o, state = (harness.to_numpy(x) for x in call())
         reference = reference or (o, state)
         if framework == "torch":
             timing = harness.time_torch(call)

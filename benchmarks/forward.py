@@ -31,7 +31,6 @@ Writes forward.csv, forward_host.csv, forward_cold.csv (with .env.json and .txt)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -58,25 +57,9 @@ COLD_SHAPE = "B1-T8192-H16-HV16"
 COLD_MARK = "COLD-RESULT "
 
 
-@dataclasses.dataclass
-class Impl:
-    """make(shape, inputs) returns a call of no arguments returning (o, final_state) in gdn's layouts, with
-    everything an implementation converts once (layouts, jit) done outside it; None with a note when absent."""
-
-    name: str
-    framework: str  # "torch" or "jax"
-    make: Callable[[shapes.Shape, dict], Callable[[], Any]] | None
-    note: str = ""
-
-
-def _not_installed(name: str, error: BaseException) -> Impl:
-    framework = "jax" if name in JAX_IMPLS else "torch"
-    return Impl(name, framework, None, f"not installed ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
-
-
-def load_impls(wanted: list[str]) -> dict[str, Impl]:
+def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
     """Import what is asked for; whatever cannot be imported becomes a "not installed" row."""
-    impls: dict[str, Impl] = {}
+    impls: dict[str, harness.Impl] = {}
     if "gdn-triton" in wanted:
         try:
             from gdn.triton import chunk_gated_delta_rule as gdn_triton
@@ -86,9 +69,9 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                                           output_final_state=True, cu_seqlens=t["cu_seqlens"],
                                           chunk_indices=t["chunk_indices"])
 
-            impls["gdn-triton"] = Impl("gdn-triton", "torch", make_gdn_triton)
+            impls["gdn-triton"] = harness.Impl("gdn-triton", "torch", make_gdn_triton)
         except Exception as error:  # noqa: BLE001 - any import failure is reported as a row
-            impls["gdn-triton"] = _not_installed("gdn-triton", error)
+            impls["gdn-triton"] = harness.not_installed("gdn-triton", "torch", error)
     if "fla" in wanted:
         try:
             progress("importing fla.ops.gated_delta_rule (fla-core imports all of fla.ops) ...")
@@ -101,18 +84,18 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                 return lambda: fla_forward(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"],
                                            output_final_state=True, **varlen)
 
-            impls["fla"] = Impl("fla", "torch", make_fla, f"fla-core {harness.version('fla-core')}")
+            impls["fla"] = harness.Impl("fla", "torch", make_fla, f"fla-core {harness.version('fla-core')}")
         except Exception as error:  # noqa: BLE001
-            impls["fla"] = _not_installed("fla", error)
+            impls["fla"] = harness.not_installed("fla", "torch", error)
     for name, use_cp in (("flashinfer", False), ("flashinfer-cp", True)):
         if name in wanted:
             try:
                 import fi_gdn
 
-                impls[name] = Impl(name, "torch", _flashinfer_maker(fi_gdn, use_cp),
-                                   f"{harness.flashinfer_bundle_version()}, use_cp={use_cp}")
+                impls[name] = harness.Impl(name, "torch", _flashinfer_maker(fi_gdn, use_cp),
+                                           f"{harness.flashinfer_bundle_version()}, use_cp={use_cp}")
             except Exception as error:  # noqa: BLE001
-                impls[name] = _not_installed(name, error)
+                impls[name] = harness.not_installed(name, "jax" if name in JAX_IMPLS else "torch", error)
     jax_wanted = [n for n in JAX_IMPLS if n in wanted]
     if jax_wanted:
         try:
@@ -122,7 +105,7 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                 raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
         except Exception as error:  # noqa: BLE001
             for name in jax_wanted:
-                impls[name] = _not_installed(name, error)
+                impls[name] = harness.not_installed(name, "jax" if name in JAX_IMPLS else "torch", error)
             jax_wanted = []
     if "gdn-pallas" in jax_wanted:
         try:
@@ -133,9 +116,9 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
                                           output_final_state=True, cu_seqlens=j["cu_seqlens"],
                                           chunk_indices=j["chunk_indices"])
 
-            impls["gdn-pallas"] = Impl("gdn-pallas", "jax", make_gdn_pallas)
+            impls["gdn-pallas"] = harness.Impl("gdn-pallas", "jax", make_gdn_pallas)
         except Exception as error:  # noqa: BLE001
-            impls["gdn-pallas"] = _not_installed("gdn-pallas", error)
+            impls["gdn-pallas"] = harness.not_installed("gdn-pallas", "jax", error)
     if "jla-mosaic" in jax_wanted:
         try:
             from jla.ops import available, linear_attention
@@ -143,18 +126,19 @@ def load_impls(wanted: list[str]) -> dict[str, Impl]:
             if "mosaic_gpu" not in available("gated_deltanet"):
                 raise RuntimeError(f"jla has no mosaic_gpu gated_deltanet here ({available('gated_deltanet')})")
 
+            jla_forward = jax.jit(lambda q, k, v, g, beta, s0, ids: linear_attention(
+                "gated_deltanet", q, k, v, g=g, beta=beta, impl="mosaic_gpu", initial_state=s0,
+                output_final_state=True, segment_ids=ids))
+
             def make_jla(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
                 segment_ids = None if shape.seqlens is None else jax.numpy.asarray(
                     np.repeat(np.arange(shape.N, dtype=np.int32), shape.seqlens)[None])
-                fn = jax.jit(lambda q, k, v, g, beta, s0, ids: linear_attention(
-                    "gated_deltanet", q, k, v, g=g, beta=beta, impl="mosaic_gpu", initial_state=s0,
-                    output_final_state=True, segment_ids=ids))
-                return lambda: fn(j["q"], j["k"], j["v"], j["g"], j["beta"], j["initial_state"], segment_ids)
+                return lambda: jla_forward(j["q"], j["k"], j["v"], j["g"], j["beta"], j["initial_state"], segment_ids)
 
-            impls["jla-mosaic"] = Impl("jla-mosaic", "jax", make_jla,
-                                       f"jax-linear-attention {harness.version('jax-linear-attention')}")
+            impls["jla-mosaic"] = harness.Impl("jla-mosaic", "jax", make_jla,
+                                               f"jax-linear-attention {harness.version('jax-linear-attention')}")
         except Exception as error:  # noqa: BLE001
-            impls["jla-mosaic"] = _not_installed("jla-mosaic", error)
+            impls["jla-mosaic"] = harness.not_installed("jla-mosaic", "jax", error)
     return {n: impls[n] for n in IMPLS if n in impls}
 
 
@@ -188,14 +172,6 @@ def _flashinfer_maker(fi_gdn: Any, use_cp: bool) -> Callable[[shapes.Shape, dict
 
 # ----------------------------------------------------------------------------------------------- a shape
 
-def _numpy(x: Any) -> np.ndarray | None:
-    if x is None:
-        return None
-    if hasattr(x, "detach"):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x.astype("float32"))
-
-
 def rel_err(x: np.ndarray | None, ref: np.ndarray | None) -> float | None:
     """max|x − ref| / max|ref| (None when either is missing)."""
     if x is None or ref is None or x.shape != ref.shape:
@@ -203,13 +179,13 @@ def rel_err(x: np.ndarray | None, ref: np.ndarray | None) -> float | None:
     return float(np.abs(x - ref).max() / max(float(np.abs(ref).max()), 1e-30))
 
 
-def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> list[dict[str, Any]]:
+def run_shape(shape: shapes.Shape, impls: dict[str, harness.Impl], copy_bw: float) -> list[dict[str, Any]]:
     """The correctness check, then device and wall time, of every implementation at one shape."""
     import torch
 
     progress(f"{shape.name}: inputs ...")
     torch_inputs = shapes.forward_inputs(shape, seed=1000)
-    jax_inputs = shapes.to_jax(torch_inputs) if any(i.framework == "jax" and i.make for i in impls.values()) else {}
+    jax_sets = jax_input_sets(shape, torch_inputs, impls)
     floor_us = shape.forward_bytes() / copy_bw * 1e6
     base = {"shape": shape.name, "label": shape.label, "mb_moved": shape.forward_bytes() / 1e6,
             "floor_us": floor_us}
@@ -221,9 +197,11 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
         if impl.make is None:
             continue
         try:
-            call = impl.make(shape, jax_inputs if impl.framework == "jax" else torch_inputs)
-            o, state = _synced(impl, call)  # compiles and autotunes here, outside the timings
-            o, state = _numpy(o), _numpy(state)
+            calls = [impl.make(shape, j) for j in jax_sets] if impl.framework == "jax" else \
+                [impl.make(shape, torch_inputs)]
+            call = calls[0]
+            o, state = harness.synced(impl, call)  # compiles and autotunes here, outside the timings
+            o, state = harness.to_numpy(o), harness.to_numpy(state)
             if reference is None:
                 reference = (impl.name, o, state)
             ref_name, ref_o, ref_state = reference
@@ -238,9 +216,10 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
             if impl.framework == "torch":
                 with torch.no_grad():
                     device, wall, note = harness.time_torch_call(call)
-            else:
-                device = harness.time_jax(call, [()], runs=20, warmup=2, batch=PIPELINED_CALLS)
-                wall = harness.time_jax(call, [()], runs=50, warmup=2)
+            else:  # rotating through the input sets, so that a call does not find its inputs in L2
+                sets = [(i,) for i in range(len(calls))]
+                device = harness.time_jax(lambda i: calls[i](), sets, runs=20, warmup=2, batch=PIPELINED_CALLS)
+                wall = harness.time_jax(lambda i: calls[i](), sets, runs=50, warmup=2)
                 note = ""
             _store(row, "device", device)
             _store(row, "wall", wall)
@@ -251,26 +230,22 @@ def run_shape(shape: shapes.Shape, impls: dict[str, Impl], copy_bw: float) -> li
             progress(f"{shape.name}: {impl.name:<13} device {fmt(row.get('device_us'), 1) or '-'} µs  "
                      f"wall {fmt(row.get('wall_us'), 1)} µs")
         except Exception as error:  # noqa: BLE001 - report, carry on
-            row["note"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" \
-                if str(error).strip() else f"failed: {type(error).__name__}"
+            row["note"] = harness.failure_note(error)
             progress(f"{shape.name}: {impl.name} failed:")
             traceback.print_exc(limit=4)
             sys.stdout.flush()
-    del torch_inputs, jax_inputs
+    del torch_inputs, jax_sets
     return rows
 
 
-def _synced(impl: Impl, call: Callable[[], Any]) -> Any:
-    if impl.framework == "torch":
-        import torch
-
-        with torch.no_grad():
-            out = call()
-        torch.cuda.synchronize()
-        return out
-    import jax
-
-    return jax.block_until_ready(call())
+def jax_input_sets(shape: shapes.Shape, torch_inputs: dict, impls: dict[str, harness.Impl]) -> list[dict]:
+    """The JAX implementations' input sets (none when none of them runs): the torch inputs through DLPack, and
+    more sets until they exceed 3× the L2 cache (torch timings flush the L2 instead)."""
+    if not any(i.framework == "jax" and i.make for i in impls.values()):
+        return []
+    sets = harness.rotating_sets(shape.forward_bytes())
+    return [shapes.to_jax(torch_inputs)] + [shapes.to_jax(shapes.forward_inputs(shape, seed=1000 + s))
+                                            for s in range(1, sets)]
 
 
 def _store(row: dict[str, Any], what: str, timing: harness.Timing | None) -> None:
@@ -281,7 +256,7 @@ def _store(row: dict[str, Any], what: str, timing: harness.Timing | None) -> Non
 
 # ------------------------------------------------------------------------------------------- host time
 
-def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
+def host_rows(impls: dict[str, harness.Impl], calls: int) -> list[dict[str, Any]]:
     """CPU µs per call at HOST_SHAPE: back-to-back calls without synchronization; the JAX ops through their
     benchmark call (jitted) and, for gdn-pallas, the same call again (it is already the eager public op)."""
     import torch
@@ -300,7 +275,7 @@ def host_rows(impls: dict[str, Impl], calls: int) -> list[dict[str, Any]]:
                 with torch.no_grad():
                     host_us = harness.host_time_per_call(call, torch.cuda.synchronize, calls)
             else:
-                last = [_synced(impl, call)]
+                last = [harness.synced(impl, call)]
 
                 def keep(call: Callable[[], Any] = call, last: list = last) -> None:
                     last[0] = call()
@@ -344,7 +319,7 @@ def cold_child(impl_name: str, shape: shapes.Shape) -> int:
     call = impl.make(shape, shapes.to_jax(inputs) if impl.framework == "jax" else inputs)
     for key in ("first_call_s", "second_call_s"):
         start = time.perf_counter()
-        _synced(impl, call)
+        harness.synced(impl, call)
         result[key] = time.perf_counter() - start
     print(COLD_MARK + json.dumps(result), flush=True)
     return 0
@@ -373,17 +348,6 @@ def run_cold(impl_name: str, shape: shapes.Shape, timeout_s: float) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ main
-
-def ratio_columns(rows: list[dict[str, Any]]) -> None:
-    """Per row: the gdn implementations' device time over this implementation's, in the same run and shape."""
-    for shape in {r["shape"] for r in rows}:
-        same = [r for r in rows if r["shape"] == shape]
-        for r in same:
-            for gdn in ("gdn-triton", "gdn-pallas"):
-                mine = next((x.get("device_us") for x in same if x["impl"] == gdn), None)
-                if mine and r.get("device_us"):
-                    r[f"{gdn}_ratio"] = mine / r["device_us"]
-
 
 def summary(rows: list[dict[str, Any]]) -> str:
     return harness.format_table(
@@ -430,22 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_header(env), flush=True)
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: torch sees no CUDA device; this benchmark needs one", file=sys.stderr)
-        return 2
-    copy_bw, _ = harness.copy_bandwidth()
-    env["copy bandwidth"] = f"{copy_bw / 1e12:.3f} TB/s"
-    progress(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s")
     impls = load_impls([n for n in IMPLS if n in args.impls.split(",")])
-    for impl in impls.values():
-        progress(f"{impl.name}: {'available' if impl.make else impl.note}")
+    copy_bw = harness.gpu_run(env, impls)
+    if copy_bw is None:
+        return 2
 
     rows: list[dict[str, Any]] = []
     for shape in args.selected:
         rows += run_shape(shape, impls, copy_bw)
         gc.collect()
         torch.cuda.empty_cache()
-    ratio_columns(rows)
+    harness.ratio_columns(rows)
     host = host_rows(impls, args.host_calls)
     cold_rows = []
     if not args.no_cold:

@@ -165,6 +165,82 @@ def write_results(out: Path, name: str, env: dict[str, str], rows: Sequence[dict
     progress(f"wrote {out / name}.csv, .env.json" + (", .txt" if report is not None else ""))
 
 
+# -------------------------------------------------------------------------------------- implementations
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation a benchmark compares: make(shape, inputs) returns a call of no arguments (anything it
+    converts once, such as layouts or a jit, done outside that call); make is None, with a note, when the
+    implementation is absent here."""
+
+    name: str
+    framework: str  # "torch" or "jax"
+    make: Callable[..., Callable[[], Any]] | None
+    note: str = ""
+
+
+def not_installed(name: str, framework: str, error: BaseException) -> Impl:
+    """The row of an implementation that cannot be imported here."""
+    first_line = str(error).splitlines()[0][:120] if str(error) else ""
+    return Impl(name, framework, None, f"not installed ({type(error).__name__}: {first_line})")
+
+
+def synced(impl: Impl, call: Callable[[], Any]) -> Any:
+    """call() (torch: without autograd), waited for on the device."""
+    if impl.framework == "torch":
+        import torch
+
+        with torch.no_grad():
+            out = call()
+        torch.cuda.synchronize()
+        return out
+    import jax
+
+    return jax.block_until_ready(call())
+
+
+def to_numpy(x: Any) -> Any:
+    """A torch tensor or jax array as float32 numpy (None stays None)."""
+    import numpy as np
+
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x.astype("float32"))
+
+
+def gpu_run(env: dict[str, str], impls: dict[str, Impl]) -> float | None:
+    """The start of a GPU benchmark run: None (with a message) without a CUDA device, else the device-to-device
+    copy bandwidth in bytes/s, recorded in env; each implementation's availability printed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: torch sees no CUDA device; this benchmark needs one", file=sys.stderr)
+        return None
+    bandwidth, _ = copy_bandwidth()
+    env["copy bandwidth"] = f"{bandwidth / 1e12:.3f} TB/s"
+    progress(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+    for impl in impls.values():
+        progress(f"{impl.name}: {'available' if impl.make else impl.note}")
+    return bandwidth
+
+
+def failure_note(error: BaseException) -> str:
+    """A row's note for an implementation that failed at a shape."""
+    message = str(error).strip()
+    return f"failed: {type(error).__name__}" + (f": {message.splitlines()[0][:200]}" if message else "")
+
+
+def ratio_columns(rows: list[dict[str, Any]]) -> None:
+    """Per row: each gdn implementation's device time over the row's, within the same shape of the same run."""
+    for row in rows:
+        for gdn in ("gdn-triton", "gdn-pallas"):
+            mine = next((r.get("device_us") for r in rows if r["impl"] == gdn and r["shape"] == row["shape"]), None)
+            if mine and row.get("device_us"):
+                row[f"{gdn}_ratio"] = mine / row["device_us"]
+
+
 # ---------------------------------------------------------------------------------------------- timings
 
 @dataclasses.dataclass

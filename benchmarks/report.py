@@ -137,7 +137,8 @@ def timing_table(rows: list[dict[str, Any]], floor_column: bool, wall: bool) -> 
                 if r.get("device_p10_us") is not None else ""
             time = num(r["device_us"]) + spread + (" MISMATCH" if r.get("check") == "MISMATCH" else "")
         else:
-            time = f"— ({r.get('note') or 'not run'})"
+            note = r.get("note") or "not run"
+            time = "— (not installed)" if note.startswith("not installed") else f"— ({note})"
         cells = [r.get("label") or r["shape"] if first else "", num(r.get("mb_moved"), 0) if first else "",
                  num(r.get("floor_us")) if first and floor_column else "", r["impl"], time]
         if wall:
