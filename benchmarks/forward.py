@@ -368,7 +368,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="shapes:\n  " + "\n  ".join(s.name for s in shapes.SHAPES))
     parser.add_argument("--shapes", default="", help="comma-separated shape names or fnmatch patterns; default all")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    parser.add_argument("--no-cold", action="store_true", help="skip the fresh-process first calls")
+    cold = parser.add_mutually_exclusive_group()
+    cold.add_argument("--no-cold", action="store_true", help="skip the fresh-process first calls")
+    cold.add_argument("--cold-only", action="store_true", help="only the fresh-process first calls "
+                      "(writes forward_cold.csv alone, e.g. when one command may not take all of it)")
     parser.add_argument("--cold-shape", default=COLD_SHAPE, help=f"shape of the first calls (default {COLD_SHAPE})")
     parser.add_argument("--cold-timeout", type=float, default=300, help="seconds per cold subprocess")
     parser.add_argument("--host-calls", type=int, default=1000, help="calls of the host-time loop")
@@ -400,18 +403,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     rows: list[dict[str, Any]] = []
-    for shape in args.selected:
+    for shape in [] if args.cold_only else args.selected:
         rows += run_shape(shape, impls, copy_bw)
         gc.collect()
         torch.cuda.empty_cache()
     harness.ratio_columns(rows)
-    host = host_rows(impls, args.host_calls)
+    host = [] if args.cold_only else host_rows(impls, args.host_calls)
     cold_rows = []
     if not args.no_cold:
         cold_shape = shapes.select(shapes.SHAPES, args.cold_shape)[0]
         cold_rows = [run_cold(impl.name, cold_shape, args.cold_timeout) for impl in impls.values() if impl.make]
 
-    report = summary(rows)
+    report = summary(rows) if rows else ""
     if host:
         report += "\n\nhost µs per call\n" + harness.format_table(
             [dict(r, us=fmt(r["host_us"], 1)) for r in host], [("impl", "impl"), ("label", "shape"), ("us", "µs")])
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             [dict(r, s=fmt(r.get("first_call_s"), 2)) for r in cold_rows],
             [("impl", "impl"), ("label", "shape"), ("s", "first call s"), ("note", "note")])
     print("\n" + report, flush=True)
-    harness.write_results(args.out, "forward", env, rows, report=report)
+    if rows:
+        harness.write_results(args.out, "forward", env, rows, report=report)
     if host:
         harness.write_results(args.out, "forward_host", env, host)
     if cold_rows:

@@ -1,4 +1,5 @@
-"""The input contract of gdn's ops, shared by every backend: one framework-neutral check per op that raises
+"""The input contract of gdn's ops, shared by every backend: one framework-neutral check per op
+(validate_chunk_o_inputs, validate_decode_inputs, validate_forward_inputs, made of gdn.common.checks) that raises
 ``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")`` before anything is launched, and returns
 the validated problem (sizes, flags, tilings) that selects the kernels and their grids.
 """
