@@ -8,8 +8,7 @@ Run it after any of the scripts below; a result that is not there leaves its sec
     python -m benchmarks.decode         # decode.csv, tune_decode.csv
     python -m benchmarks.warmup         # warmup.csv
     python -m benchmarks.tune_chunk_o   # tune_chunk_o.csv
-    python -m benchmarks.tune_forward [--state-batches | --pipeline]   # forward_stages.csv, tune_forward.csv,
-                                                                       # state_tiling_sweep.csv, forward_pipeline.csv
+    python -m benchmarks.tune_forward   # forward_stages.csv, tune_walk.csv, tune_fused.csv, tune_prepare.csv
 
 Every table says what each number is; the reading lines under a table are computed from its rows, so they stay
 true after a refresh. The targets at the end are evaluated on the same rows; a target that is not met carries
@@ -51,8 +50,8 @@ REASONS = {
                          "spills and loses",
     "chunk_o_host": "CPython calls into torch and Triton: the C launcher 4.9 µs, the per-call tensor checks 2.6, "
                     "torch.empty_like 1.8, gdn's launch checks 1.2 (python -m benchmarks.profile_chunk_o --host)",
-    "forward_vs_peer": "the staged forward writes h [B, NT, HV, K, V] and v_new to HBM and reads them back, and its "
-                       "states walk is latency-bound (Nsight Compute at B1 T8192 H16: 128 programs on 132 SMs, 21 % "
+    "forward_vs_peer": "the forward writes h [B, NT, HV, K, V] and v_new to HBM and reads them back, and its walk "
+                       "over chunks is latency-bound (Nsight Compute at B1 T8192 H16: 128 programs on 132 SMs, 21 % "
                        "of SM throughput, 40 % of DRAM bandwidth, ≈ 1.05 µs per chunk)",
 }
 
@@ -291,6 +290,21 @@ def section_warmup() -> str | None:
     return "\n".join(lines)
 
 
+def _best_table(rows: list[dict[str, Any]], spec_rows: list[dict[str, Any]] | None = None) -> str:
+    """Per shape: the spec's row (of spec_rows when given) and the fastest row, µs with (BV, warps, stages,
+    pieces)."""
+    def described(r: dict[str, Any]) -> str:
+        return f"{num(r['us'])} (BV {r['BV']}, {r['warps']} warps, {r['stages']} stages, {r['pieces']} pieces)"
+
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        spec_row = next((r for r in (spec_rows or rows) if r["shape"] == shape and r.get("spec")), None)
+        best = min(mine, key=lambda r: r["us"])
+        out.append([mine[0].get("label") or shape, described(spec_row) if spec_row else "—", described(best)])
+    return table(["shape", "the spec's choice", "fastest measured"], out)
+
+
 def section_tilings() -> str | None:
     parts = []
     sweep = read_rows("tune_chunk_o")
@@ -299,30 +313,34 @@ def section_tilings() -> str | None:
                   + "), chunk_fwd_o µs by tiling (BK, BV, warps, stages), `tilings.chunk_o_tiling`'s row in bold:", "",
                   _pivot(sweep, "label", lambda r: f"({r['BK']}, {r['BV']}, {r['warps']}, {r['stages']})",
                          lambda r: num(r["us"]))]
-    states = read_rows("state_tiling_sweep")
-    if states:
-        parts += ["", "`python -m benchmarks.tune_forward --state-batches` (`state_tiling_sweep.csv`, " +
-                  measured_line(read_env("state_tiling_sweep")) + "), the states kernel's µs by V-tile width and "
-                  "batch, `tilings.state_tiling`'s width in bold:", "",
-                  _pivot(states, "label", lambda r: f"BV {r['BV']}", lambda r: num(r["us"]))]
+    walk = read_rows("tune_walk")
+    if walk:
+        parts += ["", "`python -m benchmarks.tune_forward --only walk` (`tune_walk.csv`, " +
+                  measured_line(read_env("tune_walk")) + "), the whole forward by CUDA-graph replay with every walk "
+                  "tiling in 1, 2, 4 and 8 pieces per sequence: the spec's choice (`tilings.walk_tiling`, "
+                  "`tilings.context_pieces`) against the fastest measured:", "", _best_table(walk)]
+    fused = read_rows("tune_fused")
+    if fused:
+        parts += ["", "`python -m benchmarks.tune_forward --only fused` (`tune_fused.csv`, " +
+                  measured_line(read_env("tune_fused")) + "), the walk that computes o itself "
+                  "(`tilings.FUSED_WALK`), its fastest tiling and piece count against the spec's forward:", "",
+                  _best_table(fused, walk)]
+    prepare = read_rows("tune_prepare")
+    if prepare:
+        parts += ["", "`python -m benchmarks.tune_forward --only prepare` (`tune_prepare.csv`, " +
+                  measured_line(read_env("tune_prepare")) + "), the prepare kernel's µs by tiling (BK, warps, "
+                  "register cap), `tilings.prepare_tiling`'s row in bold:", "",
+                  _pivot(prepare, "label", lambda r: f"({r['BK']}, {r['warps']}, {r.get('maxnreg') or '—'})",
+                         lambda r: num(r["us"]))]
     stages = read_rows("forward_stages")
     if stages:
-        parts += ["", "`python -m benchmarks.tune_forward --stages-only` (`forward_stages.csv`, " +
-                  measured_line(read_env("forward_stages")) + "), µs of each stage of the Triton forward:", "",
-                  table(["shape", "whole call", "prepare", "states", "chunk_fwd_o"],
-                        [[r.get("label") or r["shape"], num(r["total_us"]), num(r["prepare_us"]), num(r["states_us"]),
-                          num(r["chunk_fwd_o_us"])] for r in stages])]
-    pipeline = read_rows("forward_pipeline")
-    if pipeline:
-        parts += ["", "`python -m benchmarks.tune_forward --pipeline` (`forward_pipeline.csv`, " +
-                  measured_line(read_env("forward_pipeline")) + "), the Triton forward in one pass against the "
-                  "pipeline of segments (`tilings.pipeline_segment_chunks`), µs called from Python / replayed from a "
-                  "CUDA graph:", "",
-                  table(["shape", "segments of", "pipelined by the spec", "one pass", "pipelined", "bit-equal"],
-                        [[r.get("label") or r["shape"], f"{r['segment_chunks']} chunks", "yes" if r["spec_pipelines"]
-                          else "no", f"{num(r['one pass µs'])} / {num(r['one pass graph µs'])}",
-                          f"{num(r['pipelined µs'])} / {num(r['pipelined graph µs'])}",
-                          "yes" if r["bit_equal"] else "NO"] for r in pipeline])]
+        parts += ["", "`python -m benchmarks.tune_forward --only stages` (`forward_stages.csv`, " +
+                  measured_line(read_env("forward_stages")) + "), µs of each kernel of the Triton forward (CUDA-graph "
+                  "replay):", "",
+                  table(["shape", "pieces", "whole call", "prepare", "piece starts", "walk", "chunk_fwd_o"],
+                        [[r.get("label") or r["shape"], str(r.get("pieces")), num(r.get("total_us")),
+                          num(r.get("prepare_us")), num(r.get("piece_starts_us")), num(r.get("walk_us")),
+                          num(r.get("chunk_fwd_o_us"))] for r in stages])]
     if not parts:
         return None
     return "\n".join(["## Tilings", "", "The sweeps behind the static tables of `gdn/common/tilings.py` (each row "

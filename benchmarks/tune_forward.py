@@ -103,6 +103,7 @@ def prepare_rows(shape: shapes.Shape) -> list[dict]:
             harness.progress(f"prepare {tiling}: failed: {type(failure).__name__}: {failure}"[:300])
             continue
         row = {"shape": shape.name, "label": shape.label, "BK": tiling.block_k, "warps": tiling.num_warps,
+               "maxnreg": tiling.max_registers,
                "stages": tiling.num_stages, "us": round(us, 1), "rel_err_vs_spec": f"{_rel(w, reference):.1e}",
                "spec": tiling == problem.prepare}
         harness.progress("  ".join(f"{key}={value}" for key, value in row.items()))

@@ -259,8 +259,8 @@ def test_forward_and_decode_direct_launches_are_bit_equal() -> None:
         first = [x[:, 0].contiguous() for x in (q, k, v, a["g"], a["beta"])]
         return decode_step(*first, a["initial_state"])
 
-    for call, kernels in ((forward_call, (forward.chunk_prepare_kernel, forward.chunk_states_kernel,
-                                          chunk_o.chunk_fwd_o_kernel)),
+    for call, kernels in ((forward_call, (forward.chunk_prepare_kernel, forward.chunk_walk_kernel,
+                                          forward.chunk_combine_kernel, chunk_o.chunk_fwd_o_kernel)),
                           (decode_call, (decode.decode_step_kernel,))):
         via_triton = _pinned_to_triton_launch(kernels, call)
         runs = [call() for _ in range(3)]
