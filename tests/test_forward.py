@@ -31,6 +31,7 @@ def test_matches_recurrent_reference(backend, case: ForwardCase, dtype: str) -> 
     assert_close(final_state, state_ref, dtype, "final_state")
 
 
+@pytest.mark.slow  # float32 stage by stage: the interpreters check the algorithm, the bf16 matrix the GPU kernels
 @pytest.mark.parametrize("case", [FORWARD_CASES[3], FORWARD_CASES[6]], ids=lambda c: c.id)
 def test_stages_match_their_references(backend, case: ForwardCase) -> None:
     """prepare (g_c, w, u: (I + A)⁻¹ against a dense float64 solve) and states (h, v_new, final state) on
@@ -46,6 +47,7 @@ def test_stages_match_their_references(backend, case: ForwardCase) -> None:
         assert_close(out[name], ref, "float32", name)
 
 
+@pytest.mark.slow
 def test_inverse_is_exact_for_equal_keys(backend) -> None:
     """All keys equal, beta = 1, no decay: A is the all-ones strictly lower matrix, whose (I + A)⁻¹ is
     I − (the ones just below the diagonal) — so w_t = k − k = 0 for t > 0 within a chunk and u_t = v_t − v_{t−1}.
@@ -254,6 +256,7 @@ def test_context_parallel_path_matches_the_reference(backend, case: ForwardCase,
     assert np.array_equal(o, o_again) and np.array_equal(state, state_again), "not bit-identical run to run"
 
 
+@pytest.mark.slow  # the measured alternative to the default walk
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_fused_walk_matches_the_reference(backend, pieces: int) -> None:
     """The walk that computes o itself (tilings.FUSED_WALK, the measured alternative to storing h for
