@@ -46,18 +46,27 @@ Op: ``chunk_gated_delta_rule`` — the whole chunked Gated DeltaNet forward (pre
 Layouts: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] float32 per-token log-gate (≤ 0, NOT cumulative);
 beta [B, T, HV] (float32 or q's dtype); initial_state [N, HV, K, V] float32 or None (N = B, or the number of
 sequences when varlen); returns o [B, T, HV, V] in v's dtype and final_state [N, HV, K, V] float32 (or None).
-Three kernels, each with tile height CHUNK_SIZE, per sequence, value head and chunk c (rows i, columns j):
+Per sequence, value head and chunk c (rows i, columns j), every kernel with tile height CHUNK_SIZE:
   1. prepare (one program per chunk and value head; nothing crosses a chunk):
-       g_c  = chunk-local cumsum of the log-gates
+       g_c  = chunk-local cumsum of the log-gates, each first raised to GATE_FLOOR
        A    = strictly lower (beta_i·k_i·k_j·exp(g_i − g_j))_{j<i}
        T_c  = (I + A)⁻¹, by forward substitution (exact float32) on the four SUBBLOCK×SUBBLOCK diagonal blocks
               and the blocked merge (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹, D = I + diag blocks of A,
               N = D⁻¹·(A below the diagonal blocks), N⁴ = 0: every entry a product of at most 3 blocks
        w    = T_c·(beta·exp(g_c)·k),   u = T_c·(beta·v)
-  2. states (one program per sequence, value head and V tile, walking the chunks in order; S float32):
+  2. walk (one program per sequence, value head and V tile, walking the chunks in order; S float32):
        h[c] = S (stored in k's dtype for stage 3);   v_new = u − w·S
        S    = exp(g_last)·S + kᵀ·(exp(g_last − g)·v_new)     (g_last: g at the chunk's last token)
   3. chunk_fwd_o(q, k, v_new, h, g_c).
+The walk is an affine map of S: per chunk S ← (exp(g_last)·I − K̃ᵀw)·S + K̃ᵀu with K̃ = k ⊙ exp(g_last − g), so a
+run of chunks (a piece) maps its start state to its end state as S_out = M·S_in + N (M K×K, N K×V). The
+context-parallel path cuts each sequence into P pieces, gets every piece's [M | N] by walking the augmented
+state from [I | 0] with u = 0 in M's columns (the map walk), combines them in order (S_0 = the initial state,
+S_{p+1} = M_p·S_p + N_p), then walks every piece from its true start in parallel. The same maps, gathered across
+devices, give the distributed forward.
+A token with a non-finite key, value, beta or gate (NaN or +inf; a gate of −inf is a reset) is poison: prepare
+zeroes it before every dot (a zero coefficient times NaN would still be NaN) and marks it NaN in g_c, so o is
+NaN from that token on (and the sequence's final state), and every earlier token's o is exact.
 This equals the token-by-token recurrence (gdn.common.reference.recurrent_gated_delta_rule) in exact
 arithmetic: the WY form of the delta rule's S updates within a chunk.
 """
