@@ -100,12 +100,15 @@ class TritonBackend:
                                                 cu_seqlens_values=cu_seqlens_values,
                                                 output_final_state=output_final_state)
 
-    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+    def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """prepare and the walk storing its states; kernel_cu_seqlens: what the kernels read instead of the
+        (checked) cu_seqlens of inputs."""
         from gdn.triton import forward
 
         a = self.convert(inputs)
         problem = self._forward_problem(a, inputs.arrays["cu_seqlens"], True)
-        cu = a["cu_seqlens"]
+        cu = a["cu_seqlens"] if kernel_cu_seqlens is None else self.torch.from_numpy(kernel_cu_seqlens).to(
+            a["cu_seqlens"].device)
         g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu, self._chunk_indices(inputs, a))
         h, v_new, final_state = forward.states(problem, a["k"], w, u, g_cum, a["initial_state"], cu)
         return {name: self.numpy(x) for name, x in zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
@@ -200,14 +203,16 @@ class PallasBackend:
             interpret=resolve_interpret(None), fused=fused)
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def stages(self, inputs: OpInputs) -> dict[str, np.ndarray]:
+    def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """prepare and the walk storing its states; kernel_cu_seqlens: what the kernels read instead of the
+        (checked) cu_seqlens of inputs."""
         from gdn.pallas import forward
         from gdn.pallas.arrays import as_index, resolve_interpret
 
         a = self.convert(inputs)
         cu_values = inputs.arrays["cu_seqlens"]
         problem = self._forward_problem(a, cu_values, True)
-        cu = as_index(a["cu_seqlens"])
+        cu = as_index(a["cu_seqlens"] if kernel_cu_seqlens is None else kernel_cu_seqlens)
         ci = None if cu is None else as_index(spec.prepare_chunk_indices(cu_values))
         interpret = resolve_interpret(None)
         g_cum, w, u = forward.prepare(problem, a["k"], a["v"], a["g"], a["beta"], cu, ci, interpret=interpret)

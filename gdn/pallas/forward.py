@@ -152,8 +152,9 @@ def chunk_walk_kernel(
     i_p = i_np % grid_pieces
     i_n = i_np // grid_pieces
     i_h = i_hv // (HV // H)
-    if IS_VARLEN:
-        bos, eos = cu_seqlens[i_n], cu_seqlens[i_n + 1]
+    if IS_VARLEN:  # the sequence's token rows, clamped into [0, T]: device values are never trusted
+        bos = jnp.clip(cu_seqlens[i_n], 0, T)
+        eos = jnp.clip(cu_seqlens[i_n + 1], bos, T)
     else:
         bos = i_n * T
         eos = bos + T
@@ -200,8 +201,10 @@ def chunk_walk_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         # v_new = u − w·S: [BT, BK] @ [BK, BV]
         b_vn = b_u.astype(jnp.float32) - dot(b_w, b_s.astype(b_w.dtype))
-        if STORE_H:  # h[c] = S, the state the chunk starts from, and v_new, for the backward
-            plgpu.store(h.at[first_chunk + i_t, i_hv, o_k[:, None], o_v[None, :]], b_s.astype(h.dtype), mask=m_kv)
+        if STORE_H:  # h[c] = S, the state the chunk starts from (a row within h), and v_new
+            i_row = first_chunk + i_t
+            plgpu.store(h.at[jnp.clip(i_row, 0, h.shape[0] - 1), i_hv, o_k[:, None], o_v[None, :]],
+                        b_s.astype(h.dtype), mask=m_kv & (i_row >= 0) & (i_row < h.shape[0]))
             plgpu.store(v_new.at[o_t[:, None], i_hv, o_v[None, :]], b_vn.astype(v_new.dtype), mask=m_tv)
         if OUTPUT_O:
             # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new

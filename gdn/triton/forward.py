@@ -123,10 +123,10 @@ def chunk_prepare_kernel(
                  mask=m_t[:, None] & (o_v < V)[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "NUM_PIECES", "MAPPED_PIECES"])
+@triton.jit(do_not_specialize=["T", "NUM_PIECES", "MAPPED_PIECES", "H_ROWS"])
 def chunk_walk_kernel(
     q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, map_m, map_n, cu_seqlens, chunk_offsets,
-    scale, T, NUM_PIECES, MAPPED_PIECES,
+    scale, T, NUM_PIECES, MAPPED_PIECES, H_ROWS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, OUTPUT_O: tl.constexpr,
@@ -148,9 +148,9 @@ def chunk_walk_kernel(
     i_p = i_np % grid_pieces
     i_n = i_np // grid_pieces
     i_h = i_hv // (HV // H)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    if IS_VARLEN:  # the sequence's token rows, clamped into [0, T]: device values are never trusted
+        bos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n).to(tl.int64), 0), T)
+        eos = tl.minimum(tl.maximum(tl.load(cu_seqlens + i_n + 1).to(tl.int64), bos), T)
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
@@ -201,9 +201,12 @@ def chunk_walk_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         # v_new = u − w·S: [BT, BK] @ [BK, BV]
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=DOT_PRECISION)
-        if STORE_H:  # h[c] = S, the state the chunk starts from, and v_new, for the backward
-            p_h = h + ((first_chunk + i_t) * HV + i_hv) * (K * V)
-            tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_kv)
+        if STORE_H:  # h[c] = S, the state the chunk starts from (a row within h's H_ROWS), and v_new
+            i_row = first_chunk + i_t
+            p_h = h + (tl.minimum(tl.maximum(i_row, 0), H_ROWS - 1) * HV + i_hv) * (K * V)
+            # (the row's bound folded into K's: the Triton 3.9 interpreter mis-types a scalar test in a mask)
+            m_h = (o_k < tl.where((i_row >= 0) & (i_row < H_ROWS), K, 0))[:, None] & m_v[None, :]
+            tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_h)
             tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if OUTPUT_O:
             # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
@@ -330,7 +333,7 @@ def piece_maps(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tenso
     map_n = torch.empty((N * mapped, HV, K, V), dtype=torch.float32, device=k.device)
     walk_launch(problem, tiling or problem.walk, pieces, initial=False, final=False, output_o=False, store_h=False,
                 mapped=mapped)(None, k, w, u, g_cum, None, None, None, None, None, map_m, map_n, cu_seqlens, None,
-                               1.0, problem.T, pieces, mapped)
+                               1.0, problem.T, pieces, mapped, 0)
     return map_m, map_n
 
 
@@ -377,7 +380,7 @@ def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tens
     walk_launch(problem, tiling or problem.walk, pieces, initial=initial_state is not None,
                 final=final_state is not None, output_o=q is not None, store_h=store_h)(
         q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, None, None, cu_seqlens, chunk_offsets, scale,
-        problem.T, pieces, 0)
+        problem.T, pieces, 0, problem.num_chunks_total if store_h else 0)
     return o, final_state, h, v_new
 
 
