@@ -257,6 +257,25 @@ def section_decode() -> str | None:
     return "\n".join(lines + [""] + reading)
 
 
+def section_distributed() -> str | None:
+    rows = read_rows("distributed")
+    if rows is None:
+        return None
+    return "\n".join([
+        "## Context parallel over 2 GPUs", "", "`python -m benchmarks.distributed` — " +
+        measured_line(read_env("distributed")) + " One dense sequence from an N(0, 1) initial state, final state "
+        "returned; on 2 GPUs each holds half of it (torch: 2 NCCL ranks, CUDA events after a barrier, the slower "
+        "rank; JAX: jax.shard_map over 2 devices, 10 pipelined calls per sync). Exchange: the all-gather of the "
+        "maps and the combine, timed alone; errors: the 2-GPU o and final state against the 1-GPU call.", "",
+        table(["implementation", "problem", "1 GPU ms (p10–p90)", "2 GPUs ms (p10–p90)", "speed-up", "exchange µs",
+               "exchange share", "error o, state"],
+              [[r["impl"], r["label"], f"{num(r['gpus_1_ms'], 2)} ({num(r['gpus_1_p10_ms'], 2)}–"
+                f"{num(r['gpus_1_p90_ms'], 2)})", f"{num(r['gpus_2_ms'], 2)} ({num(r['gpus_2_p10_ms'], 2)}–"
+                f"{num(r['gpus_2_p90_ms'], 2)})", f"{num(r['speedup'], 2)}×", num(r["exchange_us"]),
+                f"{num(r['exchange_share_pct'], 1)} %", f"{r['error_o']:.2g}, {r['error_state']:.2g}"]
+               for r in rows])])
+
+
 def _pivot(rows: list[dict[str, Any]], column: str, row_label: Callable[[dict], str],
            cell: Callable[[dict], str]) -> str:
     """A table with one row per row_label and one column per value of `column`; spec rows in bold."""
@@ -408,6 +427,11 @@ def targets() -> list[tuple[str, str, str, bool]]:
         if r["impl"] in GDN and r.get("first_call_s") is not None:
             found.append(("", f"forward cold first call, {r['impl']} ≤ 6 s", f"{num(r['first_call_s'], 2)} s",
                           r["first_call_s"] <= 6))
+    for r in read_rows("distributed") or []:
+        found.append(("", f"context parallel {r['label']}, {r['impl']}: 2 GPUs ≥ 1.8× one GPU",
+                      f"{num(r['speedup'], 2)}×", r["speedup"] >= 1.8))
+        found.append(("", f"context parallel {r['label']}, {r['impl']}: the exchange ≤ 5 % of the 2-GPU call",
+                      f"{num(r['exchange_share_pct'], 1)} %", r["exchange_share_pct"] <= 5))
     return found
 
 
@@ -421,7 +445,8 @@ def section_targets() -> str | None:
                       "reason.", "", table(["target", "measured", "met", "why not"], rows)])
 
 
-SECTIONS = (section_chunk_o, section_forward, section_decode, section_warmup, section_tilings, section_targets)
+SECTIONS = (section_chunk_o, section_forward, section_decode, section_distributed, section_warmup, section_tilings,
+            section_targets)
 
 
 def render() -> str:

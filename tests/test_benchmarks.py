@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-SCRIPTS = ("chunk_o", "forward", "decode", "warmup", "tune_chunk_o", "tune_forward", "profile_chunk_o", "report")
+SCRIPTS = ("chunk_o", "forward", "decode", "distributed", "warmup", "tune_chunk_o", "tune_forward", "profile_chunk_o",
+           "report")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

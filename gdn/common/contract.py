@@ -257,3 +257,15 @@ def validate_forward_inputs(
         checks.fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head) programs", f"{problem.num_chunks_total * HV}",
                     op=op)
     return problem
+
+
+def check_context_parallel(problem: ForwardProblem, argument: str) -> None:
+    """What the context-parallel forward (one sequence split over devices: gdn.triton's group, gdn.pallas's
+    axis_name) asks of a validated problem on each device: its slice of one dense sequence, B = 1, no
+    cu_seqlens (a varlen batch is not split across devices)."""
+    op = FORWARD_OP
+    why = f"with {argument} (each device holds a slice of one dense sequence)"
+    if problem.varlen:
+        checks.fail("cu_seqlens", f"None {why}", "an array", op=op)
+    if problem.B != 1:
+        checks.fail("q", f"B = 1 {why}", f"B = {problem.B}", op=op)

@@ -62,8 +62,12 @@ The walk is an affine map of S: per chunk S ← (exp(g_last)·I − K̃ᵀw)·S 
 run of chunks (a piece) maps its start state to its end state as S_out = M·S_in + N (M K×K, N K×V). The
 context-parallel path cuts each sequence into P pieces, gets every piece's [M | N] by walking the augmented
 state from [I | 0] with u = 0 in M's columns (the map walk), combines them in order (S_0 = the initial state,
-S_{p+1} = M_p·S_p + N_p), then walks every piece from its true start in parallel. The same maps, gathered across
-devices, give the distributed forward.
+S_{p+1} = M_p·S_p + N_p), then walks every piece from its true start in parallel. Across devices (context
+parallel), each device holds a contiguous slice of one sequence, of any length, walks the map of its whole
+slice, and the maps gathered from every device combine the same way into each device's start and the final
+state. Exact for any cut: a map is that of its piece's tokens, and a piece's chunked walk equals its
+token-by-token recurrence however it is chunked (chunks counted from the piece's first token, the last one
+possibly partial, as a sequence's is).
 A token with a non-finite key, value, beta or gate (NaN or +inf; a gate of −inf is a reset) is poison: prepare
 zeroes it before every dot (a zero coefficient times NaN would still be NaN) and marks it NaN in g_c, so o is
 NaN from that token on (and the sequence's final state), and every earlier token's o is exact.
@@ -151,6 +155,27 @@ def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varle
         "cu_seqlens": cu_seqlens if varlen else None,
         "chunk_indices": prepare_chunk_indices(cu_seqlens) if varlen else None,
     }
+
+
+def head_partition(H: int, HV: int, world_size: int, rank: int) -> tuple[slice, slice]:
+    """(q/k heads, value heads) that rank holds when the heads of a layer are split over world_size devices
+    (tensor parallel, vLLM's convention): contiguous ranges of HV / world_size value heads with the q/k heads
+    they read (value head hv reads q/k head hv // (HV / H)), so every rank runs the ops unchanged on its own
+    heads. world_size divides H (H / world_size q/k heads per rank), or world_size is a multiple of H and
+    divides HV (then each rank reads one q/k head, held by world_size / H ranks)."""
+    op = "head_partition"
+    if H == 0 or HV % H:
+        raise ValueError(f"{op}: HV: expected a positive multiple of H = {H}; got {HV}")
+    if world_size < 1 or HV % world_size or not (H % world_size == 0 or world_size % H == 0):
+        raise ValueError(f"{op}: world_size: expected a divisor of H = {H}, or a multiple of H dividing HV = {HV}; "
+                         f"got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{op}: rank: expected 0 <= rank < world_size = {world_size}; got {rank}")
+    heads_per_rank = max(H // world_size, 1)
+    values_per_rank = HV // world_size
+    first_value = rank * values_per_rank
+    first_head = first_value // (HV // H)
+    return slice(first_head, first_head + heads_per_rank), slice(first_value, first_value + values_per_rank)
 
 
 def default_scale(K: int) -> float:

@@ -4,6 +4,7 @@ Every op is jitted internally (a call outside jax.jit costs what a jitted one do
 caller's jax.jit:
 
 - ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
+  with ``axis_name=`` inside jax.shard_map, one sequence split over a mesh axis (context parallel);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
 - ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
 - ``warmup`` / ``warmup_forward`` — compile the programs later calls at the given lengths need;

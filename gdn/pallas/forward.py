@@ -421,9 +421,17 @@ def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_s
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
                    problem: contract.ForwardProblem, pieces: int, interpret: bool, fused: bool = tilings.FUSED_WALK):
     """(o, final_state or None) of a validated problem (cu_seqlens / chunk_indices int32 when varlen, else
-    None): prepare; the walk, in that many pieces per sequence (≥ 2: through piece_starts); then chunk_fwd_o on
-    the walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
+    None): prepare, then forward_after_prepare."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
+    return forward_after_prepare(problem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens, chunk_indices,
+                                 pieces, interpret=interpret, fused=fused)
+
+
+def forward_after_prepare(problem: contract.ForwardProblem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens,
+                          chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK):
+    """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
+    zeros): the walk, in that many pieces per sequence (≥ 2: through piece_starts); then chunk_fwd_o on the
+    walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
     if pieces > 1 and problem.B * problem.T > 0 and problem.N * problem.HV > 0:
         initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, interpret=interpret)
     else:
@@ -449,6 +457,7 @@ def chunk_gated_delta_rule(
     chunk_indices: jax.Array | np.ndarray | None = None,
     *,
     interpret: bool | None = None,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
@@ -460,6 +469,12 @@ def chunk_gated_delta_rule(
     passed). Every array argument may be traced. interpret=None runs the Pallas interpreter unless the
     default backend is a GPU. Jitted internally (jitted_chunk_gated_delta_rule): a call outside jax.jit costs
     one jit dispatch.
+
+    Context parallel, with axis_name (static): called inside jax.shard_map(..., check_vma=False) with the
+    sequence axis of q, k, v, g, beta sharded over that mesh axis (B = 1, no cu_seqlens), initial_state
+    replicated; returns this device's slice of o and the whole sequence's final state, the same bits on every
+    device of the axis (out_specs=P() holds for it). One jax.lax.all_gather of HV·K·(K + V) float32 per device
+    (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False.
     """
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
     if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
@@ -468,19 +483,27 @@ def chunk_gated_delta_rule(
         if chunk_indices is None:
             chunk_indices = spec.prepare_chunk_indices(cu_values)
     return jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices,
-                                         output_final_state=bool(output_final_state), interpret=interpret)
+                                         output_final_state=bool(output_final_state), interpret=interpret,
+                                         axis_name=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("output_final_state", "interpret"))
+@functools.partial(jax.jit, static_argnames=("output_final_state", "interpret", "axis_name"))
 def jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-                                  output_final_state: bool, interpret: bool | None):
+                                  output_final_state: bool, interpret: bool | None, axis_name: str | None = None):
     """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
-    context-parallel path for the default device, then the kernels."""
+    context-parallel path for the default device, then the kernels (with axis_name, across the devices of that
+    mesh axis: gdn.pallas.distributed)."""
     problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state)
     if scale is None:
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
     pieces = problem.pieces(None if interpret else multiprocessor_count())
+    if axis_name is not None:
+        from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
+
+        contract.check_context_parallel(problem, "axis_name")
+        return distributed.context_parallel_forward(q, k, v, g, beta, scale, initial_state, problem=problem,
+                                                    axis_name=axis_name, pieces=pieces, interpret=interpret)
     return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
                           problem=problem, pieces=pieces, interpret=interpret)
 

@@ -1,6 +1,7 @@
 """gdn for PyTorch: Triton kernels. Importing this never imports jax.
 
 - ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
+  with ``group=`` one sequence split over the ranks of a torch.distributed process group (context parallel);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
 - ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
 - ``warmup`` / ``warmup_forward`` — compile what later chunk_fwd_o / forward calls need, for any T;

@@ -398,11 +398,21 @@ def forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, 
             chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
             prepare_tiling: tilings.Tiling | None = None,
             walk_tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(o, final_state or None) of a validated problem: prepare; the walk, in that many pieces per sequence (≥ 2:
-    the context-parallel path, through piece_starts); then chunk_fwd_o on the walk's h and v_new, or with
-    fused, o from the walk itself (tilings.FUSED_WALK). The tilings default to the problem's (benchmarks pass
-    others)."""
+    """(o, final_state or None) of a validated problem: prepare, then forward_after_prepare. The tilings default
+    to the problem's (benchmarks pass others)."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, prepare_tiling)
+    return forward_after_prepare(problem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens, chunk_indices,
+                                 pieces, fused, walk_tiling)
+
+
+def forward_after_prepare(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          g_cum: torch.Tensor, w: torch.Tensor, u: torch.Tensor, scale: float,
+                          initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                          chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
+                          walk_tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
+    zeros): the walk, in that many pieces per sequence (≥ 2: the context-parallel path, through piece_starts);
+    then chunk_fwd_o on the walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
     if pieces > 1 and problem.N * problem.HV > 0:
         initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, walk_tiling)
     else:
@@ -443,6 +453,7 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_indices: torch.Tensor | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
@@ -453,14 +464,27 @@ def chunk_gated_delta_rule(
     for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once). A non-finite
     value in a token's inputs makes the outputs NaN from that token on (its sequence's final state too), never
     before it.
+
+    Context parallel, with a torch.distributed process group (NCCL on GPUs, gloo on CPUs): the arguments are
+    this rank's contiguous slice of one dense sequence (B = 1, no cu_seqlens; any length), the slices in the
+    group's rank order. initial_state is read on the group's rank 0 only: any other rank's is checked against
+    the contract, then ignored (pass the same state everywhere, e.g. the final state an earlier call returned,
+    or None), and None on rank 0 is a zero start whatever the others pass (telling the ranks apart would cost
+    a host sync per call). The final state of the whole sequence is returned on every rank, the same bits
+    everywhere. One all-gather of HV·K·(K + V) float32 per rank (gdn.triton.distributed). Forward only:
+    refused when an input requires grad.
     """
     keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
     problem, _ = planned(contract.validate_forward_inputs, _no_plan, keys, cu_values, bool(output_final_state))
     pieces = context_pieces(problem, q.device)
+    scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    if group is not None:
+        from gdn.triton import distributed  # imports this module: the context-parallel glue around its stages
+
+        return distributed.context_parallel_forward(problem, q, k, v, g, beta, scale, initial_state, group, pieces)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
-    scale = spec.default_scale(problem.K) if scale is None else float(scale)
     return forward(problem, q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, pieces)
 
 
