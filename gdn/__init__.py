@@ -3,7 +3,8 @@ Pallas with the Triton lowering for JAX (gdn.pallas). Each backend has the same 
 
 - ``chunk_gated_delta_rule`` — the whole chunked forward (prefill): raw q, k, v, g, beta to o and the final state;
 - ``chunk_fwd_o`` — the output stage of the chunked forward, from q, k, v, the per-chunk states h and the gates;
-- ``decode_step`` — one token of the recurrence per sequence (decoding);
+- ``decode_step`` — the recurrence token by token per sequence (decoding; from a state pool in place, speculative
+  steps with rollback);
 - ``warmup`` / ``warmup_forward`` — compile what later calls need; ``compiled_variants`` counts the compiles;
 - JAX only: ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — shape buckets that bound compiles.
 

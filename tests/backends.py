@@ -16,6 +16,11 @@ import numpy as np
 from gdn.common import contract, spec
 from tests.cases import OpInputs
 
+DECODE_ARGS = ("q", "k", "v", "g", "beta", "state", "state_indices", "cu_seqlens", "num_accepted_tokens", "a", "b",
+               "A_log", "dt_bias")
+"""decode_step's array arguments: the first six positional, the rest keywords."""
+SOFTPLUS = (spec.SOFTPLUS_BETA, spec.SOFTPLUS_THRESHOLD)
+
 
 class TritonBackend:
     name = "triton"
@@ -41,8 +46,9 @@ class TritonBackend:
         device = "cuda" if self.on_gpu else "cpu"
         converted = {}
         for name, array in inputs.arrays.items():
+            # a copy, never a view of the numpy array: a pool is updated in place
             converted[name] = None if array is None else torch.from_numpy(np.ascontiguousarray(array)).to(
-                device=device, dtype=getattr(torch, inputs.dtypes[name]))
+                device=device, dtype=getattr(torch, inputs.dtypes[name]), copy=True)
         return converted
 
     @staticmethod
@@ -57,11 +63,18 @@ class TritonBackend:
                           args["cu_seqlens"], args["chunk_indices"])
         return self.numpy(out)
 
-    def decode_step(self, inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
+    def decode_step(self, inputs: OpInputs, use_qk_l2norm_in_kernel: bool = False,
+                    softplus: tuple[float, float] = SOFTPLUS) -> tuple[np.ndarray, np.ndarray]:
+        """decode_step on the arrays of inputs named as its arguments (absent ones None): (o, the states after:
+        the new state, or the pool updated in place)."""
         from gdn.triton import decode_step
 
         a = self.convert(inputs)
-        o, state = decode_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], inputs.scale)
+        args = {n: a.get(n) for n in DECODE_ARGS}
+        o, state = decode_step(*(args[n] for n in DECODE_ARGS[:6]), inputs.scale,
+                               **{n: args[n] for n in DECODE_ARGS[6:]}, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                               softplus_beta=softplus[0], softplus_threshold=softplus[1])
+        assert a.get("state_indices") is None or state is a["state"], "the pool is updated in place and returned"
         return self.numpy(o), self.numpy(state)
 
     def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -128,7 +141,8 @@ class PallasBackend:
         import jax
         import jax.numpy as jnp
 
-        converted = {name: None if array is None else jnp.asarray(array, dtype=inputs.dtypes[name])
+        # copies (jnp.array), never views of the numpy arrays: a pool is donated and updated in place
+        converted = {name: None if array is None else jnp.array(array, dtype=inputs.dtypes[name])
                      for name, array in inputs.arrays.items()}
         if jax.default_backend() == "gpu":
             # NaN arrays the size of the outputs (o and the state are v- and state-sized), freed at once: XLA's
@@ -165,11 +179,17 @@ class PallasBackend:
                      problem=problem, interpret=resolve_interpret(None), programs=programs)
         return self.numpy(out), problem.num_programs
 
-    def decode_step(self, inputs: OpInputs) -> tuple[np.ndarray, np.ndarray]:
+    def decode_step(self, inputs: OpInputs, use_qk_l2norm_in_kernel: bool = False,
+                    softplus: tuple[float, float] = SOFTPLUS) -> tuple[np.ndarray, np.ndarray]:
+        """decode_step on the arrays of inputs named as its arguments (absent ones None): (o, the states after:
+        the new state, or the updated pool)."""
         from gdn.pallas import decode_step
 
         a = self.convert(inputs)
-        o, state = decode_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], inputs.scale)
+        args = {n: a.get(n) for n in DECODE_ARGS}
+        o, state = decode_step(*(args[n] for n in DECODE_ARGS[:6]), inputs.scale,
+                               **{n: args[n] for n in DECODE_ARGS[6:]}, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                               softplus_beta=softplus[0], softplus_threshold=softplus[1])
         return self.numpy(o), self.numpy(state)
 
     def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

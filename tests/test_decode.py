@@ -167,16 +167,17 @@ def _mutations() -> list[tuple[str, DecodeCase, dict, dict, type[Exception], str
     """(id, base case, array replacements, dtype replacements, error, message regex)."""
     a = _BASE.inputs("float32").arrays
     return [(name, _BASE, arrays, dtypes, error, message) for name, arrays, dtypes, error, message in [
-        ("q-rank", {"q": a["q"][0]}, {}, ValueError, r"q: expected a rank-3 array \[N, H, K\]; got shape \(2, 16\)"),
+        ("q-rank", {"q": a["q"][0]}, {}, ValueError, r"q: expected a rank-3 array \[T, H, K\]; got shape \(2, 16\)"),
         ("k-shape", {"k": a["k"][:, :1]}, {}, ValueError, r"k: expected the shape of q"),
-        ("v-N", {"v": a["v"][:1]}, {}, ValueError, r"v: expected v.shape\[0\] \(N\) = 2"),
+        ("v-T", {"v": a["v"][:1]}, {}, ValueError, r"v: expected v.shape\[0\] \(T\) = 2"),
         ("HV-not-multiple", {n: a[n][:, :3] for n in ("v", "g", "beta", "state")}, {}, ValueError,
          r"v: expected HV = v.shape\[1\] a positive multiple of H = q.shape\[1\] = 2; got HV = 3"),
         ("K-too-large", {"q": np.zeros((2, 2, 300), np.float32), "k": np.zeros((2, 2, 300), np.float32)}, {},
          ValueError, r"K \(q.shape\[2\]\): expected a head size in \[16, 256\]; got 300"),
         ("v-dtype-mismatch", {}, {"v": "float16"}, TypeError, r"v: expected the dtype of q \(float32\)"),
         ("g-not-fp32", {}, {"g": "float16"}, TypeError, r"g: expected dtype in \('float32',\)"),
-        ("g-missing", {"g": None}, {}, TypeError, r"g: expected an array; got None"),
+        ("g-missing", {"g": None}, {}, TypeError,
+         r"g: expected an array \(or the raw gates a, b with A_log and dt_bias\); got None"),
         ("beta-shape", {"beta": a["beta"][:, :2]}, {}, ValueError, r"beta: expected beta.shape = \(2, 4\)"),
         ("state-bf16", {}, {"state": "bfloat16"}, TypeError, r"state: expected dtype in \('float32',\)"),
         ("state-shape", {"state": a["state"][..., :8]}, {}, ValueError,

@@ -1,6 +1,6 @@
 """The argument checks gdn's input contracts (gdn.common.contract) are made of: rank, dtype, sizes, heads,
-devices and the varlen arguments of framework-neutral ArrayInfo views, each raising
-``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")``.
+devices, the varlen arguments, the gates and the state-pool indices of framework-neutral ArrayInfo views, each
+raising ``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")``.
 """
 
 from __future__ import annotations
@@ -74,8 +74,10 @@ def devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
             fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
 
 
-def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = CHUNK_O_OP) -> None:
-    """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T."""
+def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = CHUNK_O_OP,
+                      exact: bool = True) -> None:
+    """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T (at most at T unless exact:
+    decode_step's rows past the last sequence are padding)."""
     values = np.asarray(cu_seqlens)
     if values[0] != 0:
         fail("cu_seqlens", "cu_seqlens[0] = 0", f"cu_seqlens[0] = {int(values[0])}", op=op)
@@ -85,8 +87,9 @@ def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = 
         fail("cu_seqlens", "non-decreasing values",
               f"cu_seqlens[{where}] = {int(values[where])} > cu_seqlens[{where + 1}] = {int(values[where + 1])}",
               op=op)
-    if values[-1] != T:
-        fail("cu_seqlens", f"cu_seqlens[-1] = T = {T}", f"cu_seqlens[-1] = {int(values[-1])}", op=op)
+    if values[-1] > T or (exact and values[-1] != T):
+        fail("cu_seqlens", f"cu_seqlens[-1] {'=' if exact else '<='} T = {T}", f"cu_seqlens[-1] = {int(values[-1])}",
+             op=op)
 
 
 def token_arrays(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> tuple[int, ...]:
@@ -125,3 +128,78 @@ def varlen(B: int, T: int, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInf
     if cu_seqlens_values is not None:
         return int(sum(num_chunks(n) for n in np.diff(np.asarray(cu_seqlens_values))))
     raise ValueError(f"{op}: chunk_indices: expected chunk_indices or host cu_seqlens values; got neither")
+
+
+def gate_dtypes(q: ArrayInfo) -> tuple[str, ...]:
+    """Dtypes accepted for beta and the raw gates a, b, A_log, dt_bias of a call whose inputs are q's: float32
+    or q's dtype (g is float32: its exp decays the state over many tokens)."""
+    return tuple(dict.fromkeys(("float32", q.dtype)))
+
+
+def gates(q: ArrayInfo, rows: tuple[int, ...], layout: str, HV: int, g: ArrayInfo | None, beta: ArrayInfo | None,
+          a: ArrayInfo | None, b: ArrayInfo | None, A_log: ArrayInfo | None, dt_bias: ArrayInfo | None, *,
+          op: str) -> bool:
+    """The gates of a call with token rows `rows` (decode (T,), forward (B, T)): g, beta of shape rows + (HV,),
+    or the raw gates a, b (same shape) with A_log, dt_bias [HV] (spec: g = −exp(A_log)·softplus(a + dt_bias),
+    beta = sigmoid(b)). Returns whether the gates are raw."""
+    raw = a is not None or b is not None
+    given, other = ((("a", a), ("b", b), ("A_log", A_log), ("dt_bias", dt_bias)), (("g", g), ("beta", beta))) \
+        if raw else ((("g", g), ("beta", beta)), (("a", a), ("b", b), ("A_log", A_log), ("dt_bias", dt_bias)))
+    for name, info in other:
+        if info is not None:
+            why = "the raw gates a, b replace g and beta" if raw else "g and beta are given"
+            fail(name, f"None ({why})", f"shape {info.shape}", op=op)
+    for name, info in given:
+        if info is None:
+            hint = "" if raw else " (or the raw gates a, b with A_log and dt_bias)"
+            fail(name, f"an array{hint}", None, TypeError, op=op)
+    for name, info in given:
+        per_head = name in ("A_log", "dt_bias")
+        shape = (HV,) if per_head else tuple(rows) + (HV,)
+        rank(name, info, len(shape), "[HV]" if per_head else layout, op=op)
+        dtype(name, info, ("float32",) if name == "g" else gate_dtypes(q), op=op)
+        dim(name, f"{name}.shape", info.shape, shape, f"{'[HV]' if per_head else layout} from q and v", op=op)
+    return raw
+
+
+def state_indices(indices: ArrayInfo | None, num_accepted_tokens: ArrayInfo | None, N: int, token_slots: bool, *,
+                  op: str) -> int:
+    """state_indices [N] (or, when token_slots, [N, S]) and num_accepted_tokens [N] (only with [N, S]), int32
+    or int64. Returns S: the index columns (1 for [N], 0 without state_indices)."""
+    if indices is None:
+        if num_accepted_tokens is not None:
+            fail("num_accepted_tokens", "None without state_indices", f"shape {num_accepted_tokens.shape}", op=op)
+        return 0
+    layout = "[N] or [N, S]" if token_slots else "[N]"
+    if len(indices.shape) not in ((1, 2) if token_slots else (1,)):
+        fail("state_indices", f"a rank-{'1 or 2' if token_slots else '1'} array {layout}", f"shape {indices.shape}",
+             op=op)
+    dtype("state_indices", indices, INDEX_DTYPES, op=op)
+    dim("state_indices", "state_indices.shape[0] (N)", indices.shape[0], N, "one entry per sequence", op=op)
+    columns = indices.shape[1] if len(indices.shape) == 2 else 1
+    if columns == 0:
+        fail("state_indices", "at least one column [N, S ≥ 1]", f"shape {indices.shape}", op=op)
+    if num_accepted_tokens is not None:
+        if len(indices.shape) != 2:
+            fail("num_accepted_tokens", "None unless state_indices is [N, S] (per-token state slots)",
+                 f"shape {num_accepted_tokens.shape}", op=op)
+        rank("num_accepted_tokens", num_accepted_tokens, 1, "[N]", op=op)
+        dtype("num_accepted_tokens", num_accepted_tokens, INDEX_DTYPES, op=op)
+        dim("num_accepted_tokens", "num_accepted_tokens.shape[0] (N)", num_accepted_tokens.shape[0], N,
+            "one entry per sequence", op=op)
+    return columns
+
+
+def state_index_values(indices: np.ndarray, pool_rows: int, *, op: str) -> None:
+    """Value checks of host state_indices: every entry < pool_rows (negative entries are padded slots), and no
+    pool row named twice (two writers of one row would race)."""
+    values = np.asarray(indices).reshape(-1)
+    if values.size and values.max() >= pool_rows:
+        where = np.unravel_index(int(np.argmax(values)), np.shape(indices))
+        fail("state_indices", f"entries < P = {pool_rows} (the pool's rows; negative: a padded slot)",
+             f"state_indices[{', '.join(map(str, where))}] = {int(values.max())}", op=op)
+    rows = values[values >= 0]
+    unique, counts = np.unique(rows, return_counts=True)
+    if (counts > 1).any():
+        fail("state_indices", "each pool row named at most once",
+             f"row {int(unique[np.argmax(counts > 1)])} {int(counts.max())} times", op=op)

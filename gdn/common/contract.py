@@ -17,6 +17,7 @@ from gdn.common.spec import (
     CHUNK_SIZE,
     DECODE_OP,
     FORWARD_OP,
+    INDEX_DTYPES,
     MAX_GRID_ROWS,
     STATE_DTYPES,
 )
@@ -114,15 +115,28 @@ def validate_chunk_o_inputs(
 
 @dataclasses.dataclass(frozen=True)
 class DecodeProblem:
-    """A validated decode_step call: sizes that select the kernel and its grid."""
+    """A validated decode_step call: sizes and flags that select the kernel and its grid."""
 
     N: int
+    T: int
     H: int
     HV: int
     K: int
     V: int
     dtype: str
     tiling: Tiling
+    varlen: bool = False
+    pool_rows: int | None = None
+    index_columns: int = 0
+    token_states: bool = False
+    accepted: bool = False
+    qk_l2norm: bool = False
+    raw_gates: bool = False
+
+    @property
+    def pool(self) -> bool:
+        """Whether the state is a pool read and updated in place through state_indices."""
+        return self.pool_rows is not None
 
     def grid(self, tiling: Tiling | None = None) -> tuple[int, int]:
         """The 2-D launch grid of both backends: (sequence·value head, V tile), with this problem's tiling
@@ -134,39 +148,89 @@ def validate_decode_inputs(
     q: ArrayInfo,
     k: ArrayInfo,
     v: ArrayInfo,
-    g: ArrayInfo,
-    beta: ArrayInfo,
+    g: ArrayInfo | None,
+    beta: ArrayInfo | None,
     state: ArrayInfo,
+    state_indices: ArrayInfo | None = None,
+    cu_seqlens: ArrayInfo | None = None,
+    num_accepted_tokens: ArrayInfo | None = None,
+    a: ArrayInfo | None = None,
+    b: ArrayInfo | None = None,
+    A_log: ArrayInfo | None = None,
+    dt_bias: ArrayInfo | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
 ) -> DecodeProblem:
-    """The shape, dtype and device contract of decode_step, shared by every backend.
+    """The shape, dtype and device contract of decode_step, shared by every backend (index values:
+    validate_decode_index_values).
 
     Raises ValueError (shapes, devices) or TypeError (dtypes, a missing array) naming the argument with the
-    expected and the actual value. Returns the problem sizes with the tiling to use.
+    expected and the actual value. Returns the problem sizes and flags with the tiling to use.
     """
     op = DECODE_OP
-    arrays = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state)]
-    checks.present(arrays, op=op)
-    checks.rank("q", q, 3, "[N, H, K]", op=op)
-    checks.rank("k", k, 3, "[N, H, K]", op=op)
-    checks.rank("v", v, 3, "[N, HV, V]", op=op)
-    N, H, K = q.shape
+    arrays = [("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state),
+              ("state_indices", state_indices), ("cu_seqlens", cu_seqlens),
+              ("num_accepted_tokens", num_accepted_tokens), ("a", a), ("b", b), ("A_log", A_log),
+              ("dt_bias", dt_bias)]
+    checks.present([("q", q), ("k", k), ("v", v), ("state", state)], op=op)
+    checks.rank("q", q, 3, "[T, H, K]", op=op)
+    checks.rank("k", k, 3, "[T, H, K]", op=op)
+    checks.rank("v", v, 3, "[T, HV, V]", op=op)
+    T, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
-    checks.dim("v", "v.shape[0] (N)", v.shape[0], N, "q is [N, H, K]", op=op)
+    checks.dim("v", "v.shape[0] (T)", v.shape[0], T, "q is [T, H, K]", op=op)
     checks.heads(q, k, v, op=op)
-    for name, info in (("g", g), ("beta", beta)):
-        checks.rank(name, info, 2, "[N, HV]", op=op)
-        checks.dtype(name, info, ("float32",), op=op)
-        checks.dim(name, f"{name}.shape", info.shape, (N, HV), "[N, HV] from q and v", op=op)
-    checks.rank("state", state, 4, "[N, HV, K, V]", op=op)
+    raw_gates = checks.gates(q, (T,), "[T, HV]", HV, g, beta, a, b, A_log, dt_bias, op=op)
+    N = T
+    if cu_seqlens is not None:
+        checks.rank("cu_seqlens", cu_seqlens, 1, "[N + 1]", op=op)
+        checks.dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES, op=op)
+        if cu_seqlens.shape[0] < 1:
+            checks.fail("cu_seqlens", "at least 1 entry [0, ...]", f"shape {cu_seqlens.shape}", op=op)
+        N = cu_seqlens.shape[0] - 1
+    columns = checks.state_indices(state_indices, num_accepted_tokens, N, token_slots=True, op=op)
+    checks.rank("state", state, 4, "[N, HV, K, V] (or a pool [P, HV, K, V] with state_indices)", op=op)
     checks.dtype("state", state, ("float32",), op=op)
-    checks.dim("state", "state.shape", state.shape, (N, HV, K, V), "[N, HV, K, V] from q and v", op=op)
+    if state_indices is None:
+        checks.dim("state", "state.shape", state.shape, (N, HV, K, V), "[N, HV, K, V] from q and v", op=op)
+    else:
+        checks.dim("state", "state.shape[1:]", state.shape[1:], (HV, K, V), "a pool [P, HV, K, V] from q and v",
+                   op=op)
     checks.devices(arrays, op=op)
 
-    problem = DecodeProblem(N=N, H=H, HV=HV, K=K, V=V, dtype=q.dtype, tiling=decode_tiling(K, V, q.dtype))
+    problem = DecodeProblem(
+        N=N, T=T, H=H, HV=HV, K=K, V=V, dtype=q.dtype, tiling=decode_tiling(K, V, q.dtype),
+        varlen=cu_seqlens is not None, pool_rows=None if state_indices is None else state.shape[0],
+        index_columns=columns, token_states=state_indices is not None and len(state_indices.shape) == 2,
+        accepted=num_accepted_tokens is not None, qk_l2norm=bool(use_qk_l2norm_in_kernel), raw_gates=raw_gates)
     if problem.grid()[0] > MAX_GRID_ROWS:
         checks.fail("q", f"N·HV <= {MAX_GRID_ROWS} (programs along the grid's first axis)",
-              f"N·HV = {N} × {HV} = {problem.grid()[0]}", op=op)
+                    f"N·HV = {N} × {HV} = {problem.grid()[0]}", op=op)
     return problem
+
+
+def validate_decode_index_values(problem: DecodeProblem, state_indices: np.ndarray | None = None,
+                                 cu_seqlens: np.ndarray | None = None,
+                                 num_accepted_tokens: np.ndarray | None = None) -> None:
+    """Value checks of decode_step's index arrays that are on the host (None: not at hand, bounds-masked in the
+    kernel instead): cu_seqlens starts at 0, never decreases, ends at most at T (and with [N, S] state_indices
+    gives at most S tokens per sequence); state_indices as in checks.state_index_values; num_accepted_tokens at
+    most S (below 1: a skipped sequence)."""
+    op = DECODE_OP
+    if cu_seqlens is not None:
+        checks.cu_seqlens_bounds(cu_seqlens, problem.T, op=op, exact=False)
+        lengths = np.diff(np.asarray(cu_seqlens))
+        if problem.token_states and lengths.size and lengths.max() > problem.index_columns:
+            n = int(np.argmax(lengths))
+            checks.fail("cu_seqlens", f"at most S = {problem.index_columns} tokens per sequence (state_indices' "
+                        "columns: one state slot per token)", f"{int(lengths[n])} tokens in sequence {n}", op=op)
+    if state_indices is not None:
+        checks.state_index_values(state_indices, problem.pool_rows, op=op)
+    if num_accepted_tokens is not None:
+        values = np.asarray(num_accepted_tokens)
+        if values.size and values.max() > problem.index_columns:
+            n = int(np.argmax(values))
+            checks.fail("num_accepted_tokens", f"at most S = {problem.index_columns} (state_indices' columns)",
+                        f"num_accepted_tokens[{n}] = {int(values[n])}", op=op)
 
 
 @dataclasses.dataclass(frozen=True)

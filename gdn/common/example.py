@@ -83,3 +83,28 @@ def random_recurrent_inputs(
         "beta": (1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, HV))))).astype(np.float32),
         "initial_state": rng.standard_normal((B, HV, K, V)).astype(np.float32),
     }
+
+
+def random_decode_inputs(
+    T: int, H: int, HV: int, K: int, V: int, dtype: str, seed: int = 0, raw_qk: bool = False,
+    raw_gates: bool = False,
+) -> dict[str, np.ndarray]:
+    """Inputs of decode_step over T token rows (gdn.common.spec: q, k [T, H, K], v [T, HV, V]): q, k with
+    unit-norm rows, or with raw_qk N(0, 1) rows of any norm (for use_qk_l2norm_in_kernel); v ~ N(0, 1); g, beta
+    [T, HV] log-sigmoid gates and sigmoid betas, or with raw_gates a, b [T, HV] ~ N(0, 1) (rounded to dtype)
+    with A_log [HV] = log U(1, 16) and dt_bias [HV] ~ N(0, 1) float32, as Qwen3-Next-style layers hold them.
+    q, k, v rounded to dtype."""
+    rng = np.random.default_rng(seed)
+    qk = rng.standard_normal((2, T, H, K))
+    if not raw_qk:
+        qk /= np.linalg.norm(qk, axis=-1, keepdims=True)
+    arrays = {"q": round_to(qk[0], dtype), "k": round_to(qk[1], dtype),
+              "v": round_to(rng.standard_normal((T, HV, V)), dtype)}
+    if raw_gates:
+        arrays.update(a=round_to(rng.standard_normal((T, HV)), dtype), b=round_to(rng.standard_normal((T, HV)), dtype),
+                      A_log=np.log(rng.uniform(1.0, 16.0, HV)).astype(np.float32),
+                      dt_bias=rng.standard_normal(HV).astype(np.float32))
+    else:
+        arrays.update(g=log_sigmoid_gates(rng, (T, HV)).astype(np.float32),
+                      beta=(1.0 / (1.0 + np.exp(-rng.standard_normal((T, HV))))).astype(np.float32))
+    return arrays

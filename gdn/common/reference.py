@@ -1,4 +1,4 @@
-"""Float64 numpy reference of chunk_fwd_o, straight from the formula in gdn.common.spec.
+"""Float64 numpy references of gdn's ops, straight from the formulas in gdn.common.spec.
 
 Same signature, argument order, layouts and units as the kernels' entry points; used by the tests and by
 ``python -m gdn`` as the ground truth.
@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from gdn.common.spec import CHUNK_SIZE, default_scale, num_chunks
+from gdn.common.spec import (
+    CHUNK_SIZE,
+    QK_L2NORM_EPS,
+    SOFTPLUS_BETA,
+    SOFTPLUS_THRESHOLD,
+    default_scale,
+    num_chunks,
+)
 
 
 def _sequence_spans(B: int, T: int, cu_seqlens: np.ndarray | None) -> list[tuple[int, int, int]]:
@@ -59,16 +66,68 @@ def chunk_fwd_o(
     return o
 
 
+def l2_normalize(x: np.ndarray, eps: float = QK_L2NORM_EPS) -> np.ndarray:
+    """x / sqrt(Σ x² + eps) over the last axis, in float64 (use_qk_l2norm_in_kernel; FLA's l2norm)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def raw_gates(a: np.ndarray, b: np.ndarray, A_log: np.ndarray, dt_bias: np.ndarray,
+              softplus_beta: float = SOFTPLUS_BETA,
+              softplus_threshold: float = SOFTPLUS_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """(g, beta) in float64 from the raw gates a, b [..., HV] with A_log, dt_bias [HV]: g = −exp(A_log)·
+    softplus(a + dt_bias), softplus(x) = log(1 + exp(β·x))/β where β·x ≤ threshold, else x; beta = sigmoid(b)."""
+    x = np.asarray(a, dtype=np.float64) + np.asarray(dt_bias, dtype=np.float64)
+    scaled = softplus_beta * x
+    with np.errstate(over="ignore", invalid="ignore"):  # the branch np.where drops may overflow
+        softplus = np.where(scaled <= softplus_threshold, np.logaddexp(0.0, scaled) / softplus_beta, x)
+        g = -np.exp(np.asarray(A_log, dtype=np.float64)) * softplus
+    return g, 1.0 / (1.0 + np.exp(-np.asarray(b, dtype=np.float64)))
+
+
+def _walk(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, S: np.ndarray,
+          scale: float, keep_states: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The recurrence over one sequence's tokens for one value head, S [K, V] updated in place: (o [n, V],
+    S after each token when keep_states, else []). q, k [n, K]; v [n, V]; g, beta [n]."""
+    o, states = np.zeros(v.shape), []
+    for t in range(len(v)):
+        S *= np.exp(g[t])
+        S += np.outer(k[t], beta[t] * (v[t] - k[t] @ S))
+        o[t] = scale * (q[t] @ S)
+        if keep_states:
+            states.append(S.copy())
+    return o, states
+
+
+def _serving_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias, softplus_beta,
+                    softplus_threshold) -> tuple[np.ndarray, ...]:
+    """(q, k, g, beta) in float64 as the recurrence takes them: q, k L2-normalized when asked, g and beta from
+    the raw gates when a is given."""
+    q, k = (l2_normalize(x) if use_qk_l2norm_in_kernel else np.asarray(x, dtype=np.float64) for x in (q, k))
+    if a is not None:
+        g, beta = raw_gates(a, b, A_log, dt_bias, softplus_beta, softplus_threshold)
+    return q, k, np.asarray(g, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+
+
 def recurrent_gated_delta_rule(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
-    g: np.ndarray,
-    beta: np.ndarray,
+    g: np.ndarray | None,
+    beta: np.ndarray | None,
     scale: float | None = None,
     initial_state: np.ndarray | None = None,
     output_final_state: bool = False,
     cu_seqlens: np.ndarray | None = None,
+    *,
+    state_indices: np.ndarray | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: np.ndarray | None = None,
+    b: np.ndarray | None = None,
+    A_log: np.ndarray | None = None,
+    dt_bias: np.ndarray | None = None,
+    softplus_beta: float = SOFTPLUS_BETA,
+    softplus_threshold: float = SOFTPLUS_THRESHOLD,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The gated delta rule run token by token: (o [B, T, HV, V], final_state [N, HV, K, V] or None), float64.
 
@@ -81,8 +140,15 @@ def recurrent_gated_delta_rule(
         S ← exp(g_t)·S
         S ← S + k_t ⊗ (beta_t·(v_t − Sᵀk_t))
         o_t = scale·Sᵀq_t
+    Serving arguments (gdn.common.spec): with state_indices [N], initial_state is a pool [P, HV, K, V]: sequence
+    n starts from row state_indices[n] and its final state is written back there (a negative index skips the
+    sequence, as one out of range does: o rows zero, nothing written); the final state returned is the whole
+    updated pool.
+    use_qk_l2norm_in_kernel L2-normalizes q and k first; a, b, A_log, dt_bias replace g and beta (raw_gates).
     """
-    q, k, v, g, beta = (np.asarray(x, dtype=np.float64) for x in (q, k, v, g, beta))
+    q, k, g, beta = _serving_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias, softplus_beta,
+                                    softplus_threshold)
+    v = np.asarray(v, dtype=np.float64)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     group = HV // H
@@ -90,16 +156,85 @@ def recurrent_gated_delta_rule(
     spans = _sequence_spans(B, T, cu_seqlens)
     states = (np.zeros((len(spans), HV, K, V)) if initial_state is None
               else np.array(initial_state, dtype=np.float64))  # a copy: updated in place below
+    rows = range(len(spans)) if state_indices is None else np.asarray(state_indices)
     o = np.zeros(v.shape, dtype=np.float64)
-    for n, (b, start, end) in enumerate(spans):
+    for (b_row, start, end), row in zip(spans, rows):
+        if not 0 <= row < len(states):
+            continue
         for hv in range(HV):
-            S = states[n, hv]  # [K, V], a view into states
-            for t in range(start, end):
-                q_t, k_t = q[b, t, hv // group], k[b, t, hv // group]  # [K]
-                S *= np.exp(g[b, t, hv])
-                S += np.outer(k_t, beta[b, t, hv] * (v[b, t, hv] - k_t @ S))
-                o[b, t, hv] = scale * (q_t @ S)
+            h = hv // group
+            tokens = slice(start, end)
+            o[b_row, tokens, hv] = _walk(q[b_row, tokens, h], k[b_row, tokens, h], v[b_row, tokens, hv],
+                                         g[b_row, tokens, hv], beta[b_row, tokens, hv], states[row, hv], scale)[0]
     return o, (states if output_final_state else None)
+
+
+def decode_step(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    g: np.ndarray | None,
+    beta: np.ndarray | None,
+    state: np.ndarray,
+    scale: float | None = None,
+    *,
+    state_indices: np.ndarray | None = None,
+    cu_seqlens: np.ndarray | None = None,
+    num_accepted_tokens: np.ndarray | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: np.ndarray | None = None,
+    b: np.ndarray | None = None,
+    A_log: np.ndarray | None = None,
+    dt_bias: np.ndarray | None = None,
+    softplus_beta: float = SOFTPLUS_BETA,
+    softplus_threshold: float = SOFTPLUS_THRESHOLD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """decode_step in float64, with its exact signature: (o [T, HV, V], the states after).
+
+    q, k [T, H, K], v [T, HV, V], g, beta [T, HV]: one token per sequence, or with cu_seqlens [N + 1] sequence
+    n's tokens at rows cu_seqlens[n] ≤ t < cu_seqlens[n + 1]. Without state_indices, state [N, HV, K, V] holds
+    each sequence's S before its first token and the second result is S after its last token. With
+    state_indices, state is a pool [P, HV, K, V] and the second result is the updated pool (a copy), as
+    gdn.common.spec says: [N] reads and writes back row state_indices[n]; [N, S] reads row
+    state_indices[n, num_accepted_tokens[n] − 1] (column 0 without num_accepted_tokens) and writes the state
+    after token j to row state_indices[n, j] (none when negative or ≥ P; tokens j ≥ S are not run). A sequence
+    whose read row is negative or ≥ P, or whose accepted count is outside [1, S], is skipped: o rows zero,
+    nothing written (the kernels' bounds masking; host arrays with such values are refused before launch).
+    """
+    q, k, g, beta = _serving_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias, softplus_beta,
+                                    softplus_threshold)
+    v = np.asarray(v, dtype=np.float64)
+    T, H, K = q.shape
+    HV = v.shape[1]
+    group = HV // H
+    scale = default_scale(K) if scale is None else float(scale)
+    bounds = np.arange(T + 1) if cu_seqlens is None else np.asarray(cu_seqlens, dtype=np.int64)
+    states = np.array(state, dtype=np.float64)  # a copy, updated in place below
+    o = np.zeros(v.shape)
+    slots = None if state_indices is None else np.asarray(state_indices).reshape(len(bounds) - 1, -1)
+    per_token = state_indices is not None and np.ndim(state_indices) == 2
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if per_token:
+            end = min(end, start + slots.shape[1])
+        column = 0 if num_accepted_tokens is None else int(num_accepted_tokens[n]) - 1
+        if slots is None:
+            row = n
+        elif 0 <= column < slots.shape[1] and 0 <= slots[n, column] < len(states):
+            row = slots[n, column]
+        else:
+            continue
+        for hv in range(HV):
+            h, tokens = hv // group, slice(start, end)
+            S = states[row, hv].copy()
+            o[tokens, hv], after = _walk(q[tokens, h], k[tokens, h], v[tokens, hv], g[tokens, hv],
+                                         beta[tokens, hv], S, scale, keep_states=per_token)
+            if not per_token:
+                states[row, hv] = S
+                continue
+            for j, S_j in enumerate(after):
+                if 0 <= slots[n, j] < len(states):
+                    states[slots[n, j], hv] = S_j
+    return o, states
 
 
 def chunk_prepare(

@@ -23,23 +23,55 @@ selects a tiling or a compiled Triton variant: one compiled kernel per (dtypes, 
 JAX specializes every program on its input shapes, so the Pallas backend compiles once per shape on top of
 that; gdn.pallas.bucketing pads T to a few buckets to bound it.
 
-Op: ``decode_step`` — one token of the gated delta rule recurrence for each of N sequences (decoding).
+Op: ``decode_step`` — the gated delta rule token by token for N sequences (decoding): one token each, or with
+cu_seqlens a few each (speculative decoding), states dense or read and written in place in a pool.
 
 Layouts:
-    q, k   [N, H, K]             the token's query / key, H query-key heads (k L2-normalized by the model)
-    v      [N, HV, V]            its values, HV = m·H value heads; value head hv reads q/k head hv // m
-    g      [N, HV] float32       per-token log-gate in natural-log units (g ≤ 0; NOT cumulative)
-    beta   [N, HV] float32       the delta rule's write strength (in [0, 1] for a sigmoid beta)
-    state  [N, HV, K, V] float32 S before the token; the step returns S after it as a new float32 array
-    o      [N, HV, V]            in v's dtype; accumulation in float32
+    q, k   [T, H, K]             the tokens' queries / keys, H query-key heads: one token per sequence (T = N),
+                                 or with cu_seqlens [N + 1] sequence n's tokens at rows cu_seqlens[n] ≤ t <
+                                 cu_seqlens[n + 1] (rows past cu_seqlens[-1] belong to no sequence: o zero)
+    v      [T, HV, V]            their values, HV = m·H value heads; value head hv reads q/k head hv // m
+    g      [T, HV] float32       per-token log-gate in natural-log units (g ≤ 0; NOT cumulative)
+    beta   [T, HV]               the delta rule's write strength (float32 or q's dtype)
+    state  [N, HV, K, V] float32 dense: S before each sequence's first token; the step returns S after its last
+                                 token as a new float32 array
+           [P, HV, K, V] float32 with state_indices: a pool of P states, read and updated in place
+    o      [T, HV, V]            in v's dtype; accumulation in float32
 
-Math, per sequence and value head, S ∈ R^{K×V} (the same recurrence as gdn.common.reference
-.recurrent_gated_delta_rule over T tokens):
+Math, per sequence and value head, S ∈ R^{K×V}, for each of its tokens (the same recurrence as
+gdn.common.reference.recurrent_gated_delta_rule):
     S ← exp(g)·S
     S ← S + k ⊗ (beta·(v − Sᵀk))
     o  = scale·Sᵀq                (scale defaults to K**-0.5)
-One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers: the V columns
-of S are independent in every line above, so the tiles never exchange data.
+One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers across the
+sequence's tokens: the V columns of S are independent in every line above, so the tiles never exchange data.
+
+Serving arguments (decode_step; chunk_gated_delta_rule takes the same names with the same meaning, its per-token
+state slots excepted):
+    state_indices [N] int32/int64     sequence n's state is pool row state_indices[n]: read before its first
+                                      token, S after its last token written back to it. A negative index is a
+                                      padded slot: the sequence is skipped (o rows zero, nothing written).
+                  [N, S] (decode)     per-token state slots, for speculative decoding with rollback (vLLM's
+                                      convention): the state after the sequence's token j (j < S; later tokens
+                                      are not run, o zero) is written to pool row state_indices[n, j] (none when
+                                      negative); S is read from row state_indices[n, num_accepted_tokens[n] − 1],
+                                      or state_indices[n, 0] without num_accepted_tokens
+    num_accepted_tokens [N] int       with [N, S] indices: how many of the previous step's tokens were accepted,
+                                      choosing the saved state the sequence continues from. Outside [1, S] the
+                                      sequence is skipped.
+    Every index is checked: arrays on the host before anything runs (an entry ≥ P, or > S accepted tokens, or
+    a pool row named twice, is an error), device arrays inside the kernel (an out-of-range row or column reads
+    and writes nothing: the sequence or token is skipped). No input makes a kernel touch memory outside its
+    arrays. Pool rows no sequence names are left bit-identical.
+    use_qk_l2norm_in_kernel           q ← q / sqrt(Σ q² + QK_L2NORM_EPS), k likewise, per head in float32, before
+                                      the scale (FLA's l2norm); the model then passes raw q, k
+    a, b [T, HV], A_log [HV],         raw gates instead of g, beta (vLLM's fused_sigmoid_gating_delta_rule_update):
+    dt_bias [HV] (float32 or q's        g = −exp(A_log)·softplus(a + dt_bias),   beta = sigmoid(b),
+    dtype)                              softplus(x) = log(1 + exp(β·x))/β where β·x ≤ threshold, else x
+                                      (β = softplus_beta, threshold = softplus_threshold; SOFTPLUS_BETA and
+                                      SOFTPLUS_THRESHOLD by default)
+A gate of −inf (exp(g) = 0) resets S: computed finite. Each sequence's output depends on its own inputs and
+state only: NaN or inf in one sequence's (or a padded slot's) inputs never reaches another's output or state.
 
 Op: ``chunk_gated_delta_rule`` — the whole chunked Gated DeltaNet forward (prefill), from raw inputs.
 
@@ -181,6 +213,15 @@ def head_partition(H: int, HV: int, world_size: int, rank: int) -> tuple[slice, 
 def default_scale(K: int) -> float:
     """The default query scale, K**-0.5."""
     return float(K) ** -0.5
+
+
+QK_L2NORM_EPS = 1e-6
+"""eps of the in-kernel q/k L2 normalization (use_qk_l2norm_in_kernel): x / sqrt(Σ x² + eps), FLA's l2norm."""
+
+SOFTPLUS_BETA = 1.0
+SOFTPLUS_THRESHOLD = 20.0
+"""Defaults of the in-kernel gating's softplus (vLLM's fused_sigmoid_gating_delta_rule_update): log(1 + exp(β·x))/β
+where β·x ≤ threshold, x beyond."""
 
 
 CHUNK_O_OP = "chunk_fwd_o"

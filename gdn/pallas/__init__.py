@@ -6,7 +6,8 @@ caller's jax.jit:
 - ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
   with ``axis_name=`` inside jax.shard_map, one sequence split over a mesh axis (context parallel);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
-- ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
+- ``decode_step(q, k, v, g, beta, state, ...)`` — the recurrence token by token per sequence (speculative steps,
+  a state pool donated and updated in place);
 - ``warmup`` / ``warmup_forward`` — compile the programs later calls at the given lengths need;
 - ``compiled_variants()`` — programs compiled so far for calls outside a caller's jax.jit;
 - ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — pad T to a few buckets to bound compiles.

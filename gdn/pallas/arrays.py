@@ -80,6 +80,15 @@ def input_dot_precision(dtype: str, interpret: bool) -> jax.lax.DotAlgorithmPres
     return float32_dot_precision(interpret) if dtype == "float32" else None
 
 
+def host_values(x) -> np.ndarray | None:
+    """A host copy of an index array when it is already on the host (numpy, or a jax array on CPU); else None."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_tracer(x) or any(d.platform != "cpu" for d in x.devices()):
+        return None
+    return np.asarray(x)
+
+
 def host_cu_seqlens(cu_seqlens, chunk_indices, *, op: str) -> np.ndarray | None:
     """The host values of cu_seqlens that an op's thin wrapper checks (and builds chunk_indices from) before its
     jitted body: read when cu_seqlens is a numpy array, or when chunk_indices is missing (then a device→host
@@ -104,3 +113,15 @@ def index_or_placeholder(x, shape: tuple[int, ...]) -> jax.Array:
     """An int32 index array for a kernel ref, or, for None, an int32 placeholder of the given shape that the
     kernel's static flags never read."""
     return jnp.zeros(shape, jnp.int32) if x is None else x.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def no_backward(op: str, arrays):
+    """arrays unchanged; differentiating through them (jax.grad, jax.jvp) raises, naming the op: gdn's kernels
+    have no backward, and Pallas would fail with an empty AssertionError instead."""
+    return arrays
+
+
+@no_backward.defjvp
+def _no_backward_jvp(op: str, primals, tangents):
+    raise TypeError(f"gdn: {op} has no backward (it cannot be differentiated with jax.grad or jax.jvp)")

@@ -3,12 +3,16 @@
 - ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
   with ``group=`` one sequence split over the ranks of a torch.distributed process group (context parallel);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
-- ``decode_step(q, k, v, g, beta, state, ...)`` — one token of the recurrence per sequence;
+- ``decode_step(q, k, v, g, beta, state, ...)`` — the recurrence token by token per sequence (speculative steps,
+  a state pool updated in place);
 - ``warmup`` / ``warmup_forward`` — compile what later chunk_fwd_o / forward calls need, for any T;
 - ``compiled_variants()`` — compiled kernel variants in this process;
 - ``reset_plans()`` — drop the cached launch plans (tests that swap a kernel).
+
+Importing it registers the ops' torch.library custom ops (gdn.triton.custom_ops), which torch.compile traces.
 """
 
+from gdn.triton import custom_ops  # noqa: F401
 from gdn.triton.chunk_o import chunk_fwd_o, warmup
 from gdn.triton.decode import decode_step
 from gdn.triton.forward import chunk_gated_delta_rule, warmup_forward

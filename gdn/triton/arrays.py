@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
+import triton
 
 from gdn.common import contract, spec
 from gdn.triton.launcher import cached_plan
@@ -34,10 +36,53 @@ def tensor_keys(names: Sequence[str], args: Sequence[torch.Tensor | None],
     return tuple(keys)
 
 
-def array_info(key: TensorKey) -> contract.ArrayInfo:
-    """The spec's framework-neutral view of a (shape, dtype, device) key."""
-    shape, dtype, device = key
+StridedKey = tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]] | None
+
+
+def strided_keys(names: Sequence[str], args: Sequence[torch.Tensor | None], op: str) -> tuple[StridedKey, ...]:
+    """(shape, dtype, device, strides) of each argument, None for None, after checking each is a torch.Tensor:
+    the key of an op that passes strides to its kernel and copies only what its layout rules refuse."""
+    keys = []
+    for name, x in zip(names, args):
+        if x is None:
+            keys.append(None)
+        elif isinstance(x, torch.Tensor):
+            keys.append((x.shape, x.dtype, x.device, x.stride()))
+        else:
+            raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
+    return tuple(keys)
+
+
+def array_info(key: TensorKey | StridedKey) -> contract.ArrayInfo:
+    """The spec's framework-neutral view of a (shape, dtype, device[, strides]) key."""
+    shape, dtype, device = key[:3]
     return contract.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(device: torch.device, op: str, name: str = "q") -> None:
+    """Refuse CPU tensors unless Triton runs interpreted: compiled Triton kernels need a GPU (else Triton's
+    "0 active drivers"). Called once per call signature (the ops' cached plans)."""
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError(f"{op}: {name}: expected a CUDA tensor (CPU tensors run only in the Triton interpreter: "
+                         f"set TRITON_INTERPRET=1 before importing triton); got a tensor on {device}")
+
+
+def refuse_grad(op: str, names: Sequence[str], args: Sequence[torch.Tensor | None]) -> None:
+    """Refuse inputs that require grad while grad mode is on: the op has no backward, and a detached output
+    would silently backpropagate zero."""
+    if torch.is_grad_enabled():
+        for i, x in enumerate(args):
+            if x is not None and x.requires_grad:
+                raise RuntimeError(f"gdn: {op} has no backward; {names[i]} requires grad (call it under "
+                                   "torch.no_grad() or pass detached tensors)")
 
 
 Problem = TypeVar("Problem")
@@ -47,10 +92,10 @@ Plan = TypeVar("Plan")
 @cached_plan
 def planned(contract: Callable[..., Problem], plan: Callable[[Problem], Plan], keys: tuple[TensorKey, ...],
             *options: Hashable) -> tuple[Problem, Plan]:
-    """(problem, plan(problem)): a spec contract (validate_chunk_o_inputs, validate_forward_inputs,
-    validate_decode_inputs) on the arrays of keys, then its further positional arguments (host cu_seqlens
-    values as a tuple, flags), and the op's kernel launches for that problem (its plan function); cached, so a
-    repeated call signature costs one lookup (gdn.triton.reset_plans empties the cache)."""
+    """(problem, plan(problem)): a spec contract (validate_chunk_o_inputs, validate_forward_inputs) on the
+    arrays of keys, then its further positional arguments (host cu_seqlens values as a tuple, flags), and the
+    op's kernel launches for that problem (its plan function); cached, so a repeated call signature costs one
+    lookup (gdn.triton.reset_plans empties the cache)."""
     problem = contract(*(None if key is None else array_info(key) for key in keys), *options)
     return problem, plan(problem)
 

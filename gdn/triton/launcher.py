@@ -10,9 +10,10 @@ bits of both paths); every other version launches through Triton's own ``kernel[
 
 A ``KernelLaunch`` fixes everything of a launch but the runtime argument values: kernel, grid, tiling and
 constexprs. Each op has one plan function building its launches for a validated problem; the plans are cached
-(``cached_plan``) per call signature (chunk_fwd_o, decode_step: gdn.triton.arrays.planned, together with the
-contract check) or per (problem, tiling) (the forward's stages, and the launches benchmarks make with other
-tilings), and ``reset_plans()`` empties every such cache. A launch's first call on a device goes through
+(``cached_plan``) per call signature (chunk_fwd_o: gdn.triton.arrays.planned, together with the contract check;
+decode_step: gdn.triton.decode.plan, whose signature holds the strides it reads in place too) or per (problem,
+tiling) (the forward's stages, and the launches benchmarks make with other tilings), and ``reset_plans()``
+empties every such cache. A launch's first call on a device goes through
 Triton and records the compiled variant with the arguments it was specialized for; a later call goes straight
 to that variant's C launcher when it provably selects the same one: the same device; every tensor argument a
 ``torch.Tensor`` of the recorded dtype, 16-byte aligned (Triton specializes pointers on 16-byte alignment);
