@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 
 from gdn.common import spec
-from gdn.common.example import random_inputs, random_recurrent_inputs
+from gdn.common.example import random_decode_inputs, random_inputs, random_recurrent_inputs
 
 
 def seed_of(text: str) -> int:
@@ -154,6 +154,70 @@ DECODE_CASES: list[DecodeCase] = [
     DecodeCase(N=3, H=2, HV=2, K=16, V=128),
     DecodeCase(N=3, H=1, HV=2, K=48, V=100),
     DecodeCase(N=1, H=2, HV=2, K=128, V=128),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingCase:
+    """decode_step on a pool of states: N sequences, one token each (lengths None: no cu_seqlens) or lengths[n]
+    tokens packed with cu_seqlens; pool_rows P; state_indices [N] or, with slots = S > 0, [N, S] per-token slots
+    (accepted: with num_accepted_tokens); the sequences in `padded` have negative indices (skipped)."""
+
+    H: int
+    HV: int
+    K: int
+    V: int
+    pool_rows: int
+    lengths: tuple[int, ...] | None = None
+    N: int = 1
+    slots: int = 0
+    accepted: bool = False
+    padded: tuple[int, ...] = ()
+
+    @property
+    def id(self) -> str:
+        tokens = f"varlen{list(self.lengths)}".replace(" ", "") if self.lengths else f"N{self.N}"
+        slots = f"-S{self.slots}{'acc' if self.accepted else ''}" if self.slots else ""
+        padded = f"-pad{list(self.padded)}".replace(" ", "") if self.padded else ""
+        return f"{tokens}-H{self.H}-HV{self.HV}-K{self.K}-V{self.V}-P{self.pool_rows}{slots}{padded}"
+
+    @property
+    def num_sequences(self) -> int:
+        return self.N if self.lengths is None else len(self.lengths)
+
+    def inputs(self, dtype: str, seed: int = 0, raw_qk: bool = False, raw_gates: bool = False,
+               padding_rows: int = 0) -> OpInputs:
+        """Random decode_step arguments (gdn.common.example.random_decode_inputs) with a pool ~ N(0, 1) and
+        distinct random pool rows as indices; padding_rows more token rows after the last sequence (no
+        sequence's: their o rows must stay zero)."""
+        rng = np.random.default_rng(seed + 1)
+        N = self.num_sequences
+        T = N if self.lengths is None else sum(self.lengths)
+        arrays: dict[str, np.ndarray | None] = dict(random_decode_inputs(
+            T + padding_rows, self.H, self.HV, self.K, self.V, dtype, seed, raw_qk, raw_gates))
+        columns = max(self.slots, 1)
+        rows = rng.permutation(self.pool_rows)[:N * columns].reshape(N, columns).astype(np.int32)
+        rows[list(self.padded)] = -1
+        arrays["state_indices"] = rows if self.slots else rows[:, 0]
+        arrays["state"] = rng.standard_normal((self.pool_rows, self.HV, self.K, self.V)).astype(np.float32)
+        if self.lengths is not None:
+            arrays["cu_seqlens"] = np.cumsum((0,) + self.lengths).astype(np.int32)
+        if self.accepted:
+            arrays["num_accepted_tokens"] = rng.integers(1, columns + 1, N).astype(np.int32)
+        # a dtype for every decode_step array, given or not (a test may add the raw gates or an index array)
+        dtypes = {name: dtype for name in ("q", "k", "v", "a", "b")}
+        dtypes.update({name: "float32" for name in ("g", "beta", "state", "A_log", "dt_bias")})
+        dtypes.update({name: "int32" for name in ("state_indices", "cu_seqlens", "num_accepted_tokens")})
+        return OpInputs(arrays, dtypes)
+
+
+SERVING_CASES: list[ServingCase] = [
+    # one token per sequence from a pool, one padded slot; per-token slots with a sequence continuing from an
+    # accepted token; a few tokens per sequence (empty and one-token sequences), [N] and [N, S] indices
+    ServingCase(H=2, HV=4, K=32, V=48, pool_rows=9, N=4, padded=(2,)),
+    ServingCase(H=1, HV=2, K=16, V=100, pool_rows=12, N=3, slots=2, accepted=True, padded=(0,)),
+    ServingCase(H=2, HV=2, K=48, V=16, pool_rows=6, lengths=(3, 0, 1, 4)),
+    ServingCase(H=1, HV=2, K=16, V=32, pool_rows=16, lengths=(4, 1, 0, 3), slots=4, accepted=True, padded=(2,)),
 ]
 
 

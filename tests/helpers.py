@@ -43,6 +43,12 @@ def assert_close(out: np.ndarray, ref: np.ndarray, op: str, dtype: str, what: st
     assert rel_err <= tolerance, f"{what}: max abs err / max |ref| = {rel_err:.3g} > {tolerance}"
 
 
+def assert_state_close(state: np.ndarray, ref: np.ndarray, what: str = "state vs reference") -> None:
+    """A decode state or pool, float32 in every input dtype: decode_step's float32 tolerance, relative to
+    max |state|."""
+    assert_close(state, ref, spec.DECODE_OP, "float32", what)
+
+
 def skip_unsupported(backend, dtype: str, op: str = spec.CHUNK_O_OP) -> None:
     """Skip what the backend cannot run on this machine (tests/backends.py: bf16 dots under the Triton
     interpreter)."""

@@ -12,7 +12,7 @@ from gdn.common.example import random_recurrent_inputs
 from tests import helpers
 from tests.backends import BACKENDS
 from tests.cases import DECODE_CASES, DecodeCase, seed_of
-from tests.helpers import assert_refused, dtype_params
+from tests.helpers import assert_refused, assert_state_close, dtype_params
 
 OP = spec.DECODE_OP
 
@@ -93,11 +93,6 @@ def skip_unsupported(backend, dtype: str) -> None:
 
 def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference") -> None:
     helpers.assert_close(out, ref, OP, dtype, what)
-
-
-def assert_state_close(state: np.ndarray, ref: np.ndarray, what: str = "state vs reference") -> None:
-    """The state is float32 in every input dtype: float32 tolerance, relative to max |state|."""
-    assert_close(state, ref, "float32", what)
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
