@@ -15,12 +15,24 @@ is checked against gdn-triton (o and the new state, max |Δ| / max |ref|) before
 triton.testing.do_bench median (L2 flushed); JAX rows: 10 calls per block_until_ready.
 The sweep times the gdn Triton kernel with each candidate tiling (BV, warps) at every N.
 
-Writes decode.csv and tune_decode.csv (with .env.json and .txt) for benchmarks.report.
+``--serving``: decode from a state pool, in place (benchmarks.shapes.decode_serving_inputs) — N = 256 sequences
+from a 1024-row pool at the same heads, bf16 inputs, fp32 states — one token per sequence (state_indices [N];
+floor: reading and writing the 256 states once) and a 4-token speculative step keeping every token's state in
+its slot (state_indices [N, 4], num_accepted_tokens; floor: reading 256 states and writing 4 × 256), each with
+g, beta and with vLLM's fused path (raw q, k normalized in the kernel, raw gates a, b). Implementations:
+gdn-triton eager, gdn-triton replaying a CUDA graph of the same call (its bits compared with the eager call's:
+graph_bits_equal), gdn-pallas under jax.jit with the pool donated, and for one token with g, beta FLA's
+fused_recurrent on the gathered states with the new states scattered back (what an engine without pools does).
+Every row is checked against gdn-triton eager (o and the pool rows written).
+
+Writes decode.csv and tune_decode.csv, or with --serving decode_serving.csv (each with .env.json and .txt) for
+benchmarks.report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,7 +111,7 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict[str, Any]]:
 
     t = shapes.decode_inputs(N, seed=N)
     args = [t[n] for n in ARGS]
-    problem = decode.call_plan(*args)[0]
+    problem = decode.call_plan(*args).problem
     scale = problem.K ** -0.5
     o = torch.empty_like(t["v"])
     reference = torch.empty_like(t["state"])
@@ -122,12 +134,138 @@ def sweep_tilings(N: int, bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+SERVING_ARGS = ("q", "k", "v", "g", "beta", "state", "state_indices", "cu_seqlens", "num_accepted_tokens", "a", "b",
+                "A_log", "dt_bias")
+"""decode_step's arrays: the first six positional, the rest keywords."""
+INPUT_DTYPE_ARRAYS = ("q", "k", "v", "a", "b")
+
+
+def serving_rows(bandwidth: float, impls: list[str]) -> list[dict[str, Any]]:
+    """The --serving table: one token and a SPEC_TOKENS-token speculative step from the pool, each with g, beta
+    and fused (raw q, k and gates), for every implementation."""
+    import torch
+
+    from gdn.triton import decode_step
+
+    heads = shapes.DECODE_HEADS
+    N = shapes.DECODE_POOL["N"]
+    rows = []
+    for tokens in (1, shapes.SPEC_TOKENS):
+        for fused in (False, True):
+            a = shapes.decode_serving_inputs(tokens, fused)
+            t = {n: torch.from_numpy(x).cuda() for n, x in a.items()}
+            for n in INPUT_DTYPE_ARRAYS:
+                if n in t:
+                    t[n] = t[n].to(torch.bfloat16)
+            flags = {"use_qk_l2norm_in_kernel": fused}
+            floor_us = (N + N * tokens) * heads["HV"] * heads["K"] * heads["V"] * 4 / bandwidth * 1e6
+            pool0 = t["state"].clone()
+            written = torch.from_numpy(np.unique(a["state_indices"])).cuda().long()
+
+            def gdn_call() -> tuple[Any, Any]:
+                return decode_step(*(t.get(n) for n in SERVING_ARGS[:6]), **{n: t.get(n) for n in SERVING_ARGS[6:]},
+                                   **flags)
+
+            def result(o: Any, pool: Any) -> tuple[np.ndarray, np.ndarray]:
+                """o and the pool rows the call writes, as float32 numpy."""
+                return harness.to_numpy(o), harness.to_numpy(pool[written])
+
+            t["state"].copy_(pool0)
+            reference = result(*gdn_call())
+            label = f"{'spec' + str(tokens) if tokens > 1 else 'decode'}-{'fused' if fused else 'g-beta'}"
+
+            def row(impl: str, timing: harness.Timing, outputs: tuple[np.ndarray, np.ndarray],
+                    graph_bits_equal: bool | None = None) -> dict[str, Any]:
+                """The table row of an implementation at this case (the helpers above and this one are called
+                within their iteration)."""
+                out = {"case": label, "impl": impl, "N": N, "pool": shapes.DECODE_POOL["pool_rows"],
+                       "tokens": tokens, "us": timing.median_us, "p10_us": timing.p10_us, "p90_us": timing.p90_us,
+                       "floor_us": floor_us, "x_floor": timing.median_us / floor_us,
+                       "rel_err_o": _rel(outputs[0], reference[0]), "rel_err_pool": _rel(outputs[1], reference[1]),
+                       "method": timing.method, "graph_bits_equal": graph_bits_equal}
+                progress(f"{label} {impl:<21} {timing.median_us:8.2f} µs ({out['x_floor']:.3f}× the floor)")
+                return out
+
+            rows.append(row("gdn-triton", harness.time_torch(gdn_call), reference))
+            # a CUDA graph of the same call (its outputs: those of the captured call), its replay from the same pool
+            # compared with the eager bits
+            captured: list[tuple[Any, Any]] = []
+            graph = harness.cuda_graph(lambda: captured.append(gdn_call()))
+            t["state"].copy_(pool0)
+            graph.replay()
+            torch.cuda.synchronize()
+            replayed = result(*captured[-1])
+            bits = bool(np.array_equal(replayed[0], reference[0]) and np.array_equal(replayed[1], reference[1]))
+            rows.append(row("gdn-triton-cuda-graph", harness.time_torch(graph.replay), replayed,
+                            graph_bits_equal=bits))
+            del graph
+            if "gdn-pallas" in impls:
+                rows.append(_pallas_serving_row(a, flags, row))
+            if "fla" in impls and tokens == 1 and not fused:
+                fla_row = _fla_gather_scatter_row(t, pool0, result, row)
+                if fla_row is not None:
+                    rows.append(fla_row)
+    return rows
+
+
+def _pallas_serving_row(a: dict[str, np.ndarray], flags: dict[str, bool], row: Callable[..., dict[str, Any]],
+                        ) -> dict[str, Any]:
+    """gdn-pallas under jax.jit with the pool donated and fed back call after call (updated in place)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.pallas import decode_step
+
+    j = {n: jnp.asarray(x, "bfloat16" if n in INPUT_DTYPE_ARRAYS else None) for n, x in a.items()}
+    names = [n for n in SERVING_ARGS if n in j]
+
+    @functools.partial(jax.jit, donate_argnums=(names.index("state"),))
+    def step(*arrays: Any) -> tuple[Any, Any]:
+        args = dict(zip(names, arrays))
+        return decode_step(*(args.get(n) for n in SERVING_ARGS[:6]), **{n: args.get(n) for n in SERVING_ARGS[6:]},
+                           **flags)
+
+    o, pool = step(*(jnp.asarray(a["state"]) if n == "state" else j[n] for n in names))  # on the pool as given
+    outputs = (harness.to_numpy(o), harness.to_numpy(pool)[np.unique(a["state_indices"])])
+    pools = [pool]  # the timed calls keep updating (and donating) one pool
+
+    def call() -> Any:
+        o, pools[0] = step(*(pools[0] if n == "state" else j[n] for n in names))
+        return o
+
+    return row("gdn-pallas", harness.time_jax(call, [()], batch=10), outputs)
+
+
+def _fla_gather_scatter_row(t: dict[str, Any], pool0: Any, result: Callable[..., tuple[np.ndarray, np.ndarray]],
+                            row: Callable[..., dict[str, Any]]) -> dict[str, Any] | None:
+    """FLA's fused_recurrent on pool[state_indices] with the new states scattered back: two state copies more."""
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    except Exception as error:  # noqa: BLE001 - an optional comparison
+        progress(f"fla: not installed ({type(error).__name__}: {error})")
+        return None
+    index = t["state_indices"].long()
+
+    def call() -> tuple[Any, Any]:
+        o, state = fused_recurrent_gated_delta_rule(
+            t["q"][:, None], t["k"][:, None], t["v"][:, None], g=t["g"][:, None], beta=t["beta"][:, None],
+            initial_state=t["state"][index], output_final_state=True)
+        t["state"][index] = state
+        return o[:, 0], t["state"]
+
+    t["state"].copy_(pool0)
+    outputs = result(*call())
+    return row("fla-gather-scatter", harness.time_torch(call), outputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="gdn-triton,gdn-pallas,fla", help="comma-separated, of: "
                         "gdn-triton (always run: the reference), gdn-pallas, fla")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tiling sweep")
+    parser.add_argument("--serving", action="store_true", help="only the serving rows: in-place decode from a "
+                        "state pool, the 4-token speculative step, CUDA-graph replay (decode_serving.csv)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     import torch
@@ -139,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth, _ = harness.copy_bandwidth()
     env["copy bandwidth"] = f"{bandwidth / 1e12:.3f} TB/s"
     progress(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+    if args.serving:
+        rows = serving_rows(bandwidth, args.impls.split(","))
+        report = harness.format_table(
+            [dict(r, us_s=f"{r['us']:.2f}", floor=f"{r['floor_us']:.2f}", x=f"{r['x_floor']:.3f}",
+                  eo=f"{r['rel_err_o']:.1e}", ep=f"{r['rel_err_pool']:.1e}") for r in rows],
+            [("case", "case"), ("impl", "impl"), ("us_s", "µs"), ("floor", "floor µs"), ("x", "× floor"),
+             ("eo", "rel err o"), ("ep", "rel err pool"), ("graph_bits_equal", "graph bits equal")])
+        print(report, flush=True)
+        harness.write_results(args.out, "decode_serving", env, rows, report=report)
+        return 0
     rows = [row for N in shapes.DECODE_BATCHES for row in run_batch(N, args.impls.split(","), bandwidth)]
     report = harness.format_table(
         [dict(r, us_s=f"{r['us']:.2f}", pct=f"{r['pct_floor']:.0f}", eo=f"{r['rel_err_o']:.1e}",

@@ -6,6 +6,7 @@ Run it after any of the scripts below; a result that is not there leaves its sec
     python -m benchmarks.chunk_o        # chunk_o.csv, chunk_o_host.csv, chunk_o.png
     python -m benchmarks.forward        # forward.csv, forward_host.csv, forward_cold.csv
     python -m benchmarks.decode         # decode.csv, tune_decode.csv
+    python -m benchmarks.decode --serving   # decode_serving.csv
     python -m benchmarks.warmup         # warmup.csv
     python -m benchmarks.tune_chunk_o   # tune_chunk_o.csv
     python -m benchmarks.tune_forward   # forward_stages.csv, tune_walk.csv, tune_fused.csv, tune_prepare.csv
@@ -257,6 +258,34 @@ def section_decode() -> str | None:
     return "\n".join(lines + [""] + reading)
 
 
+def section_decode_serving() -> str | None:
+    rows = read_rows("decode_serving")
+    if rows is None:
+        return None
+    lines = ["## decode_step from a state pool (serving)", "",
+             "`python -m benchmarks.decode --serving` — " + measured_line(read_env("decode_serving")) +
+             " N = 256 sequences from a 1024-row pool updated in place, H16 HV32 K = V = 128, bf16 inputs, float32 "
+             "states. decode: one token per sequence (floor: reading and writing the 256 states); spec4: a 4-token "
+             "speculative step keeping each token's state in its slot (floor: reading 256 states and writing "
+             "4 × 256); g-beta: g and beta given; fused: raw q, k normalized and the gates computed in the kernel. "
+             "torch: do_bench of the call or of its CUDA graph's replay; JAX: 10 calls per sync, the pool donated; "
+             "errors against gdn Triton's eager call.", "",
+             table(["case", "implementation", "µs (p10–p90)", "floor µs", "× floor", "rel err o", "rel err pool",
+                    "graph bits equal"],
+                   [[r["case"], r["impl"], f"{num(r['us'], 2)} ({num(r.get('p10_us'), 2)}–{num(r.get('p90_us'), 2)})",
+                     num(r["floor_us"], 2), num(r["x_floor"], 3), f"{r['rel_err_o']:.1e}", f"{r['rel_err_pool']:.1e}",
+                     "—" if r.get("graph_bits_equal") is None else ("yes" if r["graph_bits_equal"] else "**no**")]
+                    for r in rows])]
+    reading = []
+    for impl in GDN:
+        mine = [r for r in rows if r["impl"] == impl]
+        if mine:
+            worst = max(mine, key=lambda r: r["x_floor"])
+            reading.append(f"{impl} takes {num(min(r['x_floor'] for r in mine), 2)}–{num(worst['x_floor'], 2)}× "
+                           f"the floor (the most: {worst['case']}).")
+    return "\n".join(lines + [""] + reading)
+
+
 def section_distributed() -> str | None:
     rows = read_rows("distributed")
     if rows is None:
@@ -423,6 +452,17 @@ def targets() -> list[tuple[str, str, str, bool]]:
         if r.get("wall_us") is not None and "graph" in (r.get("device_method") or ""):
             found.append(("", f"forward {r['label']}, gdn Triton wall − device ≤ 25 µs",
                           f"{num(r['wall_us'] - r['device_us'])} µs", r["wall_us"] - r["device_us"] <= 25))
+    serving = read_rows("decode_serving") or []
+    for r in serving:
+        if r["impl"] in GDN:
+            limit = 1.2 if r["case"].startswith("spec") else 1.05
+            found.append(("", f"decode_step from a pool, {r['case']}, {r['impl']} ≤ {limit}× the floor",
+                          f"{num(r['x_floor'], 3)}×", r["x_floor"] <= limit))
+    replays = [r for r in serving if r.get("graph_bits_equal") is not None]
+    if replays:
+        found.append(("", "decode_step from a pool: a CUDA graph's replay gives the eager call's bits (every case)",
+                      f"{sum(bool(r['graph_bits_equal']) for r in replays)} of {len(replays)} cases",
+                      all(r["graph_bits_equal"] for r in replays)))
     for r in read_rows("forward_cold") or []:
         if r["impl"] in GDN and r.get("first_call_s") is not None:
             found.append(("", f"forward cold first call, {r['impl']} ≤ 6 s", f"{num(r['first_call_s'], 2)} s",
@@ -445,8 +485,8 @@ def section_targets() -> str | None:
                       "reason.", "", table(["target", "measured", "met", "why not"], rows)])
 
 
-SECTIONS = (section_chunk_o, section_forward, section_decode, section_distributed, section_warmup, section_tilings,
-            section_targets)
+SECTIONS = (section_chunk_o, section_forward, section_decode, section_decode_serving, section_distributed,
+            section_warmup, section_tilings, section_targets)
 
 
 def render() -> str:

@@ -3,7 +3,8 @@
 SHAPES are the seven prefill problems of the benchmark tables (bf16, K = V = 128): a short prompt, one long
 sequence with many, few and grouped heads, a batch, a very long sequence and a packed varlen batch.
 DTYPE_SHAPES repeat B1 T8192 H16 in fp16 and fp32 (chunk_fwd_o only); DECODE_BATCHES are decode_step's
-sequence counts at Qwen3-Next's heads.
+sequence counts at Qwen3-Next's heads, DECODE_POOL and SPEC_TOKENS its serving shape (a state pool, a
+speculative step).
 
 Inputs follow the distributions of gdn.common.example, the tests' factory: q, v ~ N(0, 1), k ~ N(0, 1/K) and
 h ~ N(0, 1) for chunk_fwd_o (g the chunk-local cumsum of log-sigmoid gates); unit-norm q, k rows, v ~ N(0, 1),
@@ -117,6 +118,10 @@ HOST_SHAPE = SHAPES[0]
 
 DECODE_HEADS = {"H": 16, "HV": 32, "K": 128, "V": 128}
 DECODE_BATCHES = (1, 16, 64, 256)
+DECODE_POOL = {"N": 256, "pool_rows": 1024}
+"""The serving shape: N sequences decoding from a pool of pool_rows states."""
+SPEC_TOKENS = 4
+"""Tokens per sequence of the speculative decode step (one state slot each)."""
 
 
 def select(shapes: list[Shape], patterns: str) -> list[Shape]:
@@ -207,6 +212,27 @@ def decode_inputs(N: int, dtype: str = "bfloat16", seed: int = 0) -> dict[str, A
         step[n] = step[n].to(getattr(torch, dtype))
     step["state"] = torch.from_numpy(a["initial_state"]).cuda()
     return step
+
+
+def decode_serving_inputs(tokens: int, fused: bool) -> dict[str, np.ndarray]:
+    """One serving decode_step call's arguments as numpy arrays (gdn.common.example.random_decode_inputs; each
+    framework makes its own copy: a JAX pool is donated): DECODE_POOL's sequences of `tokens` tokens each at
+    DECODE_HEADS, bf16-rounded q, k, v (a, b), a pool ~ N(0, 1) float32 with distinct random rows per sequence
+    (state_indices [N], or with tokens > 1 [N, tokens] per-token slots with cu_seqlens and random accepted
+    counts); fused: raw q, k and raw gates a, b with A_log, dt_bias (vLLM's fused path), else unit-norm q, k with
+    g, beta."""
+    N, rows = DECODE_POOL["N"], DECODE_POOL["pool_rows"]
+    a = example.random_decode_inputs(N * tokens, **DECODE_HEADS, dtype="bfloat16", seed=tokens, raw_qk=fused,
+                                     raw_gates=fused)
+    rng = np.random.default_rng(tokens + 1)
+    slots = rng.permutation(rows)[:N * tokens].astype(np.int32)
+    a["state_indices"] = slots if tokens == 1 else slots.reshape(N, tokens)
+    a["state"] = rng.standard_normal((rows, DECODE_HEADS["HV"], DECODE_HEADS["K"], DECODE_HEADS["V"])).astype(
+        np.float32)
+    if tokens > 1:
+        a["cu_seqlens"] = (np.arange(N + 1) * tokens).astype(np.int32)
+        a["num_accepted_tokens"] = rng.integers(1, tokens + 1, N).astype(np.int32)
+    return a
 
 
 def to_jax(tensors: dict[str, Any]) -> dict[str, Any]:

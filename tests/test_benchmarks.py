@@ -50,3 +50,28 @@ def test_report_renders_the_committed_results() -> None:
     for title in ("## Environment", "## chunk_fwd_o", "## chunk_gated_delta_rule (the forward)", "## decode_step",
                   "## Targets"):
         assert title in text
+
+
+def test_report_shows_the_decode_serving_rows(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows as benchmarks.decode --serving writes them (harness.write_results) give RESULTS.md their section and
+    the serving targets."""
+    from benchmarks import harness, report
+
+    def row(case: str, impl: str, x_floor: float, bits: bool | None = None) -> dict:
+        return {"case": case, "impl": impl, "N": 256, "pool": 1024, "tokens": 4 if case.startswith("spec") else 1,
+                "us": 100 * x_floor, "p10_us": 99 * x_floor, "p90_us": 101 * x_floor, "floor_us": 100.0,
+                "x_floor": x_floor, "rel_err_o": 0.0, "rel_err_pool": 0.0, "method": "do_bench",
+                "graph_bits_equal": bits}
+
+    rows = [row("decode-g-beta", "gdn-triton", 1.02), row("decode-g-beta", "gdn-triton-cuda-graph", 1.01, True),
+            row("decode-g-beta", "gdn-pallas", 1.08), row("spec4-fused", "gdn-triton", 1.15)]
+    harness.write_results(tmp_path, "decode_serving", {"date": "today", "copy bandwidth": "4.000 TB/s"}, rows)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.render()
+    assert "## decode_step from a state pool (serving)" in text
+    assert "| decode-g-beta | gdn-triton-cuda-graph | 101.00 (99.99–102.01) | 100.00 | 1.010 |" in text
+    targets = {target: met for _, target, _, met in report.targets()}
+    assert targets["decode_step from a pool, decode-g-beta, gdn-triton ≤ 1.05× the floor"]
+    assert not targets["decode_step from a pool, decode-g-beta, gdn-pallas ≤ 1.05× the floor"]
+    assert targets["decode_step from a pool, spec4-fused, gdn-triton ≤ 1.2× the floor"]
+    assert targets["decode_step from a pool: a CUDA graph's replay gives the eager call's bits (every case)"]
