@@ -357,7 +357,8 @@ def check(cfg: Config, params: dict, schedule: Schedule, outputs: dict) -> float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["all", "triton", "pallas"], default="all")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted")
+    parser.add_argument("--tolerance", type=float, default=5e-4,
+                        help="largest relative error accepted (float32; the prefill's dots are tf32x3 on a GPU)")
     args = parser.parse_args(argv)
     import torch
 

@@ -12,7 +12,7 @@ import pytest
 from gdn.common import contract, reference, spec
 from tests.backends import BACKENDS, DECODE_ARGS
 from tests.cases import SERVING_CASES, OpInputs, ServingCase, seed_of
-from tests.helpers import assert_close, assert_refused, assert_state_close
+from tests.helpers import assert_close, assert_refused, assert_state_close, dtype_params
 
 OP = spec.DECODE_OP
 
@@ -40,7 +40,7 @@ def _untouched_rows(inputs: OpInputs) -> np.ndarray:
 
 
 # Pools, padded slots, per-token slots: against the float64 reference, both backends.
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", dtype_params(("float32", "bfloat16")))
 @pytest.mark.parametrize("case", SERVING_CASES, ids=lambda c: c.id)
 def test_pool_matches_reference(backend, case: ServingCase, dtype: str) -> None:
     inputs = case.inputs(dtype, seed=seed_of(case.id), padding_rows=2 if case.lengths else 0)
@@ -129,6 +129,25 @@ def test_beta_in_the_input_dtype(backend) -> None:
     ref_o, ref_pool = reference_decode(inputs)
     assert_close(o, ref_o, OP, "float16")
     assert_state_close(pool, ref_pool)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("speculative", [False, True], ids=["decode", "spec4"])
+def test_model_sized_heads_on_gpu(backend, speculative: bool) -> None:
+    """Qwen3-Next heads (H16 HV32 K = V = 128, bf16, the fused path: raw q, k and gates) from a pool: one token
+    for 24 sequences, or a 4-token speculative step for 16 with per-token slots, against the float64 reference;
+    untouched rows bit-identical."""
+    heads = {"H": 16, "HV": 32, "K": 128, "V": 128}
+    case = (ServingCase(**heads, pool_rows=72, lengths=(4,) * 16, slots=4, accepted=True, padded=(3,))
+            if speculative else ServingCase(**heads, pool_rows=40, N=24, padded=(5,)))
+    inputs = case.inputs("bfloat16", seed=20, raw_qk=True, raw_gates=True)
+    o, pool = backend.decode_step(inputs, use_qk_l2norm_in_kernel=True)
+    ref_o, ref_pool = reference_decode(inputs, use_qk_l2norm_in_kernel=True)
+    assert_close(o, ref_o, OP, "bfloat16")
+    assert_state_close(pool, ref_pool)
+    untouched = _untouched_rows(inputs)
+    assert np.array_equal(pool[untouched], inputs.arrays["state"][untouched])
 
 
 # Bounds masking in the kernel: what device index arrays get (no host check).
