@@ -69,7 +69,11 @@ def chunk_o_tiling(K: int, V: int, dtype: str) -> Tiling:
 def decode_tiling(K: int, V: int, dtype: str) -> Tiling:
     """The static tiling of decode_step for head sizes K, V and input dtype name.
 
-    T never enters (one token per call); neither does N, so a batch of 1 and one of 512 share a program.
+    Neither the tokens per sequence nor N enters, so a batch of 1 and one of 512 share a program. One row serves
+    every serving flag (a pool read and written in place, per-token state slots, a few tokens per sequence,
+    in-kernel q/k norm and gates, a transposed [HV, V, K] pool): each keeps the traffic S's read and write (plus
+    one write per kept token state), so the row measured for the dense step below is the one to beat; the flags'
+    rows are unmeasured (benchmarks/decode.py --serving measures them against their floors).
     """
     # Measured on an H100 (python -m benchmarks.decode, bf16, H = 16, HV = 32, K = V = 128): a decode step reads
     # and writes S (2·K·V·4 bytes per head) for 7 flops per element of S, so it is memory-bound and the tile's
