@@ -2,7 +2,7 @@
 per-token state slots and rollback, in-kernel q/k normalization and gating against the float64 recurrence fed
 the same raw inputs, index checks on the host and bounds masking in the kernel, NaN and −inf containment, the
 dtype rules and the errors — one body per property, over backends; then the torch-only layouts (strided
-inputs, V-first pools), torch.compile and CUDA graphs, and JAX's donated pools."""
+inputs, V-first pools) and CUDA graphs (torch.compile: tests/test_compile.py), and JAX's donated pools."""
 
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ def test_gradients_are_refused(backend) -> None:
         jax.grad(loss)(a["q"])
 
 
-# torch: layouts read in place, the interpreter check, torch.compile and CUDA graphs.
+# torch: layouts read in place, the interpreter check, CUDA graphs (torch.compile: tests/test_compile.py).
 def _fused_torch_inputs(inputs: OpInputs, raw_gates: bool):
     """The Triton adapter's tensors, with q, k, v slices of one fused [T, 2·H·K + HV·V] projection, the gates
     slices of one [T, 2·HV] projection and the pool a transposed view of a [P, HV, V, K] buffer (vLLM's)."""
@@ -391,40 +391,6 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch: pytest.Mon
     with pytest.raises(ValueError, match=r"^decode_step: q: expected a CUDA tensor \(CPU tensors run only in the "
                                          r"Triton interpreter: set TRITON_INTERPRET=1 before importing triton\)"):
         _triton_decode(t)
-
-
-def _compile_backend() -> str:
-    """Inductor on a GPU; on CPU aot_eager (dynamo, fake tensors and functionalization, no C++ build): the
-    custom ops run their eager implementation either way."""
-    return "inductor" if BACKENDS["triton"].on_gpu else "aot_eager"
-
-
-def test_torch_compile_fullgraph_traces_decode() -> None:
-    """A layer step calling decode_step twice (a dense state, then a pool in place) compiles with
-    fullgraph=True (no graph break: gdn::decode_step and gdn::decode_step_pool) and gives the eager bits."""
-    torch = BACKENDS["triton"].torch
-    from gdn.triton import decode_step
-
-    inputs = SERVING_CASES[0].inputs("float32", seed=17, raw_gates=True, raw_qk=True)
-
-    def step(q, k, v, a, b, A_log, dt_bias, pool, state_indices):
-        q = q * 2.0  # something for the compiler around the op
-        o_pool, pool = decode_step(q, k, v, None, None, pool, state_indices=state_indices, a=a, b=b, A_log=A_log,
-                                   dt_bias=dt_bias, use_qk_l2norm_in_kernel=True)
-        o_dense, state = decode_step(q, k, v, None, None, pool[:4], a=a, b=b, A_log=A_log, dt_bias=dt_bias,
-                                     use_qk_l2norm_in_kernel=True)
-        return o_pool + o_dense, state
-
-    names = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "state", "state_indices")
-    eager_args = [BACKENDS["triton"].convert(inputs)[n] for n in names]
-    compiled_args = [x.clone() for x in eager_args]
-    o_eager, state_eager = step(*eager_args)
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend=_compile_backend())
-    o, state = compiled(*compiled_args)
-    assert o.equal(o_eager) and state.equal(state_eager)
-    assert compiled_args[7].equal(eager_args[7]), "the pool updated in place inside the compiled graph"
-    assert not compiled_args[7].equal(BACKENDS["triton"].convert(inputs)["state"])
 
 
 @pytest.mark.gpu

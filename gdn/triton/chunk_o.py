@@ -109,8 +109,11 @@ def chunk_fwd_o(
     log-gate or None; scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] int32/int64 on q's
     device, chunk_indices [NT, 2] from gdn.common.spec.prepare_chunk_indices on q's device. Without
     chunk_indices, cu_seqlens is copied to the host once (a device sync) to build them and check its values;
-    pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked).
+    pass chunk_indices to avoid that (the values of a device cu_seqlens are then not checked). Under
+    torch.compile the call is the custom op gdn::chunk_fwd_o (gdn.triton.custom_ops).
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.gdn.chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices)
     problem, run, cu_values = call_plan(q, k, v, h, g, cu_seqlens, chunk_indices)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)

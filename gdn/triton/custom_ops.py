@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from gdn.common import spec
-from gdn.triton import decode
+from gdn.triton import chunk_o, decode
 from gdn.triton.arrays import refuse_grad
 
 
@@ -22,6 +22,17 @@ def register(name: str, impl: Callable, fake: Callable, mutates_args: tuple[str,
     op = torch.library.custom_op(f"gdn::{name}", impl, mutates_args=mutates_args)
     op.register_fake(fake)
     return op
+
+
+def _chunk_fwd_o(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None,
+                 scale: float | None, cu_seqlens: torch.Tensor | None,
+                 chunk_indices: torch.Tensor | None) -> torch.Tensor:
+    """chunk_fwd_o: o (without chunk_indices, cu_seqlens is read on the host at run time: no CUDA graph then)."""
+    return chunk_o.chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices)
+
+
+def _chunk_fwd_o_fake(q, k, v, h, g, scale, cu_seqlens, chunk_indices) -> torch.Tensor:
+    return torch.empty_like(v)
 
 
 def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -56,6 +67,7 @@ def _decode_step_pool_fake(q, k, v, g, beta, state, scale, state_indices, cu_seq
     return v.new_empty(v.shape)
 
 
+chunk_fwd_o_op = register("chunk_fwd_o", _chunk_fwd_o, _chunk_fwd_o_fake)
 decode_step_op = register("decode_step", _decode_step, _decode_step_fake)
 decode_step_pool_op = register("decode_step_pool", _decode_step_pool, _decode_step_pool_fake, mutates_args=("state",))
 

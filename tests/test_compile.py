@@ -1,0 +1,63 @@
+"""torch.compile(fullgraph=True) through gdn's torch.library custom ops (gdn.triton.custom_ops): a function
+calling the ops compiles without a graph break and gives the eager bits. On CPU the aot_eager backend (dynamo,
+fake tensors, functionalization; Inductor's C++ build takes 10-50 s on 2 cores, the custom ops run their eager
+implementation either way), on a GPU Inductor."""
+
+from __future__ import annotations
+
+from tests.backends import BACKENDS
+from tests.cases import CASES, SERVING_CASES
+
+
+def _compile_backend() -> str:
+    """Inductor on a GPU; on CPU aot_eager (dynamo, fake tensors and functionalization, no C++ build): the
+    custom ops run their eager implementation either way."""
+    return "inductor" if BACKENDS["triton"].on_gpu else "aot_eager"
+
+
+def test_torch_compile_fullgraph_traces_decode() -> None:
+    """A layer step calling decode_step twice (a dense state, then a pool in place) compiles with
+    fullgraph=True (no graph break: gdn::decode_step and gdn::decode_step_pool) and gives the eager bits."""
+    torch = BACKENDS["triton"].torch
+    from gdn.triton import decode_step
+
+    inputs = SERVING_CASES[0].inputs("float32", seed=17, raw_gates=True, raw_qk=True)
+
+    def step(q, k, v, a, b, A_log, dt_bias, pool, state_indices):
+        q = q * 2.0  # something for the compiler around the op
+        o_pool, pool = decode_step(q, k, v, None, None, pool, state_indices=state_indices, a=a, b=b, A_log=A_log,
+                                   dt_bias=dt_bias, use_qk_l2norm_in_kernel=True)
+        o_dense, state = decode_step(q, k, v, None, None, pool[:4], a=a, b=b, A_log=A_log, dt_bias=dt_bias,
+                                     use_qk_l2norm_in_kernel=True)
+        return o_pool + o_dense, state
+
+    names = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "state", "state_indices")
+    eager_args = [BACKENDS["triton"].convert(inputs)[n] for n in names]
+    compiled_args = [x.clone() for x in eager_args]
+    o_eager, state_eager = step(*eager_args)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=_compile_backend())
+    o, state = compiled(*compiled_args)
+    assert o.equal(o_eager) and state.equal(state_eager)
+    assert compiled_args[7].equal(eager_args[7]), "the pool updated in place inside the compiled graph"
+    assert not compiled_args[7].equal(BACKENDS["triton"].convert(inputs)["state"])
+
+
+def test_torch_compile_fullgraph_traces_chunk_fwd_o() -> None:
+    """chunk_fwd_o inside a compiled function (dense, then varlen with chunk_indices): gdn::chunk_fwd_o."""
+    torch = BACKENDS["triton"].torch
+    from gdn.common import spec
+    from gdn.triton import chunk_fwd_o
+
+    for case in (CASES[5], CASES[11]):
+        t = BACKENDS["triton"].convert(case.inputs("float32", seed=21))
+        if t["cu_seqlens"] is not None:
+            t["chunk_indices"] = torch.from_numpy(spec.prepare_chunk_indices(case.cu_seqlens)).to(t["q"].device)
+
+        def layer(q, k, v, h, g, cu_seqlens, chunk_indices):
+            return chunk_fwd_o(q * 0.5, k, v, h, g, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices) + 1.0
+
+        args = [t[n] for n in ("q", "k", "v", "h", "g", "cu_seqlens", "chunk_indices")]
+        eager = layer(*args)
+        torch._dynamo.reset()
+        assert torch.compile(layer, fullgraph=True, backend=_compile_backend())(*args).equal(eager), case.id
