@@ -161,7 +161,8 @@ def _mutations() -> list[tuple[str, ForwardCase, dict, dict, type[Exception], st
         ("k-shape", _BASE, {"k": a["k"][:, :69]}, {}, ValueError, r"k: expected the shape of q"),
         ("HV-not-multiple", _BASE, {n: a[n][:, :, :3] for n in ("v", "g", "beta")}
          | {"initial_state": a["initial_state"][:, :3]}, {}, ValueError, r"v: expected HV = v.shape\[2\]"),
-        ("g-missing", _BASE, {"g": None}, {}, TypeError, r"g: expected an array; got None"),
+        ("g-missing", _BASE, {"g": None}, {}, TypeError,
+         r"g: expected an array \(or the raw gates a, b with A_log and dt_bias\); got None"),
         ("g-not-fp32", _BASE, {}, {"g": "float16"}, TypeError, r"g: expected dtype in \('float32',\)"),
         ("beta-shape", _BASE, {"beta": a["beta"][:, :, :2]}, {}, ValueError, r"beta: expected beta.shape"),
         ("beta-int", _BASE, {}, {"beta": "int32"}, TypeError, r"beta: expected dtype in"),

@@ -249,6 +249,12 @@ class ForwardProblem:
     dtype: str
     use_initial_state: bool
     output_final_state: bool
+    pool_rows: int = 0
+    """Rows P of the state pool initial_state [P, HV, K, V] that state_indices names (0: no pool)."""
+    qk_l2norm: bool = False
+    """use_qk_l2norm_in_kernel: q and k L2-normalized in the kernels."""
+    raw_gates: bool = False
+    """g and beta computed in the kernels from the raw gates a, b, A_log, dt_bias."""
 
     @property
     def num_chunks_total(self) -> int:
@@ -284,39 +290,53 @@ def validate_forward_inputs(
     q: ArrayInfo,
     k: ArrayInfo,
     v: ArrayInfo,
-    g: ArrayInfo,
-    beta: ArrayInfo,
+    g: ArrayInfo | None,
+    beta: ArrayInfo | None,
     initial_state: ArrayInfo | None,
     cu_seqlens: ArrayInfo | None,
     chunk_indices: ArrayInfo | None,
     cu_seqlens_values: Sequence[int] | np.ndarray | None = None,
     output_final_state: bool = False,
+    state_indices: ArrayInfo | None = None,
+    a: ArrayInfo | None = None,
+    b: ArrayInfo | None = None,
+    A_log: ArrayInfo | None = None,
+    dt_bias: ArrayInfo | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
 ) -> ForwardProblem:
     """The shape, dtype and device contract of chunk_gated_delta_rule, shared by every backend.
 
-    cu_seqlens_values as in validate_chunk_o_inputs. Raises ValueError (shapes, values, devices) or
-    TypeError (dtypes, a missing array) naming the argument with the expected and the actual value.
+    cu_seqlens_values as in validate_chunk_o_inputs. Serving arguments (gdn.common.spec, as decode_step's):
+    state_indices [N] makes initial_state the state pool [P, HV, K, V] (required), read at row
+    state_indices[n] and, with output_final_state, written back there; the raw gates a, b [B, T, HV] with
+    A_log, dt_bias [HV] replace g and beta; use_qk_l2norm_in_kernel. Raises ValueError (shapes, values,
+    devices) or TypeError (dtypes, a missing array) naming the argument with the expected and the actual value.
     """
     op = FORWARD_OP
-    checks.present([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)], op=op)
+    checks.present([("q", q), ("k", k), ("v", v)], op=op)
     B, T, H, K, HV, V = checks.token_arrays(q, k, v, op=op)
-    for name, info, dtypes in (("g", g, ("float32",)), ("beta", beta, ("float32", q.dtype))):
-        checks.rank(name, info, 3, "[B, T, HV]", op=op)
-        checks.dtype(name, info, dtypes, op=op)
-        checks.dim(name, f"{name}.shape", info.shape, (B, T, HV), "[B, T, HV] from q and v", op=op)
+    raw_gates = checks.gates(q, (B, T), "[B, T, HV]", HV, g, beta, a, b, A_log, dt_bias, op=op)
     chunks_per_row = checks.varlen(B, T, cu_seqlens, chunk_indices, cu_seqlens_values, op=op)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    pool = checks.state_indices(state_indices, None, N, token_slots=False, op=op) > 0
+    if pool and initial_state is None:
+        checks.fail("initial_state", "the state pool [P, HV, K, V] that state_indices names", None, TypeError, op=op)
     if initial_state is not None:
-        checks.rank("initial_state", initial_state, 4, "[N, HV, K, V]", op=op)
+        layout = "[P, HV, K, V]: the state pool" if pool else "[N, HV, K, V]"
+        checks.rank("initial_state", initial_state, 4, layout, op=op)
         checks.dtype("initial_state", initial_state, ("float32",), op=op)
-        checks.dim("initial_state", "initial_state.shape", initial_state.shape, (N, HV, K, V),
-                   "[N, HV, K, V]: one state per sequence", op=op)
-    checks.devices([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", initial_state),
+        rows = initial_state.shape[0] if pool else N
+        checks.dim("initial_state", "initial_state.shape", initial_state.shape, (rows, HV, K, V),
+                   f"{layout}: one state per {'pool row' if pool else 'sequence'}", op=op)
+    checks.devices([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("a", a), ("b", b), ("A_log", A_log),
+                    ("dt_bias", dt_bias), ("initial_state", initial_state), ("state_indices", state_indices),
                     ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices)], op=op)
     problem = ForwardProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks_per_row,
                              varlen=cu_seqlens is not None, dtype=q.dtype,
                              use_initial_state=initial_state is not None,
-                             output_final_state=bool(output_final_state))
+                             output_final_state=bool(output_final_state),
+                             pool_rows=initial_state.shape[0] if pool else 0,
+                             qk_l2norm=bool(use_qk_l2norm_in_kernel), raw_gates=raw_gates)
     if problem.num_chunks_total * HV > MAX_GRID_ROWS:
         checks.fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head) programs", f"{problem.num_chunks_total * HV}",
                     op=op)

@@ -43,11 +43,23 @@ def rows_finite(b_x):
     return jnp.sum(b_x.astype(jnp.float32) * 0.0, axis=1) == 0
 
 
+def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_threshold):
+    """(g, beta) [BT] float32 from the raw gates a, b [BT]: g = −exp(A_log)·softplus(a + dt_bias), softplus(x) =
+    log(1 + exp(β·x))/β up to the threshold, beta = sigmoid(b) (gdn.common.spec, serving arguments)."""
+    b_x = b_a + dt_bias[i_hv].astype(jnp.float32)
+    b_bx = softplus_beta * b_x
+    b_softplus = jnp.where(b_bx <= softplus_threshold,
+                           jnp.log(1 + jnp.exp(jnp.minimum(b_bx, softplus_threshold))) / softplus_beta, b_x)
+    return -jnp.exp(A_log[i_hv].astype(jnp.float32)) * b_softplus, 1 / (1 + jnp.exp(-b_b))
+
+
 def chunk_prepare_kernel(
-    k, v, g, beta, cu_seqlens, chunk_indices, g_cum, w, u, *,
+    k, v, g, beta, A_log, dt_bias, params, cu_seqlens, chunk_indices, g_cum, w, u, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, BS: int, GATE_FLOOR: float,
-    IS_VARLEN: bool, DOT_PRECISION, MERGE_PRECISION,
+    IS_VARLEN: bool, RAW_GATES: bool, QK_L2NORM: bool, QK_L2NORM_EPS: float, DOT_PRECISION, MERGE_PRECISION,
 ):
+    # RAW_GATES: g and beta hold the raw gates a and b; params = (softplus β, softplus threshold), runtime values.
+    # QK_L2NORM: every k row is used divided by its norm.
     # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
     i_flat = pl.program_id(0)
     i_hv = i_flat % HV
@@ -63,19 +75,25 @@ def chunk_prepare_kernel(
 
     b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT] per-token log-gates
     b_beta = plgpu.load(beta.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT]
+    if RAW_GATES:
+        b_g, b_beta = gates_from_raw(b_g, b_beta, A_log, dt_bias, i_hv, params[0], params[1])
     # A row with a NaN or +inf gate, or a non-finite beta, key or value is poison: zeroed before every dot here
     # (so it reaches no other row: a zero coefficient times NaN would still be NaN) and marked NaN in g_c for
     # the walk, which makes the outputs NaN from that row on. A gate of −inf is a reset, not poison.
     b_bad = (b_g != b_g) | (b_g == jnp.inf) | (b_beta * 0.0 != 0)
+    b_k_sq = jnp.zeros([BT], dtype=jnp.float32)  # Σ k² per row
     for k0 in range(0, K, BK):
         o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
-        b_bad = b_bad | ~rows_finite(plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]],
-                                                mask=m_t[:, None] & (o_k < K)[None, :], other=0))
+        b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_bad = b_bad | ~rows_finite(b_k)
+        b_k_sq += jnp.sum(b_k.astype(jnp.float32) * b_k.astype(jnp.float32), axis=1)
     for v0 in range(0, V, BV):
         o_v = v0 + jnp.arange(BV, dtype=jnp.int32)
         b_bad = b_bad | ~rows_finite(plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]],
                                                 mask=m_t[:, None] & (o_v < V)[None, :], other=0))
     m_tb = m_t & ~b_bad  # the rows every load below reads
+    # 1 / |k_i| (QK_L2NORM, in float32) scales each k row where it is used; 1 otherwise
+    b_k_scale = jnp.where(m_tb, 1 / jnp.sqrt(b_k_sq + QK_L2NORM_EPS) if QK_L2NORM else 1.0, 0)
 
     # g_c: chunk-local cumulative sum of the floored log-gates (padding and poison rows add 0)
     b_g = jnp.cumsum(jnp.where(m_tb, jnp.maximum(b_g, GATE_FLOOR), 0), axis=0)
@@ -89,7 +107,8 @@ def chunk_prepare_kernel(
         b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_A += dot(b_k, b_k.T)
     m_lower = o_i[:, None] > o_i[None, :]
-    b_A = b_A * b_beta[:, None] * jnp.exp(jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
+    b_A = b_A * (b_beta * b_k_scale)[:, None] * b_k_scale[None, :] * jnp.exp(
+        jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
 
     # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
     # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
@@ -118,7 +137,7 @@ def chunk_prepare_kernel(
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
     b_Ai_in = b_Ai.astype(k.dtype)
-    b_kscale = b_beta * jnp.exp(b_g)
+    b_kscale = b_beta * jnp.exp(b_g) * b_k_scale
     for k0 in range(0, K, BK):
         o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
         b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
@@ -131,13 +150,25 @@ def chunk_prepare_kernel(
         plgpu.store(u.at[o_t[:, None], i_hv, o_v[None, :]], b_u.astype(u.dtype), mask=m_t[:, None] & (o_v < V)[None, :])
 
 
+def pool_row(state_indices, i_n, POOL_ROWS: int):
+    """(row, valid) of sequence i_n's state in a pool of POOL_ROWS rows: state_indices[i_n], valid when in
+    [0, POOL_ROWS) (a negative index is a padded slot; an index out of range is skipped as one)."""
+    i_row = state_indices[i_n]
+    m_row = (i_row >= 0) & (i_row < POOL_ROWS)
+    return jnp.where(m_row, i_row, 0), m_row
+
+
 def chunk_walk_kernel(
-    q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale,
+    q, k, w, u, g_cum, initial_state, pool, state_indices, cu_seqlens, chunk_offsets, scale,
     o, final_state, h, v_new, map_m, map_n, *,
     T: int, NUM_PIECES: int, MAPPED_PIECES: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int,
     USE_INITIAL_STATE: bool, STORE_FINAL_STATE: bool, OUTPUT_O: bool, STORE_H: bool, MAP: bool, IS_VARLEN: bool,
-    DOT_PRECISION,
+    USE_INDICES: bool, READ_POOL: bool, QK_L2NORM: bool, QK_L2NORM_EPS: float, DOT_PRECISION,
 ):
+    # USE_INDICES: the sequence's state lives in the pool [P, HV, K, V] at row state_indices[n] (final_state is
+    # the pool, aliased, when the final state is stored): read there (READ_POOL, one piece) and written back
+    # there by the last piece; a sequence without a valid row is skipped: S, h and v_new stay 0 (so
+    # chunk_fwd_o's o rows are 0), nothing is written back.
     # The Triton kernel's arguments, outputs last (Pallas passes outputs after inputs); scale is a [1] ref.
     # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
     # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
@@ -175,10 +206,14 @@ def chunk_walk_kernel(
     def dot(a, b):
         return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
 
+    if USE_INDICES:
+        i_row, m_row = pool_row(state_indices, i_n, pool.shape[0])
     b_s = jnp.zeros([BK, BV], dtype=jnp.float32)
     if MAP:  # M's columns start from the identity
         o_m = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
         b_s = jnp.where((o_k[:, None] == o_m[None, :]) & (o_m < K)[None, :], 1.0, 0.0).astype(jnp.float32)
+    elif READ_POOL:  # the sequence's initial state: its pool row
+        b_s += plgpu.load(pool.at[i_row, i_hv, o_k[:, None], o_v[None, :]], mask=m_kv & m_row, other=0)
     elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start from the combine
         b_s += plgpu.load(initial_state.at[i_np * HV + i_hv, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
     if STORE_H:
@@ -196,19 +231,30 @@ def chunk_walk_kernel(
         m_tb = m_t & ~b_bad
         m_tk = m_tb[:, None] & m_k[None, :]
         b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+        if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
+            b_kf = b_k.astype(jnp.float32)
+            b_k = (b_kf / jnp.sqrt(jnp.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).astype(b_k.dtype)
         b_w = plgpu.load(w.at[o_t[:, None], i_hv, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
         b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tb[:, None] & m_v[None, :], other=0)
+        if USE_INDICES:  # a skipped sequence: v_new = 0
+            b_u = jnp.where(m_row, b_u, 0)
+            b_w = jnp.where(m_row, b_w, 0)
         m_tv = m_t[:, None] & m_v[None, :]
         # v_new = u − w·S: [BT, BK] @ [BK, BV]
         b_vn = b_u.astype(jnp.float32) - dot(b_w, b_s.astype(b_w.dtype))
         if STORE_H:  # h[c] = S, the state the chunk starts from (a row within h), and v_new
-            i_row = first_chunk + i_t
-            plgpu.store(h.at[jnp.clip(i_row, 0, h.shape[0] - 1), i_hv, o_k[:, None], o_v[None, :]],
-                        b_s.astype(h.dtype), mask=m_kv & (i_row >= 0) & (i_row < h.shape[0]))
+            i_chunk_row = first_chunk + i_t
+            plgpu.store(h.at[jnp.clip(i_chunk_row, 0, h.shape[0] - 1), i_hv, o_k[:, None], o_v[None, :]],
+                        b_s.astype(h.dtype), mask=m_kv & (i_chunk_row >= 0) & (i_chunk_row < h.shape[0]))
             plgpu.store(v_new.at[o_t[:, None], i_hv, o_v[None, :]], b_vn.astype(v_new.dtype), mask=m_tv)
         if OUTPUT_O:
             # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
             b_q = plgpu.load(q.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+            if QK_L2NORM:
+                b_qf = b_q.astype(jnp.float32)
+                b_q = (b_qf / jnp.sqrt(jnp.sum(b_qf * b_qf, axis=1) + QK_L2NORM_EPS)[:, None]).astype(b_q.dtype)
+            if USE_INDICES:  # a skipped sequence: o = 0
+                b_q = jnp.where(m_row, b_q, 0)
             b_o = dot(b_q, b_s.astype(b_q.dtype)) * jnp.exp(b_g)[:, None]
             b_P = dot(b_q, b_k.T)  # [BT, BK] @ [BK, BT]
             b_P = jnp.where(m_causal, b_P * jnp.exp(jnp.where(m_causal, b_g[:, None] - b_g[None, :], -jnp.inf)), 0)
@@ -227,15 +273,20 @@ def chunk_walk_kernel(
         # M's tiles hold the columns o_m < K (in N's tiles o_m ≥ NM·BV ≥ K), N's tiles the columns 0 ≤ o_v < V
         plgpu.store(map_m.at[p_map, o_k[:, None], o_m[None, :]], b_s, mask=m_k[:, None] & (o_m < K)[None, :])
         plgpu.store(map_n.at[p_map, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
+    elif STORE_FINAL_STATE and USE_INDICES:  # back into the sequence's pool row
+        plgpu.store(final_state.at[i_row, i_hv, o_k[:, None], o_v[None, :]], b_s,
+                    mask=m_kv & m_row & (i_p == NUM_PIECES - 1))
     elif STORE_FINAL_STATE:
         plgpu.store(final_state.at[i_n * HV + i_hv, o_k[:, None], o_v[None, :]], b_s,
                     mask=m_kv & (i_p == NUM_PIECES - 1))
 
 
 def chunk_combine_kernel(
-    map_m, map_n, initial_state, starts, *,
-    NUM_PIECES: int, HV: int, K: int, V: int, BK: int, BV: int, USE_INITIAL_STATE: bool, DOT_PRECISION,
+    map_m, map_n, initial_state, state_indices, starts, *,
+    NUM_PIECES: int, HV: int, K: int, V: int, BK: int, BV: int, USE_INITIAL_STATE: bool, USE_INDICES: bool,
+    DOT_PRECISION,
 ):
+    # USE_INDICES: each sequence's initial state is the pool row state_indices[n] (0 when it names none).
     # One program per (V tile, sequence·value head): the pieces' true initial states in order,
     # S_0 = the initial state (or 0), S_{p+1} = M_p·S_p + N_p. The columns of S never mix.
     i_v = pl.program_id(0)
@@ -248,7 +299,10 @@ def chunk_combine_kernel(
     m_kv = m_k[:, None] & (o_v < V)[None, :]
 
     b_s = jnp.zeros([BK, BV], dtype=jnp.float32)
-    if USE_INITIAL_STATE:
+    if USE_INITIAL_STATE and USE_INDICES:
+        i_row, m_row = pool_row(state_indices, i_n, initial_state.shape[0] // HV)
+        b_s += plgpu.load(initial_state.at[i_row * HV + i_hv, o_k[:, None], o_v[None, :]], mask=m_kv & m_row, other=0)
+    elif USE_INITIAL_STATE:
         b_s += plgpu.load(initial_state.at[i_nh, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
     plgpu.store(starts.at[i_n * NUM_PIECES * HV + i_hv, o_k[:, None], o_v[None, :]], b_s, mask=m_kv)
 
@@ -270,10 +324,11 @@ def _placeholder(dtype) -> jax.ShapeDtypeStruct:
 
 
 def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
-            tiling: tilings.Tiling | None = None):
+            tiling: tilings.Tiling | None = None, gating: tuple | None = None):
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
     u [B, T, HV, V]), w and u in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None.
-    tiling defaults to tilings.prepare_tiling's (benchmarks pass others)."""
+    With problem.raw_gates, g and beta are the raw gates a and b and gating = (A_log, dt_bias, softplus β,
+    softplus threshold). tiling defaults to tilings.prepare_tiling's (benchmarks pass others)."""
     B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
     shapes = {"g_cum": ((B, T, HV), jnp.float32), "w": ((B, T, HV, K), k.dtype), "u": ((B, T, HV, V), v.dtype)}
     if problem.num_chunks_total * HV == 0:
@@ -282,9 +337,13 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
     kernel = functools.partial(
         chunk_prepare_kernel, T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=problem.varlen,
+        RAW_GATES=problem.raw_gates, QK_L2NORM=problem.qk_l2norm, QK_L2NORM_EPS=spec.QK_L2NORM_EPS,
         DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
         # prepare's float32 merge dots: tilings.dot_precision, as in the Triton kernel
         MERGE_PRECISION=float32_dot_precision(interpret, problem.dtype))
+    A_log, dt_bias, softplus_beta, softplus_threshold = gating or (None, None, spec.SOFTPLUS_BETA,
+                                                                   spec.SOFTPLUS_THRESHOLD)
+    per_head = jnp.zeros((1,), jnp.float32)
     # Every element of a real token is stored by exactly one program (chunks tile each sequence), as with
     # torch.empty in the Triton backend.
     g_cum, w, u = pl.pallas_call(
@@ -295,15 +354,20 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
         name="chunk_prepare_kernel",
         compiler_params=compiler_params(tiling),
     )(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV),
+      per_head if A_log is None else A_log, per_head if dt_bias is None else dt_bias,
+      jnp.stack([jnp.asarray(softplus_beta, jnp.float32), jnp.asarray(softplus_threshold, jnp.float32)]),
       index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_indices, (1, 2)))
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
 
 
 def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
                scale, pieces: int, *, output_o: bool, store_h: bool, interpret: bool, tiling: tilings.Tiling,
-               mapped: int = 0):
+               mapped: int = 0, state_indices=None, pool=None):
     """One launch of the walk kernel in a mode: its six outputs (o, final_state, h, v_new, map_m, map_n),
-    placeholders where the mode writes nothing. mapped > 0: the map walk of the first `mapped` pieces."""
+    placeholders where the mode writes nothing. mapped > 0: the map walk of the first `mapped` pieces. With a
+    pool [P, HV, K, V] (problem.pool_rows), the final state is the pool itself, aliased: only the rows that
+    state_indices names are written."""
+    use_pool = pool is not None and not mapped
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
     map_pieces = mapped > 0
     num_tiles, rows = problem.walk_grid(tiling, mapped or pieces)
@@ -312,7 +376,8 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
     maps = N * mapped * HV
     out_shape = (
         jax.ShapeDtypeStruct((B * T, HV, V), u.dtype) if output_o else _placeholder(u.dtype),
-        jax.ShapeDtypeStruct((N * HV, K, V), jnp.float32) if problem.output_final_state and not map_pieces
+        (jax.ShapeDtypeStruct(pool.shape, jnp.float32) if use_pool
+         else jax.ShapeDtypeStruct((N * HV, K, V), jnp.float32)) if problem.output_final_state and not map_pieces
         else _placeholder(jnp.float32),
         jax.ShapeDtypeStruct((max(problem.num_chunks_total, 1), HV, K, V), k.dtype) if store_h
         else _placeholder(k.dtype),
@@ -325,7 +390,9 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
         BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=problem.output_final_state and not map_pieces, OUTPUT_O=output_o, STORE_H=store_h,
-        MAP=map_pieces, IS_VARLEN=problem.varlen, DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
+        MAP=map_pieces, IS_VARLEN=problem.varlen, USE_INDICES=use_pool, READ_POOL=use_pool and pieces == 1,
+        QK_L2NORM=problem.qk_l2norm, QK_L2NORM_EPS=spec.QK_L2NORM_EPS,
+        DOT_PRECISION=input_dot_precision(problem.dtype, interpret))
     placeholder = jnp.zeros((1, 1, 1), jnp.float32)
     return pl.pallas_call(
         kernel,
@@ -334,11 +401,14 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
         interpret=interpret,
         name="chunk_walk_kernel",
         compiler_params=compiler_params(tiling),
+        # the pool (input 6) is the final state (output 1): a donated pool is updated without a copy
+        input_output_aliases={6: 1} if use_pool and problem.output_final_state else {},
     )(placeholder if q is None else q.reshape(B * T, H, K), k.reshape(B * T, H, K), w.reshape(B * T, HV, K),
       u.reshape(B * T, HV, V), g_cum.reshape(B * T, HV),
-      placeholder if initial_state is None else initial_state.reshape(-1, K, V),
-      index_or_placeholder(cu_seqlens, (2,)), index_or_placeholder(chunk_offsets, (1,)),
-      jnp.asarray(scale, jnp.float32).reshape(1))
+      placeholder if initial_state is None or (use_pool and pieces == 1) else initial_state.reshape(-1, K, V),
+      jnp.zeros((1, 1, 1, 1), jnp.float32) if not use_pool else pool,
+      index_or_placeholder(state_indices, (1,)), index_or_placeholder(cu_seqlens, (2,)),
+      index_or_placeholder(chunk_offsets, (1,)), jnp.asarray(scale, jnp.float32).reshape(1))
 
 
 def piece_maps(problem: contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pieces: int, mapped: int, *,
@@ -352,14 +422,17 @@ def piece_maps(problem: contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pie
     return map_m.reshape(N * mapped, HV, K, K), map_n.reshape(N * mapped, HV, K, V)
 
 
-def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, pieces: int, *, interpret: bool):
+def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, pieces: int, *, interpret: bool,
+            state_indices=None):
     """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
-    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0)."""
+    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0; with a
+    pool, its row state_indices[n])."""
     N, HV, K, V = problem.N, problem.HV, problem.K, problem.V
     tiling = tilings.SCAN_TILING
     kernel = functools.partial(
         chunk_combine_kernel, NUM_PIECES=pieces, HV=HV, K=K, V=V, BK=problem.walk.block_k, BV=tiling.block_v,
-        USE_INITIAL_STATE=initial_state is not None, DOT_PRECISION=float32_dot_precision(interpret))
+        USE_INITIAL_STATE=initial_state is not None, USE_INDICES=problem.pool_rows > 0,
+        DOT_PRECISION=float32_dot_precision(interpret))
     starts = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((N * pieces * HV, K, V), jnp.float32),
@@ -368,29 +441,33 @@ def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, piece
         name="chunk_combine_kernel",
         compiler_params=compiler_params(tiling),
     )(map_m.reshape(-1, K, K), map_n.reshape(-1, K, V), jnp.zeros((1, 1, 1), jnp.float32) if initial_state is None
-      else initial_state.reshape(N * HV, K, V))
+      else initial_state.reshape(-1, K, V), index_or_placeholder(state_indices, (1,)))
     return starts.reshape(N * pieces, HV, K, V)
 
 
 def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
-                 interpret: bool, tiling: tilings.Tiling | None = None):
+                 interpret: bool, tiling: tilings.Tiling | None = None, state_indices=None):
     """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
     map walk of the pieces but the last, then the combine."""
     map_m, map_n = piece_maps(problem, k, w, u, g_cum, cu_seqlens, pieces, pieces - 1, interpret=interpret,
                               tiling=tiling)
-    return combine(problem, map_m, map_n, initial_state, pieces, interpret=interpret)
+    return combine(problem, map_m, map_n, initial_state, pieces, interpret=interpret, state_indices=state_indices)
 
 
 def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, scale, pieces: int = 1,
-         store_h: bool = False, *, interpret: bool, tiling: tilings.Tiling | None = None):
+         store_h: bool = False, *, interpret: bool, tiling: tilings.Tiling | None = None, state_indices=None,
+         pool=None):
     """The walk for a validated problem: (o [B, T, HV, V] like u or None when q is None, final_state
     [N, HV, K, V] float32 or None, h [B, NT, HV, K, V] in k's dtype and v_new like u when store_h, else None).
-    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None."""
+    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None. With
+    a pool (problem.pool_rows), each sequence's state is pool[state_indices[n]]: read there in one piece,
+    written back there (the final state returned is the updated pool, aliased to it)."""
     B, T, HV, K, V, N = problem.B, problem.T, problem.HV, problem.K, problem.V, problem.N
     if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one (zero-size refs cannot be read)
         final = None
         if problem.output_final_state:
-            final = jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state
+            final = pool if pool is not None else (
+                jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state)
         h = jnp.zeros((B, problem.chunks_per_row, HV, K, V), k.dtype) if store_h else None
         return (None if q is None else jnp.zeros(u.shape, u.dtype)), final, h, (
             jnp.zeros(u.shape, u.dtype) if store_h else None)
@@ -400,9 +477,10 @@ def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_
         chunk_offsets = jnp.cumsum(counts) - counts
     o, final_state, h, v_new, _, _ = _walk_call(
         problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale, pieces, output_o=q is not None,
-        store_h=store_h, interpret=interpret, tiling=tiling or problem.walk)
+        store_h=store_h, interpret=interpret, tiling=tiling or problem.walk, state_indices=state_indices, pool=pool)
     o = None if q is None else o.reshape(B, T, HV, V)
-    final_state = final_state.reshape(N, HV, K, V) if problem.output_final_state else None
+    final_state = None if not problem.output_final_state else (
+        final_state if pool is not None else final_state.reshape(N, HV, K, V))
     if store_h:
         h = h[:problem.num_chunks_total].reshape(B, problem.chunks_per_row, HV, K, V)
         v_new = v_new.reshape(B, T, HV, V)
@@ -418,26 +496,34 @@ def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_s
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret", "fused"))
-def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-                   problem: contract.ForwardProblem, pieces: int, interpret: bool, fused: bool = tilings.FUSED_WALK):
+def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices=None,
+                   gating=None, *, problem: contract.ForwardProblem, pieces: int, interpret: bool,
+                   fused: bool = tilings.FUSED_WALK):
     """(o, final_state or None) of a validated problem (cu_seqlens / chunk_indices int32 when varlen, else
-    None): prepare, then forward_after_prepare."""
-    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret)
+    None): prepare, then forward_after_prepare. state_indices (int32, a pool in initial_state) and gating
+    ((A_log, dt_bias, softplus β, softplus threshold), g and beta holding the raw gates a and b) as the
+    problem's flags say."""
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret, gating=gating)
     return forward_after_prepare(problem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens, chunk_indices,
-                                 pieces, interpret=interpret, fused=fused)
+                                 pieces, interpret=interpret, fused=fused, state_indices=state_indices)
 
 
 def forward_after_prepare(problem: contract.ForwardProblem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens,
-                          chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK):
+                          chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK,
+                          state_indices=None):
     """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
-    zeros): the walk, in that many pieces per sequence (≥ 2: through piece_starts); then chunk_fwd_o on the
-    walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
+    zeros; with a pool, its rows state_indices): the walk, in that many pieces per sequence (≥ 2: through
+    piece_starts); then chunk_fwd_o on the walk's h and v_new, or with fused, o from the walk itself
+    (tilings.FUSED_WALK)."""
+    pool = initial_state if problem.pool_rows else None
     if pieces > 1 and problem.B * problem.T > 0 and problem.N * problem.HV > 0:
-        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, interpret=interpret)
+        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, interpret=interpret,
+                                     state_indices=state_indices)
     else:
         pieces = 1
     o, final_state, h, v_new = walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens, scale,
-                                    pieces, store_h=not fused, interpret=interpret)
+                                    pieces, store_h=not fused, interpret=interpret, state_indices=state_indices,
+                                    pool=pool)
     if not fused:
         o = launch_chunk_o(q, k, v_new, h, g_cum, scale, cu_seqlens, chunk_indices, problem=problem.chunk_o(),
                            interpret=interpret)

@@ -13,13 +13,15 @@ tiles, BT = CHUNK_SIZE).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from gdn.common import contract, spec, tilings
+from gdn.common import checks, contract, spec, tilings
+from gdn.common.contract import ArrayInfo
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
@@ -32,13 +34,26 @@ def rows_finite(b_x):
     return tl.sum(b_x.to(tl.float32) * 0.0, axis=1) == 0
 
 
+@triton.jit
+def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_threshold):
+    """(g, beta) [BT] float32 from the raw gates a, b [BT]: g = −exp(A_log)·softplus(a + dt_bias), softplus(x) =
+    log(1 + exp(β·x))/β up to the threshold, beta = sigmoid(b) (gdn.common.spec, serving arguments)."""
+    b_x = b_a + tl.load(dt_bias + i_hv).to(tl.float32)
+    b_bx = softplus_beta * b_x
+    b_softplus = tl.where(b_bx <= softplus_threshold, tl.log(1 + tl.exp(tl.minimum(b_bx, softplus_threshold)))
+                          / softplus_beta, b_x)
+    return -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * b_softplus, 1 / (1 + tl.exp(-b_b))
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_prepare_kernel(
-    k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices, T,
+    k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
-    GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
+    QK_L2NORM_EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # RAW_GATES: g and beta hold the raw gates a and b. QK_L2NORM: every k row is used divided by its norm.
     # One program per (chunk, value head), value head fastest: the value heads of one q/k head share k via L2.
     i_flat = tl.program_id(0)
     i_hv = i_flat % HV
@@ -53,19 +68,28 @@ def chunk_prepare_kernel(
 
     b_g = tl.load(g + p_g, mask=m_t, other=0).to(tl.float32)  # [BT] per-token log-gates
     b_beta = tl.load(beta + p_g, mask=m_t, other=0).to(tl.float32)  # [BT]
+    if RAW_GATES:
+        b_g, b_beta = gates_from_raw(b_g, b_beta, A_log, dt_bias, i_hv, softplus_beta, softplus_threshold)
     # A row with a NaN or +inf gate, or a non-finite beta, key or value is poison: zeroed before every dot here
     # (so it reaches no other row: a zero coefficient times NaN would still be NaN) and marked NaN in g_c for
     # the walk, which makes the outputs NaN from that row on. A gate of −inf is a reset, not poison.
     b_bad = (b_g != b_g) | (b_g == float("inf")) | (b_beta * 0.0 != 0)
+    b_k_sq = tl.zeros([BT], dtype=tl.float32)  # Σ k² per row
     for k0 in tl.static_range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        b_bad = b_bad | ~rows_finite(tl.load(k + p_k_rows[:, None] + o_k[None, :],
-                                             mask=m_t[:, None] & (o_k < K)[None, :], other=0))
+        b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0)
+        b_bad = b_bad | ~rows_finite(b_k)
+        b_k_sq += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
     for v0 in tl.static_range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         b_bad = b_bad | ~rows_finite(tl.load(v + (p_g * V)[:, None] + o_v[None, :],
                                              mask=m_t[:, None] & (o_v < V)[None, :], other=0))
     m_tb = m_t & ~b_bad  # the rows every load below reads
+    # 1 / |k_i| (QK_L2NORM, in float32) scales each k row where it is used; 1 otherwise
+    if QK_L2NORM:
+        b_k_scale = tl.where(m_tb, 1 / tl.sqrt(b_k_sq + QK_L2NORM_EPS), 0)
+    else:
+        b_k_scale = tl.where(m_tb, 1.0, 0)
 
     # g_c: chunk-local cumulative sum of the floored log-gates (padding and poison rows add 0)
     b_g = tl.cumsum(tl.where(m_tb, tl.maximum(b_g, GATE_FLOOR), 0), axis=0)
@@ -79,7 +103,8 @@ def chunk_prepare_kernel(
         b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     m_lower = o_i[:, None] > o_i[None, :]
-    b_A = b_A * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
+    b_A = b_A * (b_beta * b_k_scale)[:, None] * b_k_scale[None, :] * tl.exp(
+        tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
 
     # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
     # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
@@ -108,7 +133,7 @@ def chunk_prepare_kernel(
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
     b_Ai_in = b_Ai.to(k.dtype.element_ty)
-    b_kscale = b_beta * tl.exp(b_g)
+    b_kscale = b_beta * tl.exp(b_g) * b_k_scale
     for k0 in tl.static_range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         b_k = tl.load(k + p_k_rows[:, None] + o_k[None, :], mask=m_tb[:, None] & (o_k < K)[None, :], other=0)
@@ -123,15 +148,29 @@ def chunk_prepare_kernel(
                  mask=m_t[:, None] & (o_v < V)[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "NUM_PIECES", "MAPPED_PIECES", "H_ROWS"])
+@triton.jit
+def pool_row(state_indices, i_n, POOL_ROWS):
+    """(row, valid) of sequence i_n's state in a pool of POOL_ROWS rows: state_indices[i_n], valid when in
+    [0, POOL_ROWS) (a negative index is a padded slot; an index out of range is skipped as one)."""
+    i_row = tl.load(state_indices + i_n).to(tl.int64)
+    m_row = (i_row >= 0) & (i_row < POOL_ROWS)
+    return tl.where(m_row, i_row, 0), m_row
+
+
+@triton.jit(do_not_specialize=["T", "NUM_PIECES", "MAPPED_PIECES", "H_ROWS", "POOL_ROWS"])
 def chunk_walk_kernel(
     q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, map_m, map_n, cu_seqlens, chunk_offsets,
-    scale, T, NUM_PIECES, MAPPED_PIECES, H_ROWS,
+    state_indices, scale, T, NUM_PIECES, MAPPED_PIECES, H_ROWS, POOL_ROWS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, OUTPUT_O: tl.constexpr,
-    STORE_H: tl.constexpr, MAP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_H: tl.constexpr, MAP: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INDICES: tl.constexpr,
+    READ_POOL: tl.constexpr, QK_L2NORM: tl.constexpr, QK_L2NORM_EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # USE_INDICES: the sequence's state lives in the pool final_state [POOL_ROWS, HV, K, V] at row
+    # state_indices[n], where the last piece writes it back (READ_POOL: initial_state is that pool, read at that
+    # row; else it holds the pieces' starts); a sequence without a valid row is skipped: S, h and v_new stay 0
+    # (so chunk_fwd_o's o rows are 0), nothing is written back.
     # One program per (V tile, sequence·piece·value head) walks the chunks of its piece of the sequence in order
     # with its [BK, BV] float32 slice of S in registers: the V columns of S never mix. A piece is chunks
     # [p·NT/P, (p + 1)·NT/P) of the sequence's NT (P = NUM_PIECES; one piece: the whole sequence).
@@ -170,13 +209,21 @@ def chunk_walk_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     m_causal = o_i[:, None] >= o_i[None, :]
 
+    if USE_INDICES:
+        i_row, m_row = pool_row(state_indices, i_n, POOL_ROWS)
+        # (the row's validity folded into K's bound: the Triton 3.9 interpreter mis-types a scalar test in a mask)
+        m_pool = (o_k < tl.where(m_row, K, 0))[:, None] & m_v[None, :]
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if MAP:  # M's columns start from the identity
         o_m = i_v * BV + tl.arange(0, BV)
         b_s = tl.where((o_k[:, None] == o_m[None, :]) & (o_m < K)[None, :], 1.0, 0.0)
-    elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start from the combine
-        p_start = ((i_np * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-        b_s += tl.load(initial_state + p_start, mask=m_kv, other=0)
+    elif USE_INITIAL_STATE:  # the sequence's initial state (a pool row), or the piece's start from the combine
+        if READ_POOL:
+            p_start = ((i_row * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
+            b_s += tl.load(initial_state + p_start, mask=m_pool, other=0)
+        else:
+            p_start = ((i_np * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+            b_s += tl.load(initial_state + p_start, mask=m_kv, other=0)
     if STORE_H:
         if IS_VARLEN:
             first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
@@ -196,21 +243,32 @@ def chunk_walk_kernel(
         m_tb = m_t & ~b_bad
         m_tk = m_tb[:, None] & m_k[None, :]
         b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+        if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
+            b_kf = b_k.to(tl.float32)
+            b_k = (b_kf / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_k.dtype)
         b_w = tl.load(w + (p_rows * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
         b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_tb[:, None] & m_v[None, :], other=0)
+        if USE_INDICES:  # a skipped sequence: v_new = 0
+            b_u = tl.where(m_row, b_u, 0)
+            b_w = tl.where(m_row, b_w, 0)
         m_tv = m_t[:, None] & m_v[None, :]
         # v_new = u − w·S: [BT, BK] @ [BK, BV]
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=DOT_PRECISION)
         if STORE_H:  # h[c] = S, the state the chunk starts from (a row within h's H_ROWS), and v_new
-            i_row = first_chunk + i_t
-            p_h = h + (tl.minimum(tl.maximum(i_row, 0), H_ROWS - 1) * HV + i_hv) * (K * V)
+            i_chunk_row = first_chunk + i_t
+            p_h = h + (tl.minimum(tl.maximum(i_chunk_row, 0), H_ROWS - 1) * HV + i_hv) * (K * V)
             # (the row's bound folded into K's: the Triton 3.9 interpreter mis-types a scalar test in a mask)
-            m_h = (o_k < tl.where((i_row >= 0) & (i_row < H_ROWS), K, 0))[:, None] & m_v[None, :]
+            m_h = (o_k < tl.where((i_chunk_row >= 0) & (i_chunk_row < H_ROWS), K, 0))[:, None] & m_v[None, :]
             tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_s.to(h.dtype.element_ty), mask=m_h)
             tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if OUTPUT_O:
             # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
             b_q = tl.load(q + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+            if QK_L2NORM:
+                b_qf = b_q.to(tl.float32)
+                b_q = (b_qf / tl.sqrt(tl.sum(b_qf * b_qf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_q.dtype)
+            if USE_INDICES:  # a skipped sequence: o = 0
+                b_q = tl.where(m_row, b_q, 0)
             b_o = tl.dot(b_q, b_s.to(b_q.dtype), input_precision=DOT_PRECISION) * tl.exp(b_g)[:, None]
             b_P = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BK] @ [BK, BT]
             b_P = tl.where(m_causal, b_P * tl.exp(tl.where(m_causal, b_g[:, None] - b_g[None, :], float("-inf"))), 0)
@@ -230,16 +288,21 @@ def chunk_walk_kernel(
         tl.store(map_n + (p_map + o_k[:, None]) * V + o_v[None, :], b_s, mask=m_kv)
     elif STORE_FINAL_STATE:
         if i_p == NUM_PIECES - 1:
-            p_final = ((i_n * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-            tl.store(final_state + p_final, b_s, mask=m_kv)
+            if USE_INDICES:  # back into the sequence's pool row
+                p_final = ((i_row * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
+                tl.store(final_state + p_final, b_s, mask=m_pool)
+            else:
+                p_final = ((i_n * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+                tl.store(final_state + p_final, b_s, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=["NUM_PIECES"])
+@triton.jit(do_not_specialize=["NUM_PIECES", "POOL_ROWS"])
 def chunk_combine_kernel(
-    map_m, map_n, initial_state, starts, NUM_PIECES,
+    map_m, map_n, initial_state, starts, state_indices, NUM_PIECES, POOL_ROWS,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_INDICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # USE_INDICES: each sequence's initial state is the pool row state_indices[n] (0 when it names none).
     # One program per (V tile, sequence·value head): the pieces' true initial states in order,
     # S_0 = the initial state (or 0), S_{p+1} = M_p·S_p + N_p. The columns of S never mix.
     i_v = tl.program_id(0)
@@ -254,7 +317,12 @@ def chunk_combine_kernel(
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_s += tl.load(initial_state + i_nh.to(tl.int64) * (K * V) + p_kv, mask=m_kv, other=0)
+        if USE_INDICES:
+            i_row, m_row = pool_row(state_indices, i_n, POOL_ROWS)
+            m_pool = (o_k < tl.where(m_row, K, 0))[:, None] & (o_v < V)[None, :]
+            b_s += tl.load(initial_state + (i_row * HV + i_hv) * (K * V) + p_kv, mask=m_pool, other=0)
+        else:
+            b_s += tl.load(initial_state + i_nh.to(tl.int64) * (K * V) + p_kv, mask=m_kv, other=0)
     tl.store(starts + ((i_n * NUM_PIECES) * HV + i_hv).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
     for i_p in range(0, NUM_PIECES - 1):
         p_map = ((i_n * (NUM_PIECES - 1) + i_p) * HV + i_hv).to(tl.int64)
@@ -266,7 +334,22 @@ def chunk_combine_kernel(
         tl.store(starts + ((i_n * NUM_PIECES + i_p + 1) * HV + i_hv).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
 
 
-_ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
+_ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices", "state_indices", "a", "b",
+              "A_log", "dt_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class RawGating:
+    """What prepare computes g and beta with from the raw gates a, b (gdn.common.spec, serving arguments):
+    A_log and dt_bias [HV], and softplus's beta and threshold."""
+
+    A_log: torch.Tensor | None
+    dt_bias: torch.Tensor | None
+    softplus_beta: float = spec.SOFTPLUS_BETA
+    softplus_threshold: float = spec.SOFTPLUS_THRESHOLD
+
+
+NO_RAW_GATING = RawGating(None, None)
 
 
 @cached_plan
@@ -276,6 +359,7 @@ def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> 
         chunk_prepare_kernel, (problem.num_chunks_total * problem.HV,), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=problem.varlen,
+        RAW_GATES=problem.raw_gates, QK_L2NORM=problem.qk_l2norm, QK_L2NORM_EPS=spec.QK_L2NORM_EPS,
         DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
@@ -292,7 +376,9 @@ def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces
         chunk_walk_kernel, (num_tiles, rows), tiling,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=initial, STORE_FINAL_STATE=final, OUTPUT_O=output_o, STORE_H=store_h,
-        MAP=mapped > 0, IS_VARLEN=problem.varlen, DOT_PRECISION=tilings.dot_precision(problem.dtype),
+        MAP=mapped > 0, IS_VARLEN=problem.varlen, USE_INDICES=problem.pool_rows > 0 and not mapped,
+        READ_POOL=problem.pool_rows > 0 and pieces == 1, QK_L2NORM=problem.qk_l2norm,
+        QK_L2NORM_EPS=spec.QK_L2NORM_EPS, DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 
@@ -303,23 +389,26 @@ def combine_launch(problem: contract.ForwardProblem, initial: bool) -> KernelLau
     return KernelLaunch(
         chunk_combine_kernel, (-(-problem.V // tiling.block_v), problem.N * problem.HV), tiling,
         HV=problem.HV, K=problem.K, V=problem.V, BK=problem.walk.block_k, BV=tiling.block_v,
-        USE_INITIAL_STATE=initial, DOT_PRECISION=tilings.FLOAT32_DOT_PRECISION,
+        USE_INITIAL_STATE=initial, USE_INDICES=problem.pool_rows > 0, DOT_PRECISION=tilings.FLOAT32_DOT_PRECISION,
     )
 
 
 def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-            tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tiling: tilings.Tiling | None = None, gating: RawGating | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
-    u [B, T, HV, V]), w and u in k's dtype. tiling defaults to tilings.prepare_tiling's (benchmarks pass
-    others)."""
+    u [B, T, HV, V]), w and u in k's dtype. With problem.raw_gates, g and beta are the raw gates a and b and
+    gating holds the rest. tiling defaults to tilings.prepare_tiling's (benchmarks pass others)."""
     B, T, HV = problem.B, problem.T, problem.HV
     g_cum = torch.empty((B, T, HV), dtype=torch.float32, device=k.device)
     w = torch.empty((B, T, HV, problem.K), dtype=k.dtype, device=k.device)
     u = torch.empty_like(v)
     if problem.num_chunks_total * HV > 0:
-        prepare_launch(problem, tiling or problem.prepare)(k, v, g, beta, g_cum, w, u, cu_seqlens, chunk_indices,
-                                                            problem.T)
+        gating = gating or NO_RAW_GATING
+        prepare_launch(problem, tiling or problem.prepare)(
+            k, v, g, beta, gating.A_log, gating.dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, gating.softplus_beta,
+            gating.softplus_threshold, problem.T)
     return g_cum, w, u
 
 
@@ -333,40 +422,48 @@ def piece_maps(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tenso
     map_n = torch.empty((N * mapped, HV, K, V), dtype=torch.float32, device=k.device)
     walk_launch(problem, tiling or problem.walk, pieces, initial=False, final=False, output_o=False, store_h=False,
                 mapped=mapped)(None, k, w, u, g_cum, None, None, None, None, None, map_m, map_n, cu_seqlens, None,
-                               1.0, problem.T, pieces, mapped, 0)
+                               None, 1.0, problem.T, pieces, mapped, 0, 0)
     return map_m, map_n
 
 
 def combine(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
-            initial_state: torch.Tensor | None, pieces: int) -> torch.Tensor:
+            initial_state: torch.Tensor | None, pieces: int,
+            state_indices: torch.Tensor | None = None) -> torch.Tensor:
     """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
-    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0)."""
+    ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0; with a
+    pool, its row state_indices[n])."""
     starts = torch.empty((problem.N * pieces, problem.HV, problem.K, problem.V), dtype=torch.float32,
                          device=map_m.device)
-    combine_launch(problem, initial_state is not None)(map_m, map_n, initial_state, starts, pieces)
+    combine_launch(problem, initial_state is not None)(map_m, map_n, initial_state, starts, state_indices, pieces,
+                                                       problem.pool_rows)
     return starts
 
 
 def piece_starts(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
                  g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                 pieces: int, tiling: tilings.Tiling | None = None) -> torch.Tensor:
+                 pieces: int, tiling: tilings.Tiling | None = None,
+                 state_indices: torch.Tensor | None = None) -> torch.Tensor:
     """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
     map walk of the pieces but the last, then the combine."""
     map_m, map_n = piece_maps(problem, k, w, u, g_cum, cu_seqlens, pieces, pieces - 1, tiling)
-    return combine(problem, map_m, map_n, initial_state, pieces)
+    return combine(problem, map_m, map_n, initial_state, pieces, state_indices)
 
 
 def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tensor, w: torch.Tensor,
          u: torch.Tensor, g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
          scale: float, pieces: int = 1, store_h: bool = False, tiling: tilings.Tiling | None = None,
+         state_indices: torch.Tensor | None = None, pool: torch.Tensor | None = None,
          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The walk for a validated problem: (o [B, T, HV, V] like u or None when q is None, final_state
     [N, HV, K, V] float32 or None, h [B, NT, HV, K, V] in k's dtype and v_new like u when store_h, else None).
-    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None."""
+    initial_state: [N, HV, K, V] for one piece, the pieces' starts [N·pieces, HV, K, V] for more, or None. With
+    a pool (problem.pool_rows), each sequence's state is pool[state_indices[n]]: read there in one piece,
+    written back there (the pool is the final state returned, updated in place)."""
     B, HV, K, V, N = problem.B, problem.HV, problem.K, problem.V, problem.N
     o = None if q is None else torch.empty_like(u)
-    final_state = (torch.empty((N, HV, K, V), dtype=torch.float32, device=k.device)
-                   if problem.output_final_state else None)
+    final_state = None
+    if problem.output_final_state:
+        final_state = pool if pool is not None else torch.empty((N, HV, K, V), dtype=torch.float32, device=k.device)
     h = v_new = chunk_offsets = None
     if store_h:
         h = torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
@@ -379,8 +476,8 @@ def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tens
         return o, final_state, h, v_new
     walk_launch(problem, tiling or problem.walk, pieces, initial=initial_state is not None,
                 final=final_state is not None, output_o=q is not None, store_h=store_h)(
-        q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, None, None, cu_seqlens, chunk_offsets, scale,
-        problem.T, pieces, 0, problem.num_chunks_total if store_h else 0)
+        q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, None, None, cu_seqlens, chunk_offsets,
+        state_indices, scale, problem.T, pieces, 0, problem.num_chunks_total if store_h else 0, problem.pool_rows)
     return o, final_state, h, v_new
 
 
@@ -396,29 +493,36 @@ def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u
 def forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
             chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
-            prepare_tiling: tilings.Tiling | None = None,
-            walk_tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            prepare_tiling: tilings.Tiling | None = None, walk_tiling: tilings.Tiling | None = None,
+            state_indices: torch.Tensor | None = None,
+            gating: RawGating | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o, final_state or None) of a validated problem: prepare, then forward_after_prepare. The tilings default
-    to the problem's (benchmarks pass others)."""
-    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, prepare_tiling)
+    to the problem's (benchmarks pass others); state_indices (a pool in initial_state) and gating (the raw
+    gates' parameters, g and beta holding a and b) as the problem's flags say."""
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, prepare_tiling, gating)
     return forward_after_prepare(problem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens, chunk_indices,
-                                 pieces, fused, walk_tiling)
+                                 pieces, fused, walk_tiling, state_indices)
 
 
 def forward_after_prepare(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           g_cum: torch.Tensor, w: torch.Tensor, u: torch.Tensor, scale: float,
                           initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                           chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
-                          walk_tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          walk_tiling: tilings.Tiling | None = None, state_indices: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
-    zeros): the walk, in that many pieces per sequence (≥ 2: the context-parallel path, through piece_starts);
-    then chunk_fwd_o on the walk's h and v_new, or with fused, o from the walk itself (tilings.FUSED_WALK)."""
+    zeros; with a pool, its rows state_indices): the walk, in that many pieces per sequence (≥ 2: the
+    context-parallel path, through piece_starts); then chunk_fwd_o on the walk's h and v_new, or with fused, o
+    from the walk itself (tilings.FUSED_WALK)."""
+    pool = initial_state if problem.pool_rows else None
     if pieces > 1 and problem.N * problem.HV > 0:
-        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, walk_tiling)
+        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, walk_tiling,
+                                     state_indices)
     else:
         pieces = 1
     o, final_state, h, v_new = walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens, scale,
-                                    pieces, store_h=not fused, tiling=walk_tiling)
+                                    pieces, store_h=not fused, tiling=walk_tiling, state_indices=state_indices,
+                                    pool=pool)
     if not fused:
         chunk_o = problem.chunk_o()
         o = torch.empty_like(v)
@@ -442,28 +546,57 @@ def _no_plan(problem: contract.ForwardProblem) -> None:
     """The forward plans nothing beyond its problem: its launches are cached per (problem, tiling, flags)."""
 
 
+def validate(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, g: ArrayInfo | None, beta: ArrayInfo | None,
+             initial_state: ArrayInfo | None, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
+             state_indices: ArrayInfo | None, a: ArrayInfo | None, b: ArrayInfo | None, A_log: ArrayInfo | None,
+             dt_bias: ArrayInfo | None, cu_seqlens_values: tuple[int, ...] | None, output_final_state: bool,
+             use_qk_l2norm_in_kernel: bool) -> contract.ForwardProblem:
+    """contract.validate_forward_inputs on the arrays in _ARG_NAMES' order, then the options (what
+    arrays.planned calls it with)."""
+    return contract.validate_forward_inputs(
+        q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, cu_seqlens_values, output_final_state,
+        state_indices=state_indices, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_indices: torch.Tensor | None = None,
     group: torch.distributed.ProcessGroup | None = None,
+    *,
+    state_indices: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    softplus_beta: float = spec.SOFTPLUS_BETA,
+    softplus_threshold: float = spec.SOFTPLUS_THRESHOLD,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
-    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA); v [B, T, HV, V]; g [B, T, HV] float32
-    per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset); beta [B, T, HV] float32 or
-    q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
-    output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] and chunk_indices as
-    for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host once). A non-finite
-    value in a token's inputs makes the outputs NaN from that token on (its sequence's final state too), never
-    before it.
+    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA, or use_qk_l2norm_in_kernel); v [B, T, HV, V];
+    g [B, T, HV] per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset) and beta
+    [B, T, HV], float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
+    [N, HV, K, V] float32 when output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1]
+    and chunk_indices as for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host
+    once). A non-finite value in a token's inputs makes the outputs NaN from that token on (its sequence's final
+    state too), never before it.
+
+    Serving arguments (gdn.common.spec; as decode_step's): state_indices [N] int makes initial_state a state pool
+    [P, HV, K, V]: sequence n starts from row state_indices[n] (a negative index or one out of range skips the
+    sequence: its o rows are 0, nothing is written) and, with output_final_state, ends there: the pool is
+    updated in place and returned as the final state. use_qk_l2norm_in_kernel L2-normalizes q and k rows in the
+    kernels. The raw gates a, b [B, T, HV] with A_log, dt_bias [HV] (g and beta None) give g = −exp(A_log)·
+    softplus(a + dt_bias) and beta = sigmoid(b) in the kernel.
 
     Context parallel, with a torch.distributed process group (NCCL on GPUs, gloo on CPUs): the arguments are
     this rank's contiguous slice of one dense sequence (B = 1, no cu_seqlens; any length), the slices in the
@@ -472,20 +605,29 @@ def chunk_gated_delta_rule(
     or None), and None on rank 0 is a zero start whatever the others pass (telling the ranks apart would cost
     a host sync per call). The final state of the whole sequence is returned on every rank, the same bits
     everywhere. One all-gather of HV·K·(K + V) float32 per rank (gdn.triton.distributed). Forward only:
-    refused when an input requires grad.
+    refused when an input requires grad; the serving arguments are refused there.
     """
-    keys = tensor_keys(_ARG_NAMES, (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
+    arrays = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, state_indices, a, b, A_log, dt_bias)
+    keys = tensor_keys(_ARG_NAMES, arrays, op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, _ = planned(contract.validate_forward_inputs, _no_plan, keys, cu_values, bool(output_final_state))
+    problem, _ = planned(validate, _no_plan, keys, cu_values, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     pieces = context_pieces(problem, q.device)
     scale = spec.default_scale(problem.K) if scale is None else float(scale)
+    serving = problem.pool_rows > 0 or problem.raw_gates or problem.qk_l2norm
     if group is not None:
+        if serving:
+            raise ValueError(f"{spec.FORWARD_OP}: group: expected no serving arguments (state_indices, raw gates, "
+                             "use_qk_l2norm_in_kernel) with a process group; got some")
         from gdn.triton import distributed  # imports this module: the context-parallel glue around its stages
 
         return distributed.context_parallel_forward(problem, q, k, v, g, beta, scale, initial_state, group, pieces)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
-    return forward(problem, q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, pieces)
+    if state_indices is not None and state_indices.device.type == "cpu":
+        checks.state_index_values(state_indices.numpy(), problem.pool_rows, op=spec.FORWARD_OP)
+    gating = RawGating(A_log, dt_bias, float(softplus_beta), float(softplus_threshold)) if problem.raw_gates else None
+    return forward(problem, q, k, v, a if problem.raw_gates else g, b if problem.raw_gates else beta, scale,
+                   initial_state, cu_seqlens, chunk_indices, pieces, state_indices=state_indices, gating=gating)
 
 
 def warmup_forward(
@@ -515,8 +657,9 @@ def warmup_forward(
         state = torch.zeros(call["state"], dtype=torch.float32, device=device) if initial_state else None
         cu_seqlens, chunk_indices = (None if call[n] is None else torch.from_numpy(call[n]).to(device)
                                      for n in ("cu_seqlens", "chunk_indices"))
-        keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, cu_seqlens, chunk_indices), op=spec.FORWARD_OP)
+        keys = tensor_keys(_ARG_NAMES, (q, q, v, g, beta, state, cu_seqlens, chunk_indices) + (None,) * 5,
+                           op=spec.FORWARD_OP)
         cu_values = None if cu_seqlens is None else tuple(call["cu_seqlens"].tolist())
-        problem, _ = planned(contract.validate_forward_inputs, _no_plan, keys, cu_values, bool(output_final_state))
+        problem, _ = planned(validate, _no_plan, keys, cu_values, bool(output_final_state), False)
         for pieces in (1, 2):
             forward(problem, q, q, v, g, beta, spec.default_scale(K), state, cu_seqlens, chunk_indices, pieces)
