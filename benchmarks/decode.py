@@ -23,7 +23,10 @@ g, beta and with vLLM's fused path (raw q, k normalized in the kernel, raw gates
 gdn-triton eager, gdn-triton replaying a CUDA graph of the same call (its bits compared with the eager call's:
 graph_bits_equal), gdn-pallas under jax.jit with the pool donated, and for one token with g, beta FLA's
 fused_recurrent on the gathered states with the new states scattered back (what an engine without pools does).
-Every row is checked against gdn-triton eager (o and the pool rows written).
+Every row is checked against gdn-triton eager (o and the pool rows written). The prefill rows run
+chunk_gated_delta_rule over PREFILL_POOL's packed sequences reading and writing their pool rows
+(state_indices) against the same prefill from dense initial states (its time is the row's floor): what the pool
+costs the forward (torch: CUDA-graph replay; JAX: jitted, the pool donated, 10 calls per sync).
 
 Writes decode.csv and tune_decode.csv, or with --serving decode_serving.csv (each with .env.json and .txt) for
 benchmarks.report.
@@ -45,6 +48,8 @@ from benchmarks.harness import progress
 TILING_CANDIDATES = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4)]
 """(block_v, num_warps) of the sweep; block_k is always the whole K."""
 ARGS = ("q", "k", "v", "g", "beta", "state")
+PREFILL_POOL = {"N": 16, "tokens": 1024}
+"""The prefill-from-a-pool rows: N sequences of `tokens` tokens each at DECODE_HEADS, from DECODE_POOL's pool."""
 
 
 def _rel(x: np.ndarray, ref: np.ndarray) -> float:
@@ -208,6 +213,88 @@ def serving_rows(bandwidth: float, impls: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def prefill_pool_rows(impls: list[str]) -> list[dict[str, Any]]:
+    """The forward reading and writing a pool against the same forward on dense states (the floor)."""
+    import torch
+
+    from gdn.triton import chunk_gated_delta_rule
+
+    N, tokens, pool_rows = PREFILL_POOL["N"], PREFILL_POOL["tokens"], shapes.DECODE_POOL["pool_rows"]
+    heads = shapes.DECODE_HEADS
+    shape = shapes.Shape(1, N * tokens, heads["H"], heads["HV"], heads["K"], heads["V"], seqlens=(tokens,) * N)
+    t = shapes.forward_inputs(shape, seed=3)
+    rng = np.random.default_rng(3)
+    pool0 = torch.from_numpy(rng.standard_normal((pool_rows, heads["HV"], heads["K"], heads["V"]),
+                                                 dtype=np.float32)).cuda()
+    rows_np = rng.choice(pool_rows, N, replace=False).astype(np.int32)
+    rows = torch.from_numpy(rows_np).cuda()
+    args = [t[n] for n in ("q", "k", "v", "g", "beta")]
+    varlen = {"cu_seqlens": t["cu_seqlens"], "chunk_indices": t["chunk_indices"]}
+    dense = pool0[rows.long()].clone()
+    pool = pool0.clone()
+
+    def dense_call() -> tuple[Any, Any]:
+        return chunk_gated_delta_rule(*args, initial_state=dense, output_final_state=True, **varlen)
+
+    def pool_call() -> tuple[Any, Any]:
+        return chunk_gated_delta_rule(*args, initial_state=pool, output_final_state=True, state_indices=rows, **varlen)
+
+    o_ref, state_ref = (harness.to_numpy(x) for x in dense_call())
+    o, _ = pool_call()
+    outputs = (harness.to_numpy(o), harness.to_numpy(pool[rows.long()]))
+    floor = harness.time_torch_call(dense_call)[0]
+    timing = harness.time_torch_call(pool_call)[0]
+
+    def row(impl: str, timing: harness.Timing, floor_us: float, outputs: tuple[np.ndarray, np.ndarray]):
+        out = {"case": "prefill-pool", "impl": impl, "N": N, "pool": pool_rows, "tokens": tokens,
+               "us": timing.median_us, "p10_us": timing.p10_us, "p90_us": timing.p90_us, "floor_us": floor_us,
+               "x_floor": timing.median_us / floor_us, "rel_err_o": _rel(outputs[0], o_ref),
+               "rel_err_pool": _rel(outputs[1], state_ref), "method": timing.method, "graph_bits_equal": None}
+        progress(f"prefill-pool {impl:<21} {timing.median_us:8.2f} µs ({out['x_floor']:.3f}× the dense prefill)")
+        return out
+
+    found = [row("gdn-triton", timing, floor.median_us, outputs)]
+    if "gdn-pallas" in impls:
+        found.append(_pallas_prefill_pool_row(t, pool0, rows_np, row))
+    return found
+
+
+def _pallas_prefill_pool_row(t: dict[str, Any], pool0: Any, rows: np.ndarray,
+                             row: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """gdn-pallas: the prefill on dense states and from the pool (donated, fed back call after call)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule
+
+    j = shapes.to_jax({n: t[n] for n in ("q", "k", "v", "g", "beta", "cu_seqlens", "chunk_indices")})
+    inputs = [j[n] for n in ("q", "k", "v", "g", "beta")]
+    varlen = {"cu_seqlens": j["cu_seqlens"], "chunk_indices": j["chunk_indices"]}
+    pool_np = harness.to_numpy(pool0)
+    dense = jnp.asarray(pool_np[rows])
+    index = jnp.asarray(rows)
+
+    @jax.jit
+    def dense_call(state: Any) -> tuple[Any, Any]:
+        return chunk_gated_delta_rule(*inputs, initial_state=state, output_final_state=True, **varlen)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def pool_call(pool: Any) -> tuple[Any, Any]:
+        return chunk_gated_delta_rule(*inputs, initial_state=pool, output_final_state=True, state_indices=index,
+                                      **varlen)
+
+    o, pool = pool_call(jnp.asarray(pool_np))
+    outputs = (harness.to_numpy(o), harness.to_numpy(pool)[rows])
+    pools = [pool]
+
+    def call() -> Any:
+        o, pools[0] = pool_call(pools[0])
+        return o
+
+    floor = harness.time_jax(dense_call, [(dense,)], batch=10)
+    return row("gdn-pallas", harness.time_jax(call, [()], batch=10), floor.median_us, outputs)
+
+
 def _pallas_serving_row(a: dict[str, np.ndarray], flags: dict[str, bool], row: Callable[..., dict[str, Any]],
                         ) -> dict[str, Any]:
     """gdn-pallas under jax.jit with the pool donated and fed back call after call (updated in place)."""
@@ -278,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     env["copy bandwidth"] = f"{bandwidth / 1e12:.3f} TB/s"
     progress(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
     if args.serving:
-        rows = serving_rows(bandwidth, args.impls.split(","))
+        rows = serving_rows(bandwidth, args.impls.split(",")) + prefill_pool_rows(args.impls.split(","))
         report = harness.format_table(
             [dict(r, us_s=f"{r['us']:.2f}", floor=f"{r['floor_us']:.2f}", x=f"{r['x_floor']:.3f}",
                   eo=f"{r['rel_err_o']:.1e}", ep=f"{r['rel_err_pool']:.1e}") for r in rows],

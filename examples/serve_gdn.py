@@ -8,8 +8,9 @@ per head, gated by SiLU(z) and projected back to D.
 
 A handful of requests are served as an engine does, each request owning a row of a state pool [P, HV, K, V]
 (and of a convolution-history pool):
-  1. prefill: the prompts packed into one varlen call of chunk_gated_delta_rule, initial states gathered from
-     the pool and final states scattered back (q, k normalized and the gates computed before the call);
+  1. prefill: the prompts packed into one varlen call of chunk_gated_delta_rule, each request's state read from
+     and written back to its pool row (state_indices; torch in place, JAX donated), raw q, k normalized and the
+     gates computed in the kernels, as in decode;
   2. decode steps: one token per request through decode_step, reading and updating the pool in place (JAX: the
      pool donated under jax.jit), one request paused in the last step (a padded slot: −1, o rows zero);
   3. a speculative step: 4 tokens per request (the next token and 3 drafts), the state after each kept in its
@@ -100,19 +101,6 @@ def output(xp, p: dict, cfg: Config, o, z):
     """o, z [n, HV, V] -> [n, D]: RMS norm per head, times SiLU(z), projected back to D."""
     o = o * (1 / xp.sqrt((o * o).sum(-1)[..., None] / cfg.V + cfg.norm_eps)) * p["norm"]
     return (o * silu(xp, z)).reshape(-1, cfg.HV * cfg.V) @ p["W_out"]
-
-
-def l2_normalize(xp, x):
-    """FLA's l2norm (eps 1e-6), for the prefill: chunk_gated_delta_rule takes q, k normalized."""
-    return x / xp.sqrt((x * x).sum(-1)[..., None] + 1e-6)
-
-
-def gates(xp, p: dict, a, b) -> tuple:
-    """g = −exp(A_log)·softplus(a + dt_bias), beta = sigmoid(b), for the prefill (decode computes them in
-    the kernel)."""
-    x = a + p["dt_bias"]
-    softplus = xp.log(1 + xp.exp(-abs(x))) + x.clip(0)
-    return -xp.exp(p["A_log"]) * softplus, 1 / (1 + xp.exp(-b))
 
 
 def reference_layer(p: dict, cfg: Config, x: np.ndarray) -> np.ndarray:
@@ -206,12 +194,11 @@ def run_torch(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[n
     x = torch.from_numpy(np.concatenate(schedule.prompts)).to(device)
     qkv, z, b, a = project(torch, p, cfg, x)
     q, k, v = split_heads(cfg, convolve(qkv, PROMPTS, rows))
-    g, beta = gates(torch, p, a, b)
     cu_seqlens = torch.tensor(np.cumsum((0,) + PROMPTS), dtype=torch.int32, device=device)
-    o, final = chunk_gated_delta_rule(l2_normalize(torch, q)[None], l2_normalize(torch, k)[None],
-                                      v.contiguous()[None], g[None], beta[None], initial_state=pool[rows],
-                                      output_final_state=True, cu_seqlens=cu_seqlens)
-    pool[rows] = final
+    o, _ = chunk_gated_delta_rule(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], None, None,
+                                  initial_state=pool, output_final_state=True, cu_seqlens=cu_seqlens,
+                                  state_indices=rows.to(torch.int32), a=a.contiguous()[None], b=b.contiguous()[None],
+                                  A_log=p["A_log"], dt_bias=p["dt_bias"], use_qk_l2norm_in_kernel=True)
     outputs = {"prefill": output(torch, p, cfg, o[0], z)}
 
     # 2. decode steps: the pool read and updated in place; a paused request is a padded slot
@@ -293,12 +280,11 @@ def run_jax(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[np.
     # 1. prefill
     qkv, z, b, a = project(jnp, p, cfg, jnp.asarray(np.concatenate(schedule.prompts)))
     q, k, v = split_heads(cfg, convolve(qkv, PROMPTS, rows))
-    g, beta = gates(jnp, p, a, b)
     cu_seqlens = np.cumsum((0,) + PROMPTS).astype(np.int32)
-    o, final = chunk_gated_delta_rule(l2_normalize(jnp, q)[None], l2_normalize(jnp, k)[None], v[None], g[None],
-                                      beta[None], initial_state=pool[rows], output_final_state=True,
-                                      cu_seqlens=cu_seqlens)
-    pool = pool.at[rows].set(final)
+    o, pool = chunk_gated_delta_rule(q[None], k[None], v[None], None, None, initial_state=pool,
+                                     output_final_state=True, cu_seqlens=cu_seqlens,
+                                     state_indices=rows.astype(np.int32), a=a[None], b=b[None], A_log=p["A_log"],
+                                     dt_bias=p["dt_bias"], use_qk_l2norm_in_kernel=True)
     outputs = {"prefill": output(jnp, p, cfg, o[0], z)}
 
     # 2. decode steps

@@ -77,12 +77,19 @@ class TritonBackend:
         assert a.get("state_indices") is None or state is a["state"], "the pool is updated in place and returned"
         return self.numpy(o), self.numpy(state)
 
-    def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(self, inputs: OpInputs, output_final_state: bool = True,
+                use_qk_l2norm_in_kernel: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """chunk_gated_delta_rule on the arrays of inputs named as its arguments (the serving ones of
+        FORWARD_SERVING_ARGS when present): (o, the final state: with state_indices, the pool updated in place)."""
         from gdn.triton import chunk_gated_delta_rule
 
         a = self.convert(inputs)
         o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
-                                          output_final_state=output_final_state)
+                                          output_final_state=output_final_state,
+                                          **{n: a.get(n) for n in FORWARD_SERVING_ARGS},
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+        if a.get("state_indices") is not None and output_final_state:
+            assert state is a["initial_state"], "the pool is updated in place and returned"
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
@@ -95,7 +102,8 @@ class TritonBackend:
         problem = self._forward_problem(a, inputs.arrays["cu_seqlens"], output_final_state)
         scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
         o, state = forward.forward(problem, a["q"], a["k"], a["v"], a["g"], a["beta"], scale, a["initial_state"],
-                                   a["cu_seqlens"], self._chunk_indices(inputs, a), pieces, fused)
+                                   a["cu_seqlens"], self._chunk_indices(inputs, a), pieces, fused,
+                                   state_indices=a.get("state_indices"))
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def _chunk_indices(self, inputs: OpInputs, a: dict):
@@ -108,10 +116,12 @@ class TritonBackend:
         """The spec's forward problem of converted arguments, as chunk_gated_delta_rule checks them."""
         from gdn.triton.arrays import array_info, tensor_keys
 
-        keys = tensor_keys(FORWARD_ARGS, [a[n] for n in FORWARD_ARGS])
-        return contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+        names = FORWARD_ARGS + ("state_indices",)
+        keys = tensor_keys(names, [a.get(n) for n in names])
+        return contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys[:-1]),
                                                 cu_seqlens_values=cu_seqlens_values,
-                                                output_final_state=output_final_state)
+                                                output_final_state=output_final_state,
+                                                state_indices=None if keys[-1] is None else array_info(keys[-1]))
 
     def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """prepare and the walk storing its states; kernel_cu_seqlens: what the kernels read instead of the
@@ -128,6 +138,8 @@ class TritonBackend:
 
 
 FORWARD_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
+FORWARD_SERVING_ARGS = ("state_indices", "a", "b", "A_log", "dt_bias")
+"""chunk_gated_delta_rule's serving arguments (keywords), passed when inputs holds them."""
 STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
 
 
@@ -192,19 +204,25 @@ class PallasBackend:
                                softplus_beta=softplus[0], softplus_threshold=softplus[1])
         return self.numpy(o), self.numpy(state)
 
-    def forward(self, inputs: OpInputs, output_final_state: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(self, inputs: OpInputs, output_final_state: bool = True,
+                use_qk_l2norm_in_kernel: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """chunk_gated_delta_rule on the arrays of inputs named as its arguments (the serving ones of
+        FORWARD_SERVING_ARGS when present): (o, the final state: with state_indices, the updated pool)."""
         from gdn.pallas import chunk_gated_delta_rule
 
         a = self.convert(inputs)
         o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
-                                          output_final_state=output_final_state)
+                                          output_final_state=output_final_state,
+                                          **{n: a.get(n) for n in FORWARD_SERVING_ARGS},
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def _forward_problem(self, a: dict, cu_seqlens_values: np.ndarray | None,
                          output_final_state: bool) -> contract.ForwardProblem:
         from gdn.pallas import forward
 
-        return forward.checked_problem(*(a[n] for n in FORWARD_ARGS), output_final_state, cu_seqlens_values)
+        return forward.checked_problem(*(a[n] for n in FORWARD_ARGS), output_final_state, cu_seqlens_values,
+                                       a.get("state_indices"))
 
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
                           fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -219,8 +237,8 @@ class PallasBackend:
         scale = spec.default_scale(problem.K) if inputs.scale is None else inputs.scale
         o, state = forward.jitted_forward(
             a["q"], a["k"], a["v"], a["g"], a["beta"], scale, a["initial_state"], as_index(a["cu_seqlens"]),
-            None if cu is None else as_index(spec.prepare_chunk_indices(cu)), problem=problem, pieces=pieces,
-            interpret=resolve_interpret(None), fused=fused)
+            None if cu is None else as_index(spec.prepare_chunk_indices(cu)), as_index(a.get("state_indices")),
+            problem=problem, pieces=pieces, interpret=resolve_interpret(None), fused=fused)
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -55,6 +55,9 @@ class ChunkOProblem:
     varlen: bool
     dtype: str
     tiling: Tiling
+    qk_l2norm: bool = False
+    """q and k rows L2-normalized in the kernel (the forward's use_qk_l2norm_in_kernel; not a chunk_fwd_o
+    argument)."""
 
     @property
     def num_v_tiles(self) -> int:
@@ -277,7 +280,8 @@ class ForwardProblem:
         """chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""
         return ChunkOProblem(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V,
                              num_chunks_total=self.num_chunks_total, gated=True, varlen=self.varlen,
-                             dtype=self.dtype, tiling=chunk_o_tiling(self.K, self.V, self.dtype))
+                             dtype=self.dtype, tiling=chunk_o_tiling(self.K, self.V, self.dtype),
+                             qk_l2norm=self.qk_l2norm)
 
     def pieces(self, multiprocessors: int | None) -> int:
         """Pieces per sequence of the context-parallel path on a GPU with that many SMs (tilings.context_pieces;

@@ -46,8 +46,9 @@ gdn.common.reference.recurrent_gated_delta_rule):
 One program per (sequence·value head, V tile) holds its [K, V tile] slice of S in registers across the
 sequence's tokens: the V columns of S are independent in every line above, so the tiles never exchange data.
 
-Serving arguments of decode_step (chunk_gated_delta_rule's, as it gains them, keep these names and meanings; the
-per-token state slots are decode's alone; gdn.common.checks.gates / state_indices check both ops'):
+Serving arguments of decode_step and chunk_gated_delta_rule (the same names and meanings; the per-token state
+slots are decode's alone, and the forward's raw gates a, b are [B, T, HV]; gdn.common.checks.gates /
+state_indices check both ops'):
     state_indices [N] int32/int64     sequence n's state is pool row state_indices[n]: read before its first
                                       token, S after its last token written back to it. A negative index is a
                                       padded slot: the sequence is skipped (o rows zero, nothing written).

@@ -56,7 +56,7 @@ def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: b
 def chunk_o_item(
     i_flat, live, q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, NV: int,
-    USE_G: bool, IS_VARLEN: bool, DOT_PRECISION: jax.lax.Precision | None,
+    USE_G: bool, IS_VARLEN: bool, QK_L2NORM: bool, QK_L2NORM_EPS: float, DOT_PRECISION: jax.lax.Precision | None,
 ):
     """o of one work item i_flat = one (chunk, value head, V tile); live is False for a persistent program's
     steps past the last item (every load and store masked off), None when every item is live."""
@@ -80,6 +80,8 @@ def chunk_o_item(
 
     b_o = jnp.zeros([BT, BV], dtype=jnp.float32)
     b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
+    b_q_sq = jnp.zeros([BT], dtype=jnp.float32)  # Σ_k q², Σ_k k² per row (QK_L2NORM)
+    b_k_sq = jnp.zeros([BT], dtype=jnp.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + jnp.arange(BK, dtype=jnp.int32)
         m_k = o_k < K
@@ -92,6 +94,13 @@ def chunk_o_item(
         b_o += jnp.dot(b_q, b_h.astype(b_q.dtype), precision=DOT_PRECISION, preferred_element_type=jnp.float32)
         # [BT, BK] @ [BK, BT] -> [BT, BT]: the intra-chunk scores q_c k_cᵀ
         b_A += jnp.dot(b_q, b_k.T, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+        if QK_L2NORM:
+            b_q_sq += jnp.sum(b_q.astype(jnp.float32) * b_q.astype(jnp.float32), axis=1)
+            b_k_sq += jnp.sum(b_k.astype(jnp.float32) * b_k.astype(jnp.float32), axis=1)
+    if QK_L2NORM:  # q_i/|q_i| and k_j/|k_j|: o_inter_i and A[i, j] scaled after the dots
+        b_q_scale = 1 / jnp.sqrt(b_q_sq + QK_L2NORM_EPS)
+        b_o = b_o * b_q_scale[:, None]
+        b_A = b_A * b_q_scale[:, None] * (1 / jnp.sqrt(b_k_sq + QK_L2NORM_EPS))[None, :]
 
     o_i = jnp.arange(BT, dtype=jnp.int32)
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
@@ -156,8 +165,8 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
     kernel = functools.partial(
         chunk_fwd_o_kernel, ITEMS=items, PROGRAMS=programs, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
-        USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
+        USE_G=problem.gated, IS_VARLEN=problem.varlen, QK_L2NORM=problem.qk_l2norm,
+        QK_L2NORM_EPS=spec.QK_L2NORM_EPS, DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
     )
     # Every o element of a real token is stored by exactly one work item (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no

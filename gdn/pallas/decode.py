@@ -75,9 +75,11 @@ def decode_step_kernel(
     if USE_INDICES:
         i_col = num_accepted_tokens[i_n] - 1 if USE_ACCEPTED else 0
         m_col = (i_col >= 0) & (i_col < S)
-        i_row = state_indices[i_n * S + jnp.where(m_col, i_col, 0)]
+        # (clipped into range rather than selected: the Triton lowering of jax 0.11 mis-types a scalar
+        # jnp.where with a literal operand; a clipped row is read and written under m_seq's mask only)
+        i_row = state_indices[i_n * S + jnp.clip(i_col, 0, S - 1)]
         m_seq = m_col & (i_row >= 0) & (i_row < P)
-        i_row = jnp.where(m_seq, i_row, 0)
+        i_row = jnp.clip(i_row, 0, P - 1)
     else:
         i_row = i_n
         m_seq = True
@@ -86,7 +88,7 @@ def decode_step_kernel(
     m_k = o_k < K
     o_v = i_v * BV + jnp.arange(BV, dtype=jnp.int32)
     m_v = o_v < V
-    m_kv = (o_k < jnp.where(m_seq, K, 0))[:, None] & m_v[None, :]  # the state tile's mask, empty when skipped
+    m_kv = (o_k < K * jnp.asarray(m_seq, jnp.int32))[:, None] & m_v[None, :]  # the state tile; empty: skipped
 
     b_s = plgpu.load(state.at[i_row * HV + i_hv, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)  # [BK, BV]
     if RAW_GATES:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import contract, spec, tilings
+from gdn.common import checks, contract, spec, tilings
 from gdn.pallas.arrays import (
     array_info,
     as_index,
@@ -29,6 +29,7 @@ from gdn.pallas.arrays import (
     compiler_params,
     float32_dot_precision,
     host_cu_seqlens,
+    host_values,
     index_or_placeholder,
     input_dot_precision,
     multiprocessor_count,
@@ -155,7 +156,8 @@ def pool_row(state_indices, i_n, POOL_ROWS: int):
     [0, POOL_ROWS) (a negative index is a padded slot; an index out of range is skipped as one)."""
     i_row = state_indices[i_n]
     m_row = (i_row >= 0) & (i_row < POOL_ROWS)
-    return jnp.where(m_row, i_row, 0), m_row
+    # clipped rather than selected (the Triton lowering of jax 0.11 mis-types a scalar jnp.where with a literal)
+    return jnp.clip(i_row, 0, POOL_ROWS - 1), m_row
 
 
 def chunk_walk_kernel(
@@ -214,8 +216,9 @@ def chunk_walk_kernel(
         b_s = jnp.where((o_k[:, None] == o_m[None, :]) & (o_m < K)[None, :], 1.0, 0.0).astype(jnp.float32)
     elif READ_POOL:  # the sequence's initial state: its pool row
         b_s += plgpu.load(pool.at[i_row, i_hv, o_k[:, None], o_v[None, :]], mask=m_kv & m_row, other=0)
-    elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start from the combine
-        b_s += plgpu.load(initial_state.at[i_np * HV + i_hv, o_k[:, None], o_v[None, :]], mask=m_kv, other=0)
+    elif USE_INITIAL_STATE:  # the sequence's initial state, or the piece's start (a skipped sequence's: 0)
+        b_s += plgpu.load(initial_state.at[i_np * HV + i_hv, o_k[:, None], o_v[None, :]],
+                          mask=m_kv & m_row if USE_INDICES else m_kv, other=0)
     if STORE_H:
         first_chunk = chunk_offsets[i_n] if IS_VARLEN else i_n * pl.cdiv(T, BT)
 
@@ -228,14 +231,16 @@ def chunk_walk_kernel(
         b_bad = b_g != b_g
         b_poisoned = jnp.cumsum(b_bad.astype(jnp.int32), axis=0) > 0  # [BT]: rows at or after a poison row
         b_g = jnp.where(b_bad, 0, b_g)
-        m_tb = m_t & ~b_bad
-        m_tk = m_tb[:, None] & m_k[None, :]
+        # the loads are masked by the token rows only, so the pipeliner prefetches them chunks ahead (a mask
+        # from the loaded g_c would serialize them); prepare wrote poison rows of w and u as 0, k's are zeroed
+        m_tk = m_t[:, None] & m_k[None, :]
         b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
+        b_k = jnp.where(b_bad[:, None], 0, b_k)
         if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
             b_kf = b_k.astype(jnp.float32)
             b_k = (b_kf / jnp.sqrt(jnp.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).astype(b_k.dtype)
         b_w = plgpu.load(w.at[o_t[:, None], i_hv, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
-        b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tb[:, None] & m_v[None, :], other=0)
+        b_u = plgpu.load(u.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_t[:, None] & m_v[None, :], other=0)
         if USE_INDICES:  # a skipped sequence: v_new = 0
             b_u = jnp.where(m_row, b_u, 0)
             b_w = jnp.where(m_row, b_w, 0)
@@ -534,8 +539,8 @@ def chunk_gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    g: jax.Array,
-    beta: jax.Array,
+    g: jax.Array | None,
+    beta: jax.Array | None,
     scale: float | jax.Array | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
@@ -544,42 +549,69 @@ def chunk_gated_delta_rule(
     *,
     interpret: bool | None = None,
     axis_name: str | None = None,
+    state_indices: jax.Array | np.ndarray | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: jax.Array | None = None,
+    b: jax.Array | None = None,
+    A_log: jax.Array | None = None,
+    dt_bias: jax.Array | None = None,
+    softplus_beta: float | jax.Array = spec.SOFTPLUS_BETA,
+    softplus_threshold: float | jax.Array = spec.SOFTPLUS_THRESHOLD,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
-    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA); v [B, T, HV, V]; g [B, T, HV] float32
-    per-token log-gate (≤ 0, natural-log units, not cumulative); beta [B, T, HV] float32 or q's dtype;
-    initial_state [N, HV, K, V] float32 (zeros when None); final_state [N, HV, K, V] float32 when
-    output_final_state. scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
-    cu_seqlens [N + 1] and chunk_indices as for gdn.pallas.chunk_fwd_o (under jax.jit chunk_indices must be
-    passed). Every array argument may be traced. interpret=None runs the Pallas interpreter unless the
-    default backend is a GPU. Jitted internally (jitted_chunk_gated_delta_rule): a call outside jax.jit costs
-    one jit dispatch.
+    q, k [B, T, H, K] (k L2-normalized by the model, as for FLA, or use_qk_l2norm_in_kernel); v [B, T, HV, V];
+    g [B, T, HV] per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset) and beta
+    [B, T, HV], float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
+    [N, HV, K, V] float32 when output_final_state. scale (a Python float or a traced scalar) defaults to
+    K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] and chunk_indices as for gdn.pallas.chunk_fwd_o (under jax.jit
+    chunk_indices must be passed). Every array argument may be traced. interpret=None runs the Pallas
+    interpreter unless the default backend is a GPU. Jitted internally (jitted_chunk_gated_delta_rule): a call
+    outside jax.jit costs one jit dispatch.
+
+    Serving arguments (gdn.common.spec; as decode_step's): state_indices [N] int32 makes initial_state a state
+    pool [P, HV, K, V]: sequence n starts from row state_indices[n] (a negative index or one out of range skips
+    the sequence: its o rows are 0, nothing is written) and, with output_final_state, ends there: the updated
+    pool is returned, aliased to the input (donated: under jax.jit with the pool donated it is updated without
+    a copy; outside a jit this call consumes the array passed in; without output_final_state the pool is only
+    read). Host index values are checked first.
+    use_qk_l2norm_in_kernel (static) L2-normalizes q and k rows in the kernels. The raw gates a, b [B, T, HV]
+    with A_log, dt_bias [HV] (g and beta None) give g = −exp(A_log)·softplus(a + dt_bias) and beta = sigmoid(b)
+    in the kernel.
 
     Context parallel, with axis_name (static): called inside jax.shard_map(..., check_vma=False) with the
     sequence axis of q, k, v, g, beta sharded over that mesh axis (B = 1, no cu_seqlens), initial_state
     replicated; returns this device's slice of o and the whole sequence's final state, the same bits on every
     device of the axis (out_specs=P() holds for it). One jax.lax.all_gather of HV·K·(K + V) float32 per device
-    (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False.
+    (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False. The serving
+    arguments are refused there.
     """
+    serving = (state_indices, a, b, A_log, dt_bias)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
-    if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
-        checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, bool(output_final_state),
-                        cu_values)
-        if chunk_indices is None:
+    indices = None if state_indices is None else host_values(state_indices)
+    if cu_values is not None or indices is not None:  # host values: check them, build chunk_indices when missing
+        problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices,
+                                  bool(output_final_state), cu_values, *serving, use_qk_l2norm_in_kernel)
+        if indices is not None:
+            checks.state_index_values(indices, problem.pool_rows, op=spec.FORWARD_OP)
+        if cu_values is not None and chunk_indices is None:
             chunk_indices = spec.prepare_chunk_indices(cu_values)
-    return jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices,
-                                         output_final_state=bool(output_final_state), interpret=interpret,
-                                         axis_name=axis_name)
+    pool_updated = state_indices is not None and bool(output_final_state)
+    body = jitted_chunk_gated_delta_rule_pool if pool_updated else jitted_chunk_gated_delta_rule
+    return body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *serving, softplus_beta,
+                softplus_threshold, output_final_state=bool(output_final_state), interpret=interpret,
+                axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
 
 
-@functools.partial(jax.jit, static_argnames=("output_final_state", "interpret", "axis_name"))
-def jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *,
-                                  output_final_state: bool, interpret: bool | None, axis_name: str | None = None):
+def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices,
+                                 a, b, A_log, dt_bias, softplus_beta, softplus_threshold, *,
+                                 output_final_state: bool, interpret: bool | None, axis_name: str | None,
+                                 use_qk_l2norm_in_kernel: bool):
     """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
     context-parallel path for the default device, then the kernels (with axis_name, across the devices of that
     mesh axis: gdn.pallas.distributed)."""
-    problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state)
+    problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state, None,
+                              state_indices, a, b, A_log, dt_bias, use_qk_l2norm_in_kernel)
     if scale is None:
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
@@ -587,21 +619,40 @@ def jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seq
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
+        if problem.pool_rows or problem.raw_gates or problem.qk_l2norm:
+            raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected no serving arguments (state_indices, raw "
+                             "gates, use_qk_l2norm_in_kernel) with a mesh axis; got some")
         contract.check_context_parallel(problem, "axis_name")
         return distributed.context_parallel_forward(q, k, v, g, beta, scale, initial_state, problem=problem,
                                                     axis_name=axis_name, pieces=pieces, interpret=interpret)
-    return jitted_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices),
-                          problem=problem, pieces=pieces, interpret=interpret)
+    gating = (A_log, dt_bias, softplus_beta, softplus_threshold) if problem.raw_gates else None
+    gate, strength = (a, b) if problem.raw_gates else (g, beta)
+    return jitted_forward(q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens),
+                          as_index(chunk_indices), as_index(state_indices), gating, problem=problem, pieces=pieces,
+                          interpret=interpret)
+
+
+_STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel")
+jitted_chunk_gated_delta_rule = jax.jit(_chunk_gated_delta_rule_body, static_argnames=_STATIC)
+"""chunk_gated_delta_rule's jitted body (initial_state, when given, not modified)."""
+
+jitted_chunk_gated_delta_rule_pool = jax.jit(_chunk_gated_delta_rule_body, static_argnames=_STATIC,
+                                             donate_argnames=("initial_state",))
+"""chunk_gated_delta_rule's jitted body with a state pool, donated: outside a caller's jit the pool is updated in
+place (a jit of the caller's governs donation within it)."""
 
 
 def checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state: bool,
-                    cu_seqlens_values: np.ndarray | None = None) -> contract.ForwardProblem:
+                    cu_seqlens_values: np.ndarray | None = None, state_indices=None, a=None, b=None, A_log=None,
+                    dt_bias=None, use_qk_l2norm_in_kernel: bool = False) -> contract.ForwardProblem:
     """chunk_gated_delta_rule's contract check (values of cu_seqlens too when given): the validated problem."""
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state,
-            "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
+            "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices, "state_indices": state_indices, "a": a,
+            "b": b, "A_log": A_log, "dt_bias": dt_bias}
+    info = {name: array_info(name, x, op=spec.FORWARD_OP) for name, x in args.items()}
     problem = contract.validate_forward_inputs(
-        *(array_info(name, x, op=spec.FORWARD_OP) for name, x in args.items()),
-        cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state)
+        **info, cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)
     return problem
 

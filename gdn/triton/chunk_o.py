@@ -38,7 +38,8 @@ def chunk_fwd_o_kernel(
     q, k, v, h, g, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, QK_L2NORM: tl.constexpr, QK_L2NORM_EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program per (chunk, value head, V tile), V tile fastest, then value head: the programs that read
     # the same q/k chunk run side by side and share it through L2.
@@ -64,6 +65,8 @@ def chunk_fwd_o_kernel(
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_q_sq = tl.zeros([BT], dtype=tl.float32)  # Σ_k q², Σ_k k² per row (QK_L2NORM)
+    b_k_sq = tl.zeros([BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
         m_k = o_k < K
@@ -75,6 +78,13 @@ def chunk_fwd_o_kernel(
         b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION)
         # [BT, BK] @ [BK, BT] -> [BT, BT]: the intra-chunk scores q_c k_cᵀ
         b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        if QK_L2NORM:
+            b_q_sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), axis=1)
+            b_k_sq += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
+    if QK_L2NORM:  # q_i/|q_i| and k_j/|k_j|: o_inter_i and A[i, j] scaled after the dots
+        b_q_scale = 1 / tl.sqrt(b_q_sq + QK_L2NORM_EPS)
+        b_o = b_o * b_q_scale[:, None]
+        b_A = b_A * b_q_scale[:, None] * (1 / tl.sqrt(b_k_sq + QK_L2NORM_EPS))[None, :]
 
     o_i = tl.arange(0, BT)
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
@@ -153,8 +163,8 @@ def kernel_launch(problem: contract.ChunkOProblem, tiling: tilings.Tiling,
         chunk_fwd_o_kernel, (num_programs,), tiling, fixed_signature=fixed_signature,
         H=problem.H, HV=problem.HV, K=problem.K, V=problem.V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=num_v_tiles,
-        USE_G=problem.gated, IS_VARLEN=problem.varlen,
-        DOT_PRECISION=tilings.dot_precision(problem.dtype),
+        USE_G=problem.gated, IS_VARLEN=problem.varlen, QK_L2NORM=problem.qk_l2norm,
+        QK_L2NORM_EPS=spec.QK_L2NORM_EPS, DOT_PRECISION=tilings.dot_precision(problem.dtype),
     )
 
 

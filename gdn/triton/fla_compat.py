@@ -20,8 +20,8 @@ Conventions kept (FLA: fla/ops/gated_delta_rule; vLLM: vllm/model_executor/layer
 - fused_sigmoid_gating_delta_rule_update computes g = −exp(A_log)·softplus(a + dt_bias) (softplus β = beta,
   threshold) and beta = sigmoid(b) in the kernel; a, b [T, HV] or [B, T, HV].
 - chunk_gated_delta_rule (prefill) is gdn.triton.chunk_gated_delta_rule: initial_state [N, ...], returns
-  (o, final_state or None). With use_qk_l2norm_in_kernel, q and k are L2-normalized (FLA's eps) in a separate
-  pass before it, as FLA's and vLLM's chunk functions do; with state_v_first the states are transposed copies.
+  (o, final_state or None), use_qk_l2norm_in_kernel normalizing q and k in its kernels (FLA's eps); with
+  state_v_first the states are transposed copies.
 Not supported (an error, never a silent difference): head_first, a headwise beta [B, T, HV, V], KDA's gates.
 """
 
@@ -34,12 +34,6 @@ from gdn.triton.decode import decode_step
 from gdn.triton.forward import chunk_gated_delta_rule as _chunk_gated_delta_rule
 
 _OP = "fla_compat"
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(Σ x² + eps) over the last axis in float32, back in x's dtype (FLA's l2norm_fwd)."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt((x32 * x32).sum(-1, keepdim=True) + spec.QK_L2NORM_EPS)).to(x.dtype)
 
 
 def _check(cu_seqlens: torch.Tensor | None, q: torch.Tensor, scale: float | None, head_first: bool = False) -> None:
@@ -76,14 +70,12 @@ def chunk_gated_delta_rule(
     """FLA's / vLLM's chunk_gated_delta_rule (prefill): (o [B, T, HV, V], final_state [N, HV, K, V] or None; with
     state_v_first both states are [N, HV, V, K]). chunk_indices: FLA's (sequence, chunk) rows, gdn's too."""
     _check(cu_seqlens, q, scale, head_first)
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
     if initial_state is not None and state_v_first:
         initial_state = initial_state.transpose(-1, -2)
     o, final_state = _chunk_gated_delta_rule(
         q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(), _gate_dtype(beta, q).contiguous(),
         scale, None if initial_state is None else initial_state.float().contiguous(), output_final_state,
-        cu_seqlens, chunk_indices)
+        cu_seqlens, chunk_indices, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     if final_state is not None and state_v_first:
         final_state = final_state.transpose(-1, -2).contiguous()
     return o, final_state

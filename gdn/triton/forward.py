@@ -221,9 +221,9 @@ def chunk_walk_kernel(
         if READ_POOL:
             p_start = ((i_row * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
             b_s += tl.load(initial_state + p_start, mask=m_pool, other=0)
-        else:
+        else:  # (a skipped sequence's pieces start from 0 too)
             p_start = ((i_np * HV + i_hv).to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-            b_s += tl.load(initial_state + p_start, mask=m_kv, other=0)
+            b_s += tl.load(initial_state + p_start, mask=m_pool if USE_INDICES else m_kv, other=0)
     if STORE_H:
         if IS_VARLEN:
             first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
@@ -240,14 +240,16 @@ def chunk_walk_kernel(
         b_bad = b_g != b_g
         b_poisoned = tl.cumsum(b_bad.to(tl.int32), axis=0) > 0  # [BT]: rows at or after a poison row
         b_g = tl.where(b_bad, 0, b_g)
-        m_tb = m_t & ~b_bad
-        m_tk = m_tb[:, None] & m_k[None, :]
+        # the loads are masked by the token rows only, so the pipeliner prefetches them chunks ahead (a mask
+        # from the loaded g_c would serialize them); prepare wrote poison rows of w and u as 0, k's are zeroed
+        m_tk = m_t[:, None] & m_k[None, :]
         b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+        b_k = tl.where(b_bad[:, None], 0, b_k)
         if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
             b_kf = b_k.to(tl.float32)
             b_k = (b_kf / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_k.dtype)
         b_w = tl.load(w + (p_rows * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
-        b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_tb[:, None] & m_v[None, :], other=0)
+        b_u = tl.load(u + (p_rows * V)[:, None] + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
         if USE_INDICES:  # a skipped sequence: v_new = 0
             b_u = tl.where(m_row, b_u, 0)
             b_w = tl.where(m_row, b_w, 0)
