@@ -56,8 +56,9 @@ from gdn.common.tilings import (
 
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """What the contract needs to know about one array, in framework-neutral terms. strides: element strides
-    of a strided view whose layout checks.row_strides accepts, or None for a dense row-major array."""
+    """What the contract needs to know about one array, in framework-neutral terms. strides: the element strides
+    at which a backend reads it in place (checks.layouts: which an op accepts), or None for a dense row-major
+    array."""
 
     shape: tuple[int, ...]
     dtype: str

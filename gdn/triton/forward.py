@@ -45,9 +45,9 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
     return -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * b_softplus, 1 / (1 + tl.exp(-b_b))
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])
 def chunk_prepare_kernel(
-    k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T,
+    k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
@@ -59,7 +59,7 @@ def chunk_prepare_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, N, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows (int64)
     m_t = o_t < eos
@@ -408,7 +408,7 @@ def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, 
         gating = gating or NO_RAW_GATING
         prepare_launch(problem, tiling or problem.prepare)(
             k, v, g, beta, gating.A_log, gating.dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, gating.softplus_beta,
-            gating.softplus_threshold, problem.T)
+            gating.softplus_threshold, problem.T, problem.N)
     return g_cum, w, u
 
 
@@ -584,8 +584,8 @@ def chunk_gated_delta_rule(
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
     q, k [B, T, H, K] (k L2-normalized by the model, as for FLA, or use_qk_l2norm_in_kernel); v [B, T, HV, V];
-    g [B, T, HV] per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset) and beta
-    [B, T, HV], float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
+    g [B, T, HV] float32 per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset); beta
+    [B, T, HV] float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
     [N, HV, K, V] float32 when output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1]
     and chunk_indices as for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host
     once). A non-finite value in a token's inputs makes the outputs NaN from that token on (its sequence's final
