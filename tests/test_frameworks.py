@@ -45,6 +45,23 @@ def test_torch_inputs_that_require_grad_are_refused(name: str) -> None:
     assert_close(BACKENDS["triton"].numpy(out), chunk_o_reference(_CASE.inputs("float32", seed=40)), "float32")
 
 
+@pytest.mark.parametrize("name", ["q", "v", "g", "beta", "initial_state"])
+def test_forward_inputs_that_require_grad_are_refused(name: str) -> None:
+    """chunk_gated_delta_rule gave detached outputs for inputs that require grad (a loss through it got zero
+    gradient): refused while grad mode is on, run under torch.no_grad()."""
+    torch = BACKENDS["triton"].torch
+    from gdn.triton import chunk_gated_delta_rule
+
+    t = BACKENDS["triton"].convert(ForwardCase(70, 1, 2, 16, 16).inputs("float32", seed=47))
+    t[name].requires_grad_(True)
+    args = [t[n] for n in ("q", "k", "v", "g", "beta")] + [None, t["initial_state"], True]
+    with pytest.raises(RuntimeError, match=rf"^gdn: chunk_gated_delta_rule has no backward; {name} requires grad"):
+        chunk_gated_delta_rule(*args)
+    with torch.no_grad():
+        out, state = chunk_gated_delta_rule(*args)
+    assert not out.requires_grad and not state.requires_grad
+
+
 def test_jax_differentiation_raises_a_clear_error() -> None:
     """jax.grad (also of a jitted function) and jax.jvp through chunk_fwd_o raise "no backward"; inputs behind
     jax.lax.stop_gradient, or a loss that does not differentiate them, run as usual."""
@@ -142,6 +159,21 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch: pyte
     with pytest.raises(ValueError, match=r"^chunk_fwd_o: q: expected a CUDA tensor \(CPU tensors run only in the "
                                          r"Triton interpreter: set TRITON_INTERPRET=1 before importing triton\)"):
         chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"])
+
+
+def test_forward_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                                        request: pytest.FixtureRequest) -> None:
+    """The forward, like chunk_fwd_o and decode_step: a gdn message, not Triton's "0 active drivers"."""
+    torch = BACKENDS["triton"].torch
+    from gdn.triton import arrays, chunk_gated_delta_rule, reset_plans
+
+    monkeypatch.setattr(arrays, "_interpreting", lambda: False)
+    reset_plans()
+    request.addfinalizer(reset_plans)
+    a = ForwardCase(70, 1, 2, 16, 16).inputs("float32", seed=48).arrays
+    t = {n: torch.from_numpy(a[n]) for n in ("q", "k", "v", "g", "beta")}
+    with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: q: expected a CUDA tensor \(CPU tensors run "):
+        chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"])
 
 
 def test_max_chunk_rows_pads_chunk_indices_for_every_batch() -> None:

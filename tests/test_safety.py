@@ -1,8 +1,7 @@
 """Nothing silently wrong, nothing unsafe: garbage in a token reaches only its own and later outputs, a −∞ gate
 is a reset, index arrays are checked on the host or bounded in the kernels, strided torch inputs are read in
 place or copied. Each test is a case of the input rules (gdn.common.contract, gdn.common.spec), written from a
-failure seen before the rules held, in every backend. The forward's NaN and −∞ cases are in test_forward.py;
-its cases here that its kernels do not meet yet are xfail(strict=True) with the reason "forward kernels"."""
+failure seen before the rules held, in every backend. The forward's NaN and −∞ cases are in test_forward.py."""
 
 from __future__ import annotations
 
@@ -14,8 +13,6 @@ from tests import helpers
 from tests.backends import BACKENDS
 from tests.cases import Case, ForwardCase, OpInputs
 from tests.helpers import chunk_o_reference, dtype_params, skip_unsupported
-
-FORWARD_KERNELS = pytest.mark.xfail(strict=True, reason="forward kernels: lead")
 
 
 def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs reference") -> None:
@@ -227,11 +224,10 @@ def test_unchecked_cu_seqlens_values_are_clamped_into_the_tokens(backend, cu_seq
         assert_close(out[:, :cu_seqlens[-1]], ref[:, :cu_seqlens[-1]], "float32")
 
 
-@FORWARD_KERNELS
 def test_forward_chunk_indices_inconsistent_with_host_cu_seqlens_are_refused(backend) -> None:
     """The forward checks host chunk_indices against host cu_seqlens as chunk_fwd_o does (a sequence index out
     of range, with the right row count, so the unchecked kernels stay in bounds while this fails)."""
-    if backend.on_gpu and backend.name == "triton":
+    if backend.name == "triton" and backend.on_gpu:
         pytest.skip("torch index arrays live on q's device (CUDA)")
     inputs = ForwardCase(170, 1, 2, 16, 16, seqlens=(30, 0, 140)).inputs("float32", seed=31)
     chunk_indices = spec.prepare_chunk_indices(inputs.arrays["cu_seqlens"])
@@ -326,14 +322,34 @@ def test_other_layouts_are_copied_once(name: str, layout: str) -> None:
     assert BACKENDS["triton"].torch.equal(out, dense)
 
 
-@FORWARD_KERNELS
 def test_forward_reads_fused_projection_slices() -> None:
-    """chunk_gated_delta_rule on the q, k, v slices of one projection: the bits of dense copies."""
+    """chunk_gated_delta_rule on the q, k, v slices of one projection and g, beta slices of another (refused as
+    non-contiguous before): the bits of dense copies, final state included, and the inputs left as they were."""
+    torch = BACKENDS["triton"].torch
     from gdn.triton import chunk_gated_delta_rule
 
     inputs = ForwardCase(70, 1, 2, 16, 32).inputs("float32", seed=34)
     q, k, v = _fused_projection(inputs)
     t = BACKENDS["triton"].convert(inputs)
-    out, _ = chunk_gated_delta_rule(q, k, v, t["g"], t["beta"])
-    dense, _ = chunk_gated_delta_rule(q.contiguous(), k.contiguous(), v.contiguous(), t["g"], t["beta"])
-    assert BACKENDS["triton"].torch.equal(out, dense)
+    gates = torch.stack([t["g"], t["beta"]], dim=-1)  # [B, T, HV, 2]: g and beta interleaved, as one projection
+    g, beta = gates[..., 0], gates[..., 1]
+    assert not (q.is_contiguous() or v.is_contiguous() or g.is_contiguous() or beta.is_contiguous())
+    out, state = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+    dense, dense_state = chunk_gated_delta_rule(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                                beta.contiguous(), output_final_state=True)
+    assert torch.equal(out, dense) and torch.equal(state, dense_state)
+    assert torch.equal(g, t["g"]) and torch.equal(v, t["v"])
+
+
+def test_forward_refuses_a_strided_pool() -> None:
+    """A state pool is updated in place: one the kernels cannot read in place is refused, never copied (the
+    update would go to the copy)."""
+    from gdn.triton import chunk_gated_delta_rule
+
+    inputs = ForwardCase(70, 1, 2, 16, 32).inputs("float32", seed=35)
+    t = BACKENDS["triton"].convert(inputs)
+    pool = t["initial_state"].new_zeros((3,) + t["initial_state"].shape[1:]).transpose(-1, -2).contiguous()
+    rows = BACKENDS["triton"].torch.tensor([2], dtype=BACKENDS["triton"].torch.int32, device=pool.device)
+    with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: initial_state: expected a contiguous tensor"):
+        chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], None, pool.transpose(-1, -2), True,
+                               state_indices=rows)

@@ -15,7 +15,8 @@ Input rules, the same for every op and backend (README, "Input rules"):
     batch stride = T·token stride), e.g. the q, k, v slices of one fused projection; any other layout of them,
     and every other non-contiguous array of its call, is copied once (.contiguous()) before the launch;
     decode_step reads its token arrays at any token stride and its state pool in two layouts (gdn.triton.decode)
-    and copies other layouts once.
+    and copies other layouts once; chunk_gated_delta_rule copies non-contiguous token arrays (q, k, v and the
+    gates) once and refuses other non-contiguous arrays (a pool is updated in place, never copied).
   - devices: every array on q's device (torch: CUDA, or CPU under TRITON_INTERPRET=1; JAX: where the call runs).
   - index arrays: cu_seqlens [N + 1] starts at 0, never decreases, ends at T; chunk_indices is
     spec.prepare_chunk_indices(cu_seqlens), optionally padded with PAD_CHUNK rows at the end. Whenever both are
@@ -23,7 +24,7 @@ Input rules, the same for every op and backend (README, "Input rules"):
     device values are not read (no sync), and the kernels bound every index they dereference instead: a
     chunk_indices row naming no real chunk reads and writes nothing, cu_seqlens values are clamped into [0, T].
     Outputs at tokens that no valid row names are then left unwritten.
-  - autograd: chunk_fwd_o has no backward; torch refuses inputs that require grad (with grad mode on), JAX raises
+  - autograd: no op has a backward yet; torch refuses inputs that require grad (with grad mode on), JAX raises
     under jax.grad / jax.jvp — never a silently detached output.
 """
 

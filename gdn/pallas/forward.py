@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import contract, spec, tilings
+from gdn.common import checks, contract, spec, tilings
 from gdn.pallas.arrays import (
     array_info,
     as_index,
@@ -568,6 +568,8 @@ def chunk_gated_delta_rule(
                         cu_values)
         if chunk_indices is None:
             chunk_indices = spec.prepare_chunk_indices(cu_values)
+        elif isinstance(chunk_indices, np.ndarray):
+            checks.chunk_indices_rows(cu_values, chunk_indices, op=spec.FORWARD_OP)
     return jitted_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices,
                                          output_final_state=bool(output_final_state), interpret=interpret,
                                          axis_name=axis_name)
