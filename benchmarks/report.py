@@ -7,6 +7,7 @@ Run it after any of the scripts below; a result that is not there leaves its sec
     python -m benchmarks.forward        # forward.csv, forward_host.csv, forward_cold.csv
     python -m benchmarks.decode         # decode.csv, tune_decode.csv
     python -m benchmarks.decode --serving   # decode_serving.csv
+    python -m benchmarks.layouts        # layouts.csv
     python -m benchmarks.warmup         # warmup.csv
     python -m benchmarks.tune_chunk_o   # tune_chunk_o.csv
     python -m benchmarks.tune_forward   # forward_stages.csv, tune_walk.csv, tune_fused.csv, tune_prepare.csv
@@ -307,6 +308,20 @@ def section_distributed() -> str | None:
                for r in rows])])
 
 
+def section_layouts() -> str | None:
+    rows = read_rows("layouts")
+    if rows is None:
+        return None
+    return "\n".join(["## Input layouts", "", "`python -m benchmarks.layouts` — " + measured_line(read_env("layouts")) +
+                      " gdn Triton chunk_fwd_o, bf16, with q, k, v dense, as slices of one fused projection (read in "
+                      "place) and in a layout copied once inside the call; last per shape, those three copies alone "
+                      "against their copy floor.", "",
+                      table(["shape", "layout", "device µs (p10–p90)", "wall µs", "host µs", "copy floor µs"],
+                            [[r["label"], r["layout"], f"{num(r['device_us'])} ({num(r['device_p10_us'])}–"
+                              f"{num(r['device_p90_us'])})", num(r["wall_us"]), num(r["host_us"]), num(r["floor_us"])]
+                             for r in rows])])
+
+
 def _pivot(rows: list[dict[str, Any]], column: str, row_label: Callable[[dict], str],
            cell: Callable[[dict], str]) -> str:
     """A table with one row per row_label and one column per value of `column`; spec rows in bold."""
@@ -489,7 +504,7 @@ def section_targets() -> str | None:
 
 
 SECTIONS = (section_chunk_o, section_forward, section_decode, section_decode_serving, section_distributed,
-            section_warmup, section_tilings, section_targets)
+            section_layouts, section_warmup, section_tilings, section_targets)
 
 
 def render() -> str:

@@ -52,7 +52,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import progress
-from gdn.common import spec, tilings
+from gdn.common import contract, spec, tilings
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -123,6 +123,8 @@ class Pow2PolicyLauncher:
         import torch
         import triton
 
+        from gdn.triton import chunk_o
+
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         BT = pow2_bt(T)
@@ -133,9 +135,10 @@ class Pow2PolicyLauncher:
         o = torch.empty_like(v)
         scale = spec.default_scale(K) if scale is None else float(scale)
         dtype_name = str(q.dtype).removeprefix("torch.")
-        common = dict(H=H, HV=HV, K=K, V=V, BT=BT, USE_G=g is not None, IS_VARLEN=False,
-                      DOT_PRECISION="ieee" if dtype_name == "float32" else "tf32")
-        args = (q, k, v, h, g, o, None, None, scale, T)
+        strides = dict(zip(chunk_o.STRIDE_NAMES, contract.contiguous_strides(H, K, HV, V)))  # dense q, k, v
+        common = dict(H=H, HV=HV, K=K, V=V, **strides, BT=BT, USE_G=g is not None, IS_VARLEN=False,
+                      DOT_PRECISION="ieee" if dtype_name == "float32" else "tf32", G_FLOOR=spec.CUMULATIVE_GATE_FLOOR)
+        args = (q, k, v, h, g, o, None, None, scale, T, B)
         if self.autotune:
             self.tuner(V)[lambda meta: (B * NT * HV * meta["NV"],)](*args, **common)
         else:

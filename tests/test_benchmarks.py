@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-SCRIPTS = ("chunk_o", "forward", "decode", "distributed", "warmup", "tune_chunk_o", "tune_forward", "profile_chunk_o",
-           "report")
+SCRIPTS = ("chunk_o", "forward", "decode", "distributed", "layouts", "warmup", "tune_chunk_o", "tune_forward",
+           "profile_chunk_o", "report")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -75,3 +75,18 @@ def test_report_shows_the_decode_serving_rows(tmp_path, monkeypatch: pytest.Monk
     assert not targets["decode_step from a pool, decode-g-beta, gdn-pallas ≤ 1.05× the floor"]
     assert targets["decode_step from a pool, spec4-fused, gdn-triton ≤ 1.2× the floor"]
     assert targets["decode_step from a pool: a CUDA graph's replay gives the eager call's bits (every case)"]
+
+
+def test_report_shows_the_layouts_rows(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.layouts' rows, as the script writes them, become the report's input-layouts table."""
+    from benchmarks import harness, layouts, report, shapes
+
+    shape = shapes.select(shapes.SHAPES, "B1-T512-*")[0]
+    timing = harness.Timing(12.5, 12.0, 13.0, 10, "test")
+    rows = [layouts.layout_row(shape, "fused", timing, timing, host_us=9.0),
+            layouts.layout_row(shape, "the 3 copies alone", timing, None, floor_us=4.0)]
+    harness.write_results(tmp_path, "layouts", {"date": "today"}, rows)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.section_layouts()
+    assert "| B1 T512 H16 | fused | 12.5 (12.0–13.0) | 12.5 | 9.0 | — |" in text
+    assert "| B1 T512 H16 | the 3 copies alone | 12.5 (12.0–13.0) | — | — | 4.0 |" in text

@@ -72,8 +72,9 @@ def _assert_no_length_specialization(kernel, run_dense: Callable[[int], None],
     names = kernel.arg_names
     scalars = {names[i] for args, _ in launches for i, a in enumerate(args)
                if isinstance(a, int) and not isinstance(a, bool)}
-    # the walk's piece counts (pieces walked, pieces mapped), h's and a pool's row counts: runtime values
-    assert "T" in scalars and scalars <= {"T", "NUM_PIECES", "MAPPED_PIECES", "H_ROWS", "POOL_ROWS"}
+    # the walk's piece counts (pieces walked, pieces mapped) choose a path, not a variant; h's row count H_ROWS,
+    # the pool's POOL_ROWS and the number of sequences N bound the indices the kernels dereference
+    assert "T" in scalars and scalars <= {"T", "NUM_PIECES", "MAPPED_PIECES", "H_ROWS", "POOL_ROWS", "N"}
     do_not_specialize = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
     assert scalars <= set(do_not_specialize)
 

@@ -126,7 +126,7 @@ def test_an_unwritten_pallas_interpreter_output_reads_nan() -> None:
     assert np.isnan(np.asarray(silent(jnp.zeros((64, 16), jnp.bfloat16)).astype(jnp.float32))).all()
 
 
-# Triton-only: torch can hand the kernel a view into a larger NaN-poisoned buffer, and non-contiguous views.
+# Triton-only: torch can hand the kernel a view into a larger NaN-poisoned buffer (strided views: test_safety.py).
 def _torch_inputs(inputs: OpInputs, tail: int = 0):
     """The Triton adapter's tensors; with ``tail``, q, k, v and g become views of the first T rows of buffers
     that hold ``tail`` more NaN rows (still contiguous for B = 1)."""
@@ -152,20 +152,6 @@ def test_nan_poisoned_memory_beyond_T_is_never_read(case: Case) -> None:
     assert_close(out.double().cpu().numpy(), chunk_o_reference(inputs), "float32")
 
 
-@pytest.mark.parametrize("name", ["q", "k", "v", "h", "g"])
-def test_non_contiguous_input_is_refused(name: str) -> None:
-    from gdn.triton import chunk_fwd_o
-
-    t = _torch_inputs(Case(T=70, H=2, HV=2, K=16, V=16).inputs("float32", seed=14))
-    x = t[name]
-    strided = x.new_empty(x.shape[:-1] + (2 * x.shape[-1],))[..., ::2]  # every other element of a buffer
-    strided.copy_(x)
-    t[name] = strided
-    assert not t[name].is_contiguous()
-    with pytest.raises(ValueError, match=f"^chunk_fwd_o: {name}: expected a contiguous tensor"):
-        chunk_fwd_o(t["q"], t["k"], t["v"], t["h"], t["g"])
-
-
 @pytest.mark.gpu
 def test_inputs_on_different_devices_are_refused() -> None:
     from gdn.triton import chunk_fwd_o
@@ -188,9 +174,10 @@ def test_too_many_programs_are_refused_before_launch() -> None:
 @pytest.mark.unpoisoned
 def test_offsets_beyond_int32_elements() -> None:
     """v and o with more than 2³¹ elements: the kernel's token-row offsets are int64, so the last chunk of a
-    1M-token sequence lands at the right address. One chunk is selected through chunk_indices (h holds that
-    chunk's state alone); the untouched rest of the 4 GiB buffers is never paged in on the CPU."""
-    from gdn.triton import chunk_fwd_o
+    1M-token sequence lands at the right address. The kernel is launched on one chunk, selected through
+    chunk_indices (h holds that chunk's state alone; chunk_fwd_o itself refuses such host index arrays, which
+    name one chunk of many); the untouched rest of the 4 GiB buffers is never paged in on the CPU."""
+    from gdn.triton import chunk_o
 
     torch = BACKENDS["triton"].torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,7 +194,10 @@ def test_offsets_beyond_int32_elements() -> None:
     h = torch.from_numpy(tail.arrays["h"]).to(device=device, dtype=torch.float16)
     cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=device)
     last_chunk = torch.tensor([[0, T // C - 1]], dtype=torch.int32, device=device)
-    o = chunk_fwd_o(big["q"], big["k"], big["v"], h, big["g"], cu_seqlens=cu_seqlens, chunk_indices=last_chunk)
+    args = (big["q"], big["k"], big["v"], h, big["g"], cu_seqlens, last_chunk)
+    problem = chunk_o.call_plan(*args)[0]
+    o = torch.empty_like(big["v"])
+    chunk_o.launch(problem, problem.tiling, *args[:5], o, spec.default_scale(K), cu_seqlens, last_chunk)
     assert_close(o[:, T - C:].double().cpu().numpy(), chunk_o_reference(tail), "float16")
     del o, big
 

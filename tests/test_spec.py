@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
-from gdn.common import spec, tilings
+from gdn.common import checks, spec, tilings
 
 
 @pytest.mark.parametrize("T, expected", [(0, 0), (1, 1), (63, 1), (64, 1), (65, 2), (128, 2), (130, 3)])
@@ -27,6 +27,37 @@ def test_prepare_chunk_indices() -> None:
     assert spec.prepare_chunk_indices(np.array([0, 0])).shape == (0, 2)
     with pytest.raises(ValueError, match="num_rows: expected at least the 5 chunks"):
         spec.prepare_chunk_indices(cu, num_rows=4)
+
+
+def test_max_chunk_rows_is_the_most_chunks_of_any_batch() -> None:
+    """spec.max_chunk_rows(T, N) = the most chunks of any varlen batch of at most T tokens in at most N
+    sequences, by dynamic programming over the sequence lengths."""
+    C = spec.CHUNK_SIZE
+    most = np.zeros((4, 3 * C + 3), dtype=int)  # most[n, t]: the most chunks of t tokens in at most n sequences
+    for n in range(1, 4):
+        for t in range(3 * C + 3):
+            most[n, t] = max(most[n - 1, t - length] + spec.num_chunks(length) for length in range(t + 1))
+    for n in range(4):
+        for t in range(3 * C + 3):
+            assert spec.max_chunk_rows(t, n) == most[n, :t + 1].max(), (t, n)
+    assert spec.max_chunk_rows(8192, 64) == (8192 + 64 * (C - 1)) // C
+    with pytest.raises(ValueError, match="max_chunk_rows: expected max_tokens, max_sequences >= 0"):
+        spec.max_chunk_rows(-1, 2)
+
+
+@pytest.mark.parametrize("shape, strides, expected", [
+    ((2, 70, 4, 32), (70 * 128, 128, 32, 1), (128, 32)),  # dense
+    ((2, 70, 4, 32), (70 * 400, 400, 32, 1), (400, 32)),  # a column slice of a [2, 70, 400] projection
+    ((1, 70, 4, 32), (99999, 400, 32, 1), (400, 32)),  # B = 1: the batch stride is never used
+    ((2, 1, 4, 32), (1000, 128, 32, 1), (1000, 32)),  # T = 1: rows are batch rows
+    ((2, 70, 1, 32), (70 * 400, 400, 5, 1), (400, 32)),  # one head: its stride normalized to D
+    ((2, 70, 4, 32), (75 * 128, 128, 32, 1), None),  # the first 70 rows of a 75-row buffer, B > 1
+    ((2, 70, 4, 32), (70 * 256, 256, 64, 2), None),  # the last axis strided
+], ids=["dense", "fused-slice", "B1-any-batch-stride", "T1-batch-rows", "one-head", "prefix-B2", "last-axis"])
+def test_row_strides_is_the_one_layout_rule(shape, strides, expected) -> None:
+    """checks.row_strides: the layouts the chunked kernels read in place (token-row and head strides), None
+    for those a backend copies first."""
+    assert checks.row_strides(shape, strides) == expected
 
 
 def test_tiling_never_depends_on_sequence_length() -> None:

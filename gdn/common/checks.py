@@ -1,6 +1,7 @@
 """The argument checks gdn's input contracts (gdn.common.contract) are made of: rank, dtype, sizes, heads,
-devices, the varlen arguments, the gates and the state-pool indices of framework-neutral ArrayInfo views, each
-raising ``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")``.
+devices, strided layouts, the varlen arguments (with the values of host index arrays), the gates and the
+state-pool indices of framework-neutral ArrayInfo views, each raising
+``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gdn.common.spec import CHUNK_O_OP, INDEX_DTYPES, INPUT_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, num_chunks
+from gdn.common.spec import (
+    CHUNK_O_OP,
+    INDEX_DTYPES,
+    INPUT_DTYPES,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    PAD_CHUNK,
+    num_chunks,
+    prepare_chunk_indices,
+)
 
 if TYPE_CHECKING:
     from gdn.common.contract import ArrayInfo
@@ -74,6 +84,39 @@ def devices(arrays: Sequence[tuple[str, ArrayInfo | None]], *, op: str) -> None:
             fail(name, f"the device of {first_name} ({first.device})", info.device, op=op)
 
 
+def row_strides(shape: Sequence[int], strides: Sequence[int]) -> tuple[int, int] | None:
+    """(token-row stride, head stride), in elements, with which the chunked kernels read a [B, T, heads, D] array
+    in place, or None when they cannot and the backend copies it once: the last axis contiguous, and the batch
+    and token axes one packed row axis (B = 1, batch stride = T·token stride, or T = 1). The q, k and v slices
+    of one fused [B, T, D_total] projection qualify. The head stride of a single head does not matter and is
+    taken as D, so such views share the compiled kernel of dense arrays."""
+    B, T, heads, D = shape
+    stride_b, stride_t, stride_h, stride_d = strides
+    if stride_d != 1:
+        return None
+    if B == 1 or stride_b == T * stride_t:
+        row = stride_t
+    elif T == 1:
+        row = stride_b
+    else:
+        return None
+    return row, (stride_h if heads > 1 else D)
+
+
+def layouts(arrays: Sequence[tuple[str, ArrayInfo | None]], strided: Sequence[str], *, op: str) -> None:
+    """Strided views (ArrayInfo.strides) only where the kernels take strides (the names in strided), in a layout
+    they read (row_strides)."""
+    for name, info in arrays:
+        if info is None or info.strides is None:
+            continue
+        if name not in strided:
+            fail(name, "a dense row-major array (backends copy other layouts first)", f"strides {info.strides}",
+                 op=op)
+        if row_strides(info.shape, info.strides) is None:
+            fail(name, "the last axis contiguous and (B, T) one row axis (backends copy other layouts first)",
+                 f"strides {info.strides} for shape {info.shape}", op=op)
+
+
 def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = CHUNK_O_OP,
                       exact: bool = True) -> None:
     """Value checks of a host cu_seqlens: starts at 0, non-decreasing, ends at T (at most at T unless exact:
@@ -90,6 +133,29 @@ def cu_seqlens_bounds(cu_seqlens: Sequence[int] | np.ndarray, T: int, op: str = 
     if values[-1] > T or (exact and values[-1] != T):
         fail("cu_seqlens", f"cu_seqlens[-1] {'=' if exact else '<='} T = {T}", f"cu_seqlens[-1] = {int(values[-1])}",
              op=op)
+
+
+def chunk_indices_rows(cu_seqlens: Sequence[int] | np.ndarray, chunk_indices: np.ndarray,
+                       op: str = CHUNK_O_OP) -> None:
+    """Value checks of host chunk_indices [R, 2] against host cu_seqlens (already checked: cu_seqlens_bounds):
+    the first rows are spec.prepare_chunk_indices(cu_seqlens), one per chunk of every sequence in order, and every
+    row after them is PAD_CHUNK. Anything else would make a kernel read the wrong rows of h or leave outputs
+    unwritten."""
+    expected = prepare_chunk_indices(cu_seqlens)
+    rows = np.asarray(chunk_indices).reshape(-1, 2)
+    if len(rows) < len(expected):
+        fail("chunk_indices", f"at least the {len(expected)} chunks of cu_seqlens "
+             "(spec.prepare_chunk_indices(cu_seqlens))", f"{len(rows)} rows", op=op)
+    wrong = np.flatnonzero((rows[:len(expected)] != expected).any(axis=1))
+    if len(wrong):
+        row = int(wrong[0])
+        fail("chunk_indices", f"row {row} = (sequence, chunk) {tuple(int(x) for x in expected[row])} "
+             "(spec.prepare_chunk_indices(cu_seqlens))", tuple(int(x) for x in rows[row]), op=op)
+    padding = np.flatnonzero((rows[len(expected):] != PAD_CHUNK).any(axis=1))
+    if len(padding):
+        row = len(expected) + int(padding[0])
+        fail("chunk_indices", f"PAD_CHUNK {PAD_CHUNK} in row {row}, after the {len(expected)} real chunks",
+             tuple(int(x) for x in rows[row]), op=op)
 
 
 def token_arrays(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, *, op: str) -> tuple[int, ...]:

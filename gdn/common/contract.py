@@ -2,6 +2,30 @@
 (validate_chunk_o_inputs, validate_decode_inputs, validate_forward_inputs, made of gdn.common.checks) that raises
 ``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")`` before anything is launched, and returns
 the validated problem (sizes, flags, tilings) that selects the kernels and their grids.
+
+Input rules, the same for every op and backend (README, "Input rules"):
+  - dtypes: q, k, v one of INPUT_DTYPES, all three the same; the per-token gates of chunk_gated_delta_rule and
+    decode_step (checks.gates): g float32 (its exp decays the state over many tokens), beta and the raw gates
+    a, b, A_log, dt_bias float32 or q's dtype (the kernels compute with them in float32); chunk_fwd_o's g, a
+    chunk-local cumulative sum, float32 (16 bits would round the decay of a chunk's late tokens); states
+    (initial_state, decode_step's state) float32; chunk_fwd_o's h any of STATE_DTYPES; index arrays
+    (cu_seqlens, chunk_indices, state_indices) one of INDEX_DTYPES. Outputs: o in v's dtype, states float32.
+  - layouts (torch; JAX arrays are always dense): chunk_fwd_o reads q, k, v in place at any strides that keep
+    their last axis contiguous and their batch and token axes one packed row axis (checks.row_strides: B = 1, or
+    batch stride = T·token stride), e.g. the q, k, v slices of one fused projection; any other layout of them,
+    and every other non-contiguous array of its call, is copied once (.contiguous()) before the launch;
+    decode_step reads its token arrays at any token stride and its state pool in two layouts (gdn.triton.decode)
+    and copies other layouts once; chunk_gated_delta_rule copies non-contiguous token arrays (q, k, v and the
+    gates) once and refuses other non-contiguous arrays (a pool is updated in place, never copied).
+  - devices: every array on q's device (torch: CUDA, or CPU under TRITON_INTERPRET=1; JAX: where the call runs).
+  - index arrays: cu_seqlens [N + 1] starts at 0, never decreases, ends at T; chunk_indices is
+    spec.prepare_chunk_indices(cu_seqlens), optionally padded with PAD_CHUNK rows at the end. Whenever both are
+    on the host their values are checked before the launch (checks.cu_seqlens_bounds, checks.chunk_indices_rows);
+    device values are not read (no sync), and the kernels bound every index they dereference instead: a
+    chunk_indices row naming no real chunk reads and writes nothing, cu_seqlens values are clamped into [0, T].
+    Outputs at tokens that no valid row names are then left unwritten.
+  - autograd: no op has a backward yet; torch refuses inputs that require grad (with grad mode on), JAX raises
+    under jax.grad / jax.jvp — never a silently detached output.
 """
 
 from __future__ import annotations
@@ -33,16 +57,20 @@ from gdn.common.tilings import (
 
 @dataclasses.dataclass(frozen=True)
 class ArrayInfo:
-    """What the contract needs to know about one array, in framework-neutral terms."""
+    """What the contract needs to know about one array, in framework-neutral terms. strides: the element strides
+    at which a backend reads it in place (checks.layouts: which an op accepts), or None for a dense row-major
+    array."""
 
     shape: tuple[int, ...]
     dtype: str
     device: str
+    strides: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOProblem:
-    """A validated chunk_fwd_o call: sizes and flags that select the kernel and its grid."""
+    """A validated chunk_fwd_o call: sizes, flags and layouts that select the kernel and its grid;
+    num_sequences: B, or N when varlen."""
 
     B: int
     T: int
@@ -55,6 +83,9 @@ class ChunkOProblem:
     varlen: bool
     dtype: str
     tiling: Tiling
+    num_sequences: int
+    strides: tuple[int, int, int, int, int, int]
+    """Token-row and head strides, in elements, of q, k and v (contiguous_strides for dense arrays)."""
     qk_l2norm: bool = False
     """q and k rows L2-normalized in the kernel (the forward's use_qk_l2norm_in_kernel; not a chunk_fwd_o
     argument)."""
@@ -69,6 +100,11 @@ class ChunkOProblem:
         return self.num_chunks_total * self.HV * self.num_v_tiles
 
 
+def contiguous_strides(H: int, K: int, HV: int, V: int) -> tuple[int, int, int, int, int, int]:
+    """(token-row, head) strides of dense q, k [B, T, H, K] and v [B, T, HV, V], the layout of ChunkOProblem.strides."""
+    return H * K, K, H * K, K, HV * V, V
+
+
 def validate_chunk_o_inputs(
     q: ArrayInfo,
     k: ArrayInfo,
@@ -79,9 +115,10 @@ def validate_chunk_o_inputs(
     chunk_indices: ArrayInfo | None,
     cu_seqlens_values: Sequence[int] | np.ndarray | None = None,
 ) -> ChunkOProblem:
-    """The shape, dtype and device contract of chunk_fwd_o, shared by every backend.
+    """The shape, dtype, layout and device contract of chunk_fwd_o, shared by every backend.
 
-    ``cu_seqlens_values`` is the host copy of cu_seqlens when one is at hand (the backends pass it when
+    q, k and v may be strided views (ArrayInfo.strides, in a layout checks.row_strides accepts); every other array is
+    dense. ``cu_seqlens_values`` is the host copy of cu_seqlens when one is at hand (the backends pass it when
     cu_seqlens is a host array or when they had to read it anyway to build chunk_indices); its values are
     then checked too. Raises ValueError (shapes, values, devices) or TypeError (dtypes) naming the argument
     with the expected and the actual value. Returns the problem sizes with the tiling to use.
@@ -103,12 +140,19 @@ def validate_chunk_o_inputs(
     total_chunks = B * chunks_per_row
     checks.dim("h", "h.shape[2:] (HV, K, V)", h.shape[2:], (HV, K, V), "from q and v", op=CHUNK_O_OP)
 
-    checks.devices([("q", q), ("k", k), ("v", v), ("h", h), ("g", g), ("cu_seqlens", cu_seqlens),
-                    ("chunk_indices", chunk_indices)], op=CHUNK_O_OP)
+    arrays = [("q", q), ("k", k), ("v", v), ("h", h), ("g", g), ("cu_seqlens", cu_seqlens),
+              ("chunk_indices", chunk_indices)]
+    checks.devices(arrays, op=CHUNK_O_OP)
+    checks.layouts(arrays, ("q", "k", "v"), op=CHUNK_O_OP)
 
     tiling = chunk_o_tiling(K, V, q.dtype)
+    dense = contiguous_strides(H, K, HV, V)
+    strides = tuple(x for i, info in enumerate((q, k, v))
+                    for x in (checks.row_strides(info.shape, info.strides) if info.strides
+                              else dense[2 * i:2 * i + 2]))
     problem = ChunkOProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, num_chunks_total=total_chunks,
-                            gated=g is not None, varlen=cu_seqlens is not None, dtype=q.dtype, tiling=tiling)
+                            gated=g is not None, varlen=cu_seqlens is not None, dtype=q.dtype, tiling=tiling,
+                            num_sequences=B if cu_seqlens is None else cu_seqlens.shape[0] - 1, strides=strides)
     if problem.num_programs > MAX_GRID_ROWS:
         checks.fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head, V tile) programs",
               f"{problem.num_programs} ({total_chunks} chunks × {HV} heads × {problem.num_v_tiles} V tiles)",
@@ -281,6 +325,7 @@ class ForwardProblem:
         return ChunkOProblem(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V,
                              num_chunks_total=self.num_chunks_total, gated=True, varlen=self.varlen,
                              dtype=self.dtype, tiling=chunk_o_tiling(self.K, self.V, self.dtype),
+                             num_sequences=self.N, strides=contiguous_strides(self.H, self.K, self.HV, self.V),
                              qk_l2norm=self.qk_l2norm)
 
     def pieces(self, multiprocessors: int | None) -> int:

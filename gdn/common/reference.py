@@ -10,6 +10,7 @@ import numpy as np
 
 from gdn.common.spec import (
     CHUNK_SIZE,
+    CUMULATIVE_GATE_FLOOR,
     QK_L2NORM_EPS,
     SOFTPLUS_BETA,
     SOFTPLUS_THRESHOLD,
@@ -39,6 +40,8 @@ def chunk_fwd_o(
     """o [B, T, HV, V] float64 from q, k [B, T, H, K], v [B, T, HV, V], h [B, NT, HV, K, V], g [B, T, HV].
 
     chunk_indices is accepted for signature parity and ignored: the reference walks cu_seqlens itself.
+    Non-finite inputs as gdn.common.spec states: IEEE arithmetic over the causal terms j ≤ i only (later
+    tokens are no terms, not terms times 0), g clamped from below at CUMULATIVE_GATE_FLOOR (−∞ is a reset).
     """
     del chunk_indices
     q, k, v, h = (np.asarray(x, dtype=np.float64) for x in (q, k, v, h))
@@ -47,6 +50,7 @@ def chunk_fwd_o(
     group = HV // H
     scale = default_scale(K) if scale is None else float(scale)
     g = np.zeros((B, T, HV)) if g is None else np.asarray(g, dtype=np.float64)
+    g = np.where(g < CUMULATIVE_GATE_FLOOR, CUMULATIVE_GATE_FLOOR, g)  # −∞ → the finite floor; NaN stays NaN
     o = np.zeros(v.shape, dtype=np.float64)
     first_chunk = 0  # h row of the current sequence's first chunk (varlen packs all sequences' chunks)
     for b, start, end in _sequence_spans(B, T, cu_seqlens):
@@ -58,8 +62,12 @@ def chunk_fwd_o(
                 vc, gc = v[b, t0:t1, hv], g[b, t0:t1, hv]  # [n, V], [n]
                 state = h[b, first_chunk + c, hv]  # [K, V]
                 inter = (qc @ state) * np.exp(gc)[:, None]
-                decay = np.exp(np.where(causal, gc[:, None] - gc[None, :], -np.inf))
-                intra = ((qc @ kc.T) * decay) @ vc
+                with np.errstate(invalid="ignore", over="ignore"):  # non-finite terms of later tokens, dropped
+                    scores = np.where(causal, (qc @ kc.T) * np.exp(gc[:, None] - gc[None, :]), 0)
+                if np.isfinite(vc).all():  # then scores @ vc adds 0·v_j for j > i exactly
+                    intra = scores @ vc
+                else:  # Σ_{j ≤ i} scores[i, j]·v[j]: no 0·NaN from later tokens
+                    intra = np.where(causal[:, :, None], scores[:, :, None] * vc[None], 0).sum(axis=1)
                 o[b, t0:t1, hv] = scale * (inter + intra)
         if cu_seqlens is not None:
             first_chunk += -(-(end - start) // CHUNK_SIZE)

@@ -5,8 +5,9 @@ Op: ``chunk_fwd_o`` — the output stage of chunked Gated DeltaNet.
 Layouts (FLA's):
     q, k   [B, T, H, K]          queries / keys, H query-key heads
     v      [B, T, HV, V]         values, HV = m·H value heads; value head hv reads q/k head hv // m
-    g      [B, T, HV] float32    chunk-local cumulative log-gate in natural-log units (g ≤ 0 for a real gate);
-                                 None means no gating. (FLA 0.6 kernels use exp2: pass them g·log2(e).)
+    g      [B, T, HV] float32    chunk-local cumulative log-gate in natural-log units (g ≤ 0 for a real gate,
+                                 −∞ after a reset); None means no gating. (FLA 0.6 kernels use exp2: pass
+                                 them g·log2(e).)
     h      [B, NT, HV, K, V]     state at the start of each chunk; with varlen, B = 1 and NT is the total
                                  number of chunks over all sequences, in order
     o      [B, T, HV, V]         in v's dtype; accumulation in float32
@@ -17,6 +18,21 @@ Math, per sequence, value head and chunk c of CHUNK_SIZE positions (rows i, colu
     o_c = scale·(q_c h[c]) ⊙ exp(g_c)[:, None] + tril((scale·q_c k_cᵀ) ⊙ exp(g_i − g_j)) v_c
 The decay matrix is formed as exp(where(i ≥ j, g_i − g_j, −∞)): for a real gate g_i − g_j ≤ 0 on the lower
 triangle, so no intermediate can overflow however negative g gets, and exp(−g) is never formed alone.
+
+Non-finite inputs (NaN, ±inf) follow one rule, the formula above evaluated in IEEE arithmetic with
+  - the causal sum over the chunk's tokens j ≤ i only: a later token, a masked position (past the sequence's
+    end or T) and another sequence are not terms of o_i at all (not terms multiplied by 0: 0·NaN = NaN), so a
+    NaN-filled padded tail leaves every earlier output exactly as it is;
+  - g clamped from below at CUMULATIVE_GATE_FLOOR, so g = −∞ is a reset computed finite: a position whose
+    cumulative gate is −∞ takes nothing from h[c] and nothing from the tokens before the reset
+    (exp(CUMULATIVE_GATE_FLOOR − g_j) = 0 for finite g_j), and two positions both at −∞ see each other
+    undecayed (exp(0) = 1: the cumulative gate keeps no decay between them). NaN stays NaN.
+o is non-finite exactly where that evaluation is (gdn.common.reference.chunk_fwd_o is it, in float64), for
+inputs whose finite terms do not overflow; a non-finite v[j, c] makes o[i, c] NaN for every i ≥ j of its chunk
+(IEEE might give ±inf there). The kernels select instead of multiplying by 0 (`where` on the causal mask) and
+zero v's non-finite entries before the [BT, BT]·[BT, BV] dot, where the zero coefficients of later tokens meet
+them; a chunk with one gets the NaN put back where the causal sum reads it (a count of non-finite v[j, c] over
+j ≤ i, one more dot, only in such chunks).
 
 Every kernel's tile height is CHUNK_SIZE. Nothing that varies with the sequence length (T, NT, cu_seqlens)
 selects a tiling or a compiled Triton variant: one compiled kernel per (dtypes, H, HV, K, V, gated, varlen).
@@ -130,6 +146,11 @@ GATE_FLOOR = -128.0
 reset, as exp(−inf) is), and a chunk-local cumulative sum of floored gates stays finite, so every decay
 exp(g_i − g_j) is formed from finite numbers (never −inf − (−inf))."""
 
+CUMULATIVE_GATE_FLOOR = -float(np.finfo(np.float32).max)
+"""The lowest cumulative log-gate chunk_fwd_o computes with (−3.4e38, finite; a real cumulative gate may go far
+below GATE_FLOOR): g = −∞ after a reset is read as it, so g_i − g_j never meets −∞ − (−∞) = NaN, and
+exp(CUMULATIVE_GATE_FLOOR) = 0 in float32 and float64."""
+
 INPUT_DTYPES = ("float32", "float16", "bfloat16")
 STATE_DTYPES = INPUT_DTYPES
 INDEX_DTYPES = ("int32", "int64")
@@ -156,8 +177,9 @@ def prepare_chunk_indices(cu_seqlens: Sequence[int] | np.ndarray, num_rows: int 
     cu_seqlens: host array [N + 1]. Returns int32 [NT, 2] with NT = Σ num_chunks(len_n); empty sequences
     contribute no rows. With ``num_rows`` (≥ NT) the result is padded to that static length with PAD_CHUNK
     rows, so a jitted caller can keep one shape for every batch: h then has num_rows chunk rows, the padded
-    ones ignored. Pure numpy: build it where cu_seqlens is on the host and pass it as ``chunk_indices`` to
-    avoid a device→host copy inside the op.
+    ones ignored; ``max_chunk_rows(max_tokens, max_sequences)`` is the row count that fits every batch. Pure
+    numpy: build it where cu_seqlens is on the host and pass it as ``chunk_indices`` to avoid a device→host copy
+    inside the op.
     """
     bounds = np.asarray(cu_seqlens, dtype=np.int64)
     chunk_counts = -(-(bounds[1:] - bounds[:-1]) // CHUNK_SIZE)
@@ -172,6 +194,20 @@ def prepare_chunk_indices(cu_seqlens: Sequence[int] | np.ndarray, num_rows: int 
                          f"cu_seqlens; got {num_rows}")
     padding = np.full((num_rows - total, 2), PAD_CHUNK, dtype=np.int32)
     return np.concatenate([indices, padding])
+
+
+def max_chunk_rows(max_tokens: int, max_sequences: int) -> int:
+    """The most chunks a varlen batch of at most max_tokens tokens in at most max_sequences sequences can have:
+    the static ``num_rows`` to pad chunk_indices (and h) to, so that one jitted program serves every such batch.
+
+    A sequence of n ≥ 1 tokens has ⌈n / CHUNK_SIZE⌉ ≤ (n + CHUNK_SIZE − 1) / CHUNK_SIZE chunks, so N non-empty
+    sequences (N ≤ max_tokens) have at most (max_tokens + N·(CHUNK_SIZE − 1)) // CHUNK_SIZE, which N − 1
+    sequences of CHUNK_SIZE·a + 1 tokens and one holding the rest reach.
+    """
+    if max_tokens < 0 or max_sequences < 0:
+        raise ValueError(f"max_chunk_rows: expected max_tokens, max_sequences >= 0; got {max_tokens}, {max_sequences}")
+    sequences = min(int(max_sequences), int(max_tokens))
+    return (int(max_tokens) + sequences * (CHUNK_SIZE - 1)) // CHUNK_SIZE if sequences else 0
 
 
 def warmup_arguments(T: int, H: int, HV: int, K: int, V: int, gated: bool, varlen: bool,

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import contract, spec, tilings
+from gdn.common import checks, contract, spec, tilings
 from gdn.pallas.arrays import (
     array_info,
     as_index,
@@ -32,31 +32,42 @@ from gdn.pallas.arrays import (
     index_or_placeholder,
     input_dot_precision,
     multiprocessor_count,
+    no_backward,
     resolve_interpret,
 )
 
 
 def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
-    """(first token row, end row) of global chunk i_tg (a row of h) in the packed T axis. Varlen: from
-    chunk_indices and cu_seqlens, and a PAD_CHUNK row (sequence < 0) gets an empty span, so every load and
-    store of its program is masked off; dense: batch row i_tg // NT, chunk i_tg % NT."""
+    """(first token row, end row) of global chunk i_tg (a row of h) in the packed T axis, with
+    0 <= end <= B·T. Varlen: from chunk_indices and cu_seqlens [N + 1] (N static here: the ref's length − 1;
+    the Triton kernel takes it as an argument). A row that names no chunk of a sequence (PAD_CHUNK, a sequence
+    outside [0, N), a chunk outside [0, the sequence's chunk count)) gets an empty span, so every load and
+    store of its program is masked off, and cu_seqlens values are clamped into [0, T]: no index array makes a
+    program address memory outside its arrays. Dense: batch row i_tg // NT, chunk i_tg % NT."""
     if IS_VARLEN:
+        N = cu_seqlens.shape[0] - 1
         i_n = chunk_indices[i_tg, 0]
-        i_t = jnp.maximum(chunk_indices[i_tg, 1], 0)
-        bos = cu_seqlens[jnp.maximum(i_n, 0)]
-        eos = jnp.where(i_n < 0, bos, cu_seqlens[jnp.maximum(i_n, 0) + 1])
+        i_t = chunk_indices[i_tg, 1]
+        m_n = (i_n >= 0) & (i_n < N)
+        i_n = jnp.where(m_n, i_n, 0)
+        bos = jnp.minimum(jnp.maximum(cu_seqlens[i_n], 0), T)
+        eos = jnp.minimum(jnp.maximum(cu_seqlens[i_n + 1], bos), T)
+        m_chunk = m_n & (i_t >= 0) & (i_t < pl.cdiv(eos - bos, BT))
+        t0 = jnp.where(m_chunk, bos + i_t * BT, bos)
+        eos = jnp.where(m_chunk, eos, bos)
     else:
         NT = pl.cdiv(T, BT)
         bos = (i_tg // NT) * T
         eos = bos + T
-        i_t = i_tg % NT
-    return bos + i_t * BT, eos
+        t0 = bos + (i_tg % NT) * BT
+    return t0, eos
 
 
 def chunk_o_item(
     i_flat, live, q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, NV: int,
-    USE_G: bool, IS_VARLEN: bool, QK_L2NORM: bool, QK_L2NORM_EPS: float, DOT_PRECISION: jax.lax.Precision | None,
+    USE_G: bool, IS_VARLEN: bool, DOT_PRECISION: jax.lax.Precision | None, G_FLOOR: float, QK_L2NORM: bool,
+    QK_L2NORM_EPS: float,
 ):
     """o of one work item i_flat = one (chunk, value head, V tile); live is False for a persistent program's
     steps past the last item (every load and store masked off), None when every item is live."""
@@ -76,7 +87,10 @@ def chunk_o_item(
     m_tv = m_t[:, None] & m_v[None, :]
     b_v = plgpu.load(v.at[o_t[:, None], i_hv, o_v[None, :]], mask=m_tv, other=0)  # [BT, BV]
     if USE_G:
+        # −∞ (a reset) read as the finite G_FLOOR (spec.CUMULATIVE_GATE_FLOOR), so g_i − g_j never forms
+        # −∞ − (−∞); NaN stays NaN
         b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
+        b_g = jnp.where(b_g < G_FLOOR, G_FLOOR, b_g)
 
     b_o = jnp.zeros([BT, BV], dtype=jnp.float32)
     b_A = jnp.zeros([BT, BT], dtype=jnp.float32)
@@ -107,13 +121,25 @@ def chunk_o_item(
     if USE_G:
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * jnp.exp(b_g)[:, None]
-        b_A = jnp.where(m_A, b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf)), 0)
-    else:
-        b_A = jnp.where(m_A, b_A, 0)
+        b_A = b_A * jnp.exp(jnp.where(m_A, b_g[:, None] - b_g[None, :], -jnp.inf))
+    # A[i, j] of a later token j > i selected away, not multiplied by 0: its k_j or g_j may be NaN
+    b_A = jnp.where(m_A, b_A, 0)
 
+    # v's non-finite entries leave the dot below, where the zeros of later tokens would turn them into NaN for
+    # earlier rows, and come back after it where the causal sum reads them
+    m_v_finite = (b_v - b_v) == 0  # [BT, BV]: false for NaN and ±inf
     # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
-    b_o = b_o * scale + jnp.dot((b_A * scale).astype(b_v.dtype), b_v, precision=DOT_PRECISION,
-                                preferred_element_type=jnp.float32)
+    b_o = b_o * scale + jnp.dot((b_A * scale).astype(b_v.dtype), jnp.where(m_v_finite, b_v, 0),
+                                precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+
+    def put_back_non_finite_v(b_o):
+        # [BT, BT] @ [BT, BV] -> [BT, BV]: how many non-finite v[j, c] with j <= i each o[i, c] sums over
+        b_reach = jnp.dot(jnp.where(m_A, 1.0, 0.0).astype(b_v.dtype), jnp.where(m_v_finite, 0.0, 1.0).astype(b_v.dtype),
+                          precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+        return jnp.where(b_reach > 0, jnp.nan, b_o)
+
+    # this tile of v holds NaN or ±inf: rare, hence the branch
+    b_o = jax.lax.cond(jnp.min(m_v_finite.astype(jnp.int32)) == 0, put_back_non_finite_v, lambda b_o: b_o, b_o)
     plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
 
 
@@ -138,13 +164,12 @@ def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, *, IT
     jax.lax.fori_loop(0, -(-ITEMS // PROGRAMS), step, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "interpret", "programs"))
-def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract.ChunkOProblem, interpret: bool,
-           programs: int | None = None):
-    """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None); jitted, and
-    inlined into a caller's jit (jitted_chunk_fwd_o, gdn.pallas.forward's stage 3). programs: the grid size, by default
-    tilings.persistent_programs's choice for the default device (one program per work item, or a persistent
-    grid for long inputs on a GPU); any count from 1 to problem.num_programs gives the same bits."""
+def _launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, problem: contract.ChunkOProblem, interpret: bool,
+            programs: int | None = None):
+    """o for a validated problem (cu_seqlens / chunk_indices int32 when varlen, else None). programs: the grid
+    size, by default tilings.persistent_programs's choice for the default device (one program per work item, or
+    a persistent grid for long inputs on a GPU); any count from 1 to problem.num_programs gives the same bits."""
+    q, k, v, h, g, scale = no_backward(spec.CHUNK_O_OP, (q, k, v, h, g, scale))
     items = problem.num_programs
     if items == 0:
         return jnp.zeros(v.shape, v.dtype)
@@ -165,8 +190,9 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
     kernel = functools.partial(
         chunk_fwd_o_kernel, ITEMS=items, PROGRAMS=programs, T=T, H=H, HV=HV, K=K, V=V,
         BT=spec.CHUNK_SIZE, BK=tiling.block_k, BV=tiling.block_v, NV=problem.num_v_tiles,
-        USE_G=problem.gated, IS_VARLEN=problem.varlen, QK_L2NORM=problem.qk_l2norm,
-        QK_L2NORM_EPS=spec.QK_L2NORM_EPS, DOT_PRECISION=input_dot_precision(problem.dtype, interpret),
+        USE_G=problem.gated, IS_VARLEN=problem.varlen,
+        DOT_PRECISION=input_dot_precision(problem.dtype, interpret), G_FLOOR=spec.CUMULATIVE_GATE_FLOOR,
+        QK_L2NORM=problem.qk_l2norm, QK_L2NORM_EPS=spec.QK_L2NORM_EPS,
     )
     # Every o element of a real token is stored by exactly one work item (chunks tile [0, T) of every batch
     # row, or [0, cu_seqlens[-1] = T) when varlen; V tiles and heads cover V and HV), so o needs no
@@ -181,6 +207,12 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
         compiler_params=compiler_params(tiling),
     )(*flat, g, cu_seqlens, chunk_indices, scale)
     return o.reshape(B, T, HV, V)
+
+
+launch = jax.jit(_launch, static_argnames=("problem", "interpret", "programs"))
+"""_launch jitted (and inlined into a caller's jit: jitted_chunk_fwd_o, gdn.pallas.forward's stage 3), with a
+derivative that raises (arrays.no_backward; inside the jit, so an eager call pays its tracing once per shape,
+not per call)."""
 
 
 def chunk_fwd_o(
@@ -198,12 +230,15 @@ def chunk_fwd_o(
     """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
 
     q, k [B, T, H, K]; v [B, T, HV, V]; h [B, NT, HV, K, V]; g [B, T, HV] float32 chunk-local cumulative
-    log-gate or None; scale (a Python float or a traced scalar) defaults to K**-0.5. Varlen: B = 1,
-    cu_seqlens [N + 1] int32/int64, chunk_indices [NT, 2] from gdn.common.spec.prepare_chunk_indices.
-    Without chunk_indices, a concrete cu_seqlens is read on the host (a device→host copy for a device
-    array) to build them and check its values (a numpy cu_seqlens is always checked); under jax.jit (a traced
-    cu_seqlens) chunk_indices must be passed. Every array argument may be traced. interpret=None runs the
-    Pallas interpreter unless the default backend is a GPU.
+    log-gate (the cumsum of the per-token log-gates within each chunk; −∞ is a reset) or None; scale (a Python
+    float or a traced scalar) defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1] int32/int64, chunk_indices
+    [NT, 2] from gdn.common.spec.prepare_chunk_indices. Without chunk_indices, a concrete cu_seqlens is read on
+    the host (a device→host copy for a device array) to build them and check its values (a numpy cu_seqlens is
+    always checked, and a numpy chunk_indices against it); other index values are bounded in the kernel
+    (gdn.common.contract). Under jax.jit (a traced cu_seqlens) chunk_indices must be passed, padded to a static
+    row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret, and
+    the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise. interpret=None
+    runs the Pallas interpreter unless the default backend is a GPU. Non-finite inputs: gdn.common.spec.
 
     Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
     per shape, dtype and flag combination.
@@ -213,6 +248,8 @@ def chunk_fwd_o(
         checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_values)
         if chunk_indices is None:
             chunk_indices = spec.prepare_chunk_indices(cu_values)
+        elif isinstance(chunk_indices, np.ndarray):
+            checks.chunk_indices_rows(cu_values, chunk_indices)
     return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret)
 
 

@@ -596,6 +596,8 @@ def chunk_gated_delta_rule(
             checks.state_index_values(indices, problem.pool_rows, op=spec.FORWARD_OP)
         if cu_values is not None and chunk_indices is None:
             chunk_indices = spec.prepare_chunk_indices(cu_values)
+        elif cu_values is not None and isinstance(chunk_indices, np.ndarray):
+            checks.chunk_indices_rows(cu_values, chunk_indices, op=spec.FORWARD_OP)
     pool_updated = state_indices is not None and bool(output_final_state)
     body = jitted_chunk_gated_delta_rule_pool if pool_updated else jitted_chunk_gated_delta_rule
     return body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *serving, softplus_beta,

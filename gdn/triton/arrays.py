@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Container, Hashable, Sequence
 from typing import TypeVar
 
 import torch
 import triton
 
-from gdn.common import contract, spec
+from gdn.common import checks, contract, spec
 from gdn.triton.launcher import cached_plan
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.int32: "int32", torch.int64: "int64"}
 
-TensorKey = tuple[torch.Size, torch.dtype, torch.device] | None
+TensorKey = tuple | None
+"""(shape, dtype, device) of a tensor argument, with its strides appended for a strided view; None for None."""
 
 
 def tensor_keys(names: Sequence[str], args: Sequence[torch.Tensor | None],
@@ -53,10 +54,35 @@ def strided_keys(names: Sequence[str], args: Sequence[torch.Tensor | None], op: 
     return tuple(keys)
 
 
+def layout_keys(names: Sequence[str], args: Sequence[torch.Tensor | None], strided: Container[str],
+                op: str = spec.CHUNK_O_OP) -> tuple[list[torch.Tensor | None], tuple[TensorKey, ...]]:
+    """(arguments as the kernels read them, their keys), for an op whose kernels take strides for the arguments
+    named in strided: a view of those in a layout checks.row_strides accepts (the q, k, v slices of one fused
+    projection) stays in place, keyed (shape, dtype, device, strides); every other non-contiguous tensor is
+    copied once with .contiguous() (one read and one write of it) and keyed as the copy; contiguous tensors cost
+    one is_contiguous() call."""
+    keys: list[TensorKey] = []
+    arrays = list(args)
+    for i, (name, x) in enumerate(zip(names, args)):
+        if x is None:
+            keys.append(None)
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name}: expected a torch.Tensor; got {type(x).__name__}")
+        if not x.is_contiguous():
+            if name in strided and x.dim() == 4 and checks.row_strides(x.shape, x.stride()) is not None:
+                keys.append((x.shape, x.dtype, x.device, x.stride()))
+                continue
+            arrays[i] = x = x.contiguous()
+        keys.append((x.shape, x.dtype, x.device))
+    return arrays, tuple(keys)
+
+
 def array_info(key: TensorKey | StridedKey) -> contract.ArrayInfo:
     """The spec's framework-neutral view of a (shape, dtype, device[, strides]) key."""
-    shape, dtype, device = key[:3]
-    return contract.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device))
+    shape, dtype, device, *strides = key
+    return contract.ArrayInfo(tuple(shape), DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), str(device),
+                              tuple(strides[0]) if strides else None)
 
 
 def _interpreting() -> bool:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from gdn.common import checks, contract, spec, tilings
 from gdn.common.contract import ArrayInfo
-from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
+from gdn.triton.arrays import check_device, host_cu_seqlens, planned, refuse_grad, tensor_keys
 from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
 from gdn.triton.launcher import KernelLaunch, cached_plan
@@ -45,9 +45,9 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
     return -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * b_softplus, 1 / (1 + tl.exp(-b_b))
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])
 def chunk_prepare_kernel(
-    k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T,
+    k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
@@ -59,7 +59,7 @@ def chunk_prepare_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, N, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows (int64)
     m_t = o_t < eos
@@ -410,7 +410,7 @@ def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, 
         gating = gating or NO_RAW_GATING
         prepare_launch(problem, tiling or problem.prepare)(
             k, v, g, beta, gating.A_log, gating.dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, gating.softplus_beta,
-            gating.softplus_threshold, problem.T)
+            gating.softplus_threshold, problem.T, problem.N)
     return g_cum, w, u
 
 
@@ -554,7 +554,8 @@ def validate(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, g: ArrayInfo | None, beta
              dt_bias: ArrayInfo | None, cu_seqlens_values: tuple[int, ...] | None, output_final_state: bool,
              use_qk_l2norm_in_kernel: bool) -> contract.ForwardProblem:
     """contract.validate_forward_inputs on the arrays in _ARG_NAMES' order, then the options (what
-    arrays.planned calls it with)."""
+    arrays.planned calls it with), and the check that the kernels can run on q's device."""
+    check_device(torch.device(q.device), spec.FORWARD_OP)
     return contract.validate_forward_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, cu_seqlens_values, output_final_state,
         state_indices=state_indices, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
@@ -586,12 +587,15 @@ def chunk_gated_delta_rule(
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
     q, k [B, T, H, K] (k L2-normalized by the model, as for FLA, or use_qk_l2norm_in_kernel); v [B, T, HV, V];
-    g [B, T, HV] per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset) and beta
-    [B, T, HV], float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
+    g [B, T, HV] float32 per-token log-gate (≤ 0, natural-log units, not cumulative; −inf is a reset); beta
+    [B, T, HV] float32 or q's dtype; initial_state [N, HV, K, V] float32 (zeros when None); final_state
     [N, HV, K, V] float32 when output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1]
     and chunk_indices as for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host
-    once). A non-finite value in a token's inputs makes the outputs NaN from that token on (its sequence's final
-    state too), never before it.
+    once; host chunk_indices are checked against host cu_seqlens). A non-finite value in a token's inputs makes
+    the outputs NaN from that token on (its sequence's final state too), never before it. q, k, v, g, beta, a
+    and b in any layout (e.g. the slices of one fused projection) are copied once when not contiguous (a read
+    and a write of each); the other arrays must be contiguous (a pool is updated in place, never copied). No
+    backward: inputs that require grad are refused while grad mode is on.
 
     Serving arguments (gdn.common.spec; as decode_step's): state_indices [N] int makes initial_state a state pool
     [P, HV, K, V]: sequence n starts from row state_indices[n] (a negative index or one out of range skips the
@@ -609,6 +613,9 @@ def chunk_gated_delta_rule(
     everywhere. One all-gather of HV·K·(K + V) float32 per rank (gdn.triton.distributed). Forward only:
     refused when an input requires grad; the serving arguments are refused there.
     """
+    # token arrays in another layout (the slices of one fused projection) copied once: the kernels read them dense
+    q, k, v, g, beta, a, b = (x if not isinstance(x, torch.Tensor) or x.is_contiguous() else x.contiguous()
+                              for x in (q, k, v, g, beta, a, b))
     arrays = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, state_indices, a, b, A_log, dt_bias)
     keys = tensor_keys(_ARG_NAMES, arrays, op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
@@ -623,8 +630,11 @@ def chunk_gated_delta_rule(
         from gdn.triton import distributed  # imports this module: the context-parallel glue around its stages
 
         return distributed.context_parallel_forward(problem, q, k, v, g, beta, scale, initial_state, group, pieces)
+    refuse_grad(spec.FORWARD_OP, _ARG_NAMES, arrays)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
+    elif cu_values is not None and chunk_indices is not None and chunk_indices.device.type == "cpu":
+        checks.chunk_indices_rows(cu_values, chunk_indices.numpy(), op=spec.FORWARD_OP)
     if state_indices is not None and state_indices.device.type == "cpu":
         checks.state_index_values(state_indices.numpy(), problem.pool_rows, op=spec.FORWARD_OP)
     gating = RawGating(A_log, dt_bias, float(softplus_beta), float(softplus_threshold)) if problem.raw_gates else None
