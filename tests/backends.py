@@ -211,6 +211,8 @@ class PallasBackend:
         from gdn.pallas import chunk_gated_delta_rule
 
         a = self.convert(inputs)
+        if inputs.arrays.get("state_indices") is not None:  # host values, checked before the call on any device
+            a["state_indices"] = inputs.arrays["state_indices"]
         o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
                                           output_final_state=output_final_state,
                                           **{n: a.get(n) for n in FORWARD_SERVING_ARGS},

@@ -225,17 +225,13 @@ def chunk_walk_kernel(
     def chunk(i_t, b_s):
         o_t = bos + i_t * BT + o_i
         m_t = o_t < eos
+        # g_c is NaN on poison rows (prepare): carried into every product, never selected away, it makes S NaN
+        # after the chunk (0·NaN is NaN) and, through exp(g_i − g_j) and chunk_fwd_o's scores, o NaN from that
+        # row on, while earlier rows never read it (causal where). No reduction over the tile is needed per chunk.
         b_g = plgpu.load(g_cum.at[o_t, i_hv], mask=m_t, other=0)  # [BT]
-        # poison rows (NaN in g_c, marked by prepare) are zeroed before every dot, so no later token reaches an
-        # earlier one; the outputs from the first such row on are NaN below
-        b_bad = b_g != b_g
-        b_poisoned = jnp.cumsum(b_bad.astype(jnp.int32), axis=0) > 0  # [BT]: rows at or after a poison row
-        b_g = jnp.where(b_bad, 0, b_g)
-        # the loads are masked by the token rows only, so the pipeliner prefetches them chunks ahead (a mask
-        # from the loaded g_c would serialize them); prepare wrote poison rows of w and u as 0, k's are zeroed
+        b_g_last = g_cum[jnp.minimum(bos + (i_t + 1) * BT, eos) - 1, i_hv]
         m_tk = m_t[:, None] & m_k[None, :]
         b_k = plgpu.load(k.at[o_t[:, None], i_h, o_k[None, :]], mask=m_tk, other=0)  # [BT, BK]
-        b_k = jnp.where(b_bad[:, None], 0, b_k)
         if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
             b_kf = b_k.astype(jnp.float32)
             b_k = (b_kf / jnp.sqrt(jnp.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).astype(b_k.dtype)
@@ -264,13 +260,10 @@ def chunk_walk_kernel(
             b_P = dot(b_q, b_k.T)  # [BT, BK] @ [BK, BT]
             b_P = jnp.where(m_causal, b_P * jnp.exp(jnp.where(m_causal, b_g[:, None] - b_g[None, :], -jnp.inf)), 0)
             b_o = b_o * scale + dot((b_P * scale).astype(b_q.dtype), b_vn.astype(b_q.dtype))
-            b_o = jnp.where(b_poisoned[:, None], jnp.nan, b_o)
             plgpu.store(o.at[o_t[:, None], i_hv, o_v[None, :]], b_o.astype(o.dtype), mask=m_tv)
         # S = exp(g_last)·S + (k ⊙ exp(g_last − g))ᵀ·v_new: [BK, BT] @ [BT, BV]
-        b_g_last = jnp.sum(jnp.where(o_i == jnp.minimum(eos - bos - i_t * BT, BT) - 1, b_g, 0))
         b_vn = b_vn * jnp.where(m_t, jnp.exp(b_g_last - b_g), 0)[:, None]
-        b_s = b_s * jnp.exp(b_g_last) + dot(b_k.T, b_vn.astype(b_k.dtype))
-        return jnp.where(jnp.max(b_poisoned.astype(jnp.int32)) > 0, jnp.nan, b_s)
+        return b_s * jnp.exp(b_g_last) + dot(b_k.T, b_vn.astype(b_k.dtype))
 
     b_s = jax.lax.fori_loop(c_first, c_end, chunk, b_s)
     if MAP:

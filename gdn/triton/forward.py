@@ -234,17 +234,13 @@ def chunk_walk_kernel(
         o_t = bos + i_t * BT + o_i
         m_t = o_t < eos
         p_rows = o_t * HV + i_hv  # [BT] rows of w, u, g_c, o
+        # g_c is NaN on poison rows (prepare): carried into every product, never selected away, it makes S NaN
+        # after the chunk (0·NaN is NaN) and, through exp(g_i − g_j) and chunk_fwd_o's scores, o NaN from that
+        # row on, while earlier rows never read it (causal where). No reduction over the tile is needed per chunk.
         b_g = tl.load(g_cum + p_rows, mask=m_t, other=0)  # [BT]
-        # poison rows (NaN in g_c, marked by prepare) are zeroed before every dot, so no later token reaches an
-        # earlier one; the outputs from the first such row on are NaN below
-        b_bad = b_g != b_g
-        b_poisoned = tl.cumsum(b_bad.to(tl.int32), axis=0) > 0  # [BT]: rows at or after a poison row
-        b_g = tl.where(b_bad, 0, b_g)
-        # the loads are masked by the token rows only, so the pipeliner prefetches them chunks ahead (a mask
-        # from the loaded g_c would serialize them); prepare wrote poison rows of w and u as 0, k's are zeroed
+        b_g_last = tl.load(g_cum + (tl.minimum(bos + (i_t + 1) * BT, eos) - 1) * HV + i_hv)
         m_tk = m_t[:, None] & m_k[None, :]
         b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
-        b_k = tl.where(b_bad[:, None], 0, b_k)
         if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
             b_kf = b_k.to(tl.float32)
             b_k = (b_kf / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_k.dtype)
@@ -275,13 +271,10 @@ def chunk_walk_kernel(
             b_P = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BT, BK] @ [BK, BT]
             b_P = tl.where(m_causal, b_P * tl.exp(tl.where(m_causal, b_g[:, None] - b_g[None, :], float("-inf"))), 0)
             b_o = b_o * scale + tl.dot((b_P * scale).to(b_q.dtype), b_vn.to(b_q.dtype), input_precision=DOT_PRECISION)
-            b_o = tl.where(b_poisoned[:, None], float("nan"), b_o)
             tl.store(o + (p_rows * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
         # S = exp(g_last)·S + (k ⊙ exp(g_last − g))ᵀ·v_new: [BK, BT] @ [BT, BV]
-        b_g_last = tl.sum(tl.where(o_i == tl.minimum(eos - bos - i_t * BT, BT) - 1, b_g, 0))
         b_vn = b_vn * tl.where(m_t, tl.exp(b_g_last - b_g), 0)[:, None]
         b_s = b_s * tl.exp(b_g_last) + tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=DOT_PRECISION)
-        b_s = tl.where(tl.max(b_poisoned.to(tl.int32)) > 0, float("nan"), b_s)
 
     if MAP:
         p_map = ((i_n * MAPPED_PIECES + i_p) * HV + i_hv).to(tl.int64) * K
