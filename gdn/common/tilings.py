@@ -147,8 +147,9 @@ chunk_fwd_o. Measured on an H200 with Triton 3.6 (bf16, K = V = 128, the whole f
 benchmarks/tune_forward.py --only fused): the fused walk's chunk takes 4.8–7 µs against about 1 µs for the
 walk that stores h (the o dots q·S, q·kᵀ and tril(P)·v_new join the sequential chain, and their operands
 built in registers pass through shared memory), so it loses everywhere even in 8 pieces: B1 T8192 H16
-614 µs at best (32-column tiles), few heads 228, B8 T2048 HV32 835, T65536 2616, against 273, 204, 703
-and 1769 for the staged path. The fused walk is kept for that measurement."""
+614 µs at best (32-column tiles), few heads 228, B8 T2048 HV32 835, T65536 2616, against 283, 202, 766
+and 2136 for the staged path (tune_forward --only stages: the walk storing h takes about 1 µs per chunk).
+The fused walk is kept for that measurement."""
 
 
 MAX_PIECES = 8
