@@ -36,6 +36,10 @@ from gdn.pallas.arrays import (
     resolve_interpret,
 )
 
+LOWERINGS = ("triton", "mosaic_gpu")
+"""chunk_fwd_o's Pallas lowerings: the Triton one (this module), the default, and Mosaic GPU
+(gdn.pallas.chunk_o_mosaic_gpu), chosen explicitly until it is measured."""
+
 
 def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
     """(first token row, end row) of global chunk i_tg (a row of h) in the packed T axis, with
@@ -226,6 +230,7 @@ def chunk_fwd_o(
     chunk_indices: jax.Array | np.ndarray | None = None,
     *,
     interpret: bool | None = None,
+    lowering: str = "triton",
 ) -> jax.Array:
     """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
 
@@ -236,13 +241,17 @@ def chunk_fwd_o(
     the host (a device→host copy for a device array) to build them and check its values (a numpy cu_seqlens is
     always checked, and a numpy chunk_indices against it); other index values are bounded in the kernel
     (gdn.common.contract). Under jax.jit (a traced cu_seqlens) chunk_indices must be passed, padded to a static
-    row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret, and
-    the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise. interpret=None
-    runs the Pallas interpreter unless the default backend is a GPU. Non-finite inputs: gdn.common.spec.
+    row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret,
+    lowering, and the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise.
+    interpret=None runs the Pallas interpreter unless the default backend is a GPU. lowering: "triton" (the
+    default, measured) or "mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu: Hopper only, 16-bit inputs, K and V in
+    (64, 128); not yet measured). Non-finite inputs: gdn.common.spec.
 
     Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
     per shape, dtype and flag combination.
     """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"{spec.CHUNK_O_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
     if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
         checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_values)
@@ -250,17 +259,29 @@ def chunk_fwd_o(
             chunk_indices = spec.prepare_chunk_indices(cu_values)
         elif isinstance(chunk_indices, np.ndarray):
             checks.chunk_indices_rows(cu_values, chunk_indices)
-    return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret)
+    return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret,
+                              lowering=lowering)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, interpret: bool | None):
-    """chunk_fwd_o's body: the contract check at trace time (on shapes and dtypes), then the kernel."""
+@functools.partial(jax.jit, static_argnames=("interpret", "lowering"))
+def jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, interpret: bool | None,
+                       lowering: str = "triton"):
+    """chunk_fwd_o's body: the contract check at trace time (on shapes and dtypes), then the kernel of the
+    lowering."""
     checked = checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices)
     if scale is None:
         scale = spec.default_scale(checked.K)
+    interpret = resolve_interpret(interpret)
+    if lowering == "mosaic_gpu":
+        from gdn.pallas import chunk_o_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
+
+        reason = chunk_o_mosaic_gpu.unsupported_reason(checked, np.dtype(h.dtype).name, interpret)
+        if reason is not None:
+            raise ValueError(f"{spec.CHUNK_O_OP}: {reason}")
+        return chunk_o_mosaic_gpu.launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices),
+                                         problem=checked, interpret=interpret)
     return launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices), problem=checked,
-                  interpret=resolve_interpret(interpret))
+                  interpret=interpret)
 
 
 def checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_seqlens_values: np.ndarray | None = None,
