@@ -1,7 +1,7 @@
 """chunk_fwd_o with lowering="mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu), the shared test bodies on the shapes it
 takes: the shared cases at its head sizes and edge cases (T = 1, 65, 127, varlen with empty and 1-token
 sequences) against the float64 reference, NaN in a neighbouring sequence, −∞ gates, padded chunk indices and
-rows naming no chunk, determinism, and the inputs it refuses. Mosaic GPU interpret mode on CPU
+rows naming no chunk, determinism, no derivative, and the inputs it refuses. Mosaic GPU interpret mode on CPU
 (unspecified reads are NaN there); compiled on an sm_90 GPU."""
 
 from __future__ import annotations
@@ -94,6 +94,16 @@ def test_chunk_indices_naming_no_chunk_read_and_write_nothing() -> None:
     assert_close(out, chunk_o_reference(case.inputs("float16", seed=18)), spec.CHUNK_O_OP, "float16")
 
 
+def test_differentiation_raises_a_clear_error() -> None:
+    import jax
+
+    from gdn.pallas import chunk_fwd_o
+
+    a = MOSAIC.convert(_SUPPORTED.inputs("float16"))
+    with pytest.raises(TypeError, match=f"^gdn: {spec.CHUNK_O_OP} has no backward"):
+        jax.grad(lambda q: chunk_fwd_o(q, a["k"], a["v"], a["h"], a["g"], lowering="mosaic_gpu").sum())(a["q"])
+
+
 def test_deterministic() -> None:
     inputs = EDGE_CASES[1].inputs("float16", seed=16)
     assert np.array_equal(MOSAIC.run(inputs), MOSAIC.run(inputs))
@@ -125,8 +135,8 @@ def test_unknown_lowering_is_refused() -> None:
     from gdn.pallas import chunk_fwd_o
 
     a = MOSAIC.convert(_SUPPORTED.inputs("float16"))
-    with pytest.raises(ValueError, match=r"^chunk_fwd_o: lowering: expected one of \('triton', 'mosaic_gpu'\); "
-                                         r"got 'mosaic'"):
+    with pytest.raises(ValueError, match=r"^chunk_fwd_o: lowering: expected one of \('triton', 'mosaic_gpu', "
+                                         r"'triton_call'\); got 'mosaic'"):
         chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], lowering="mosaic")
 
 
