@@ -4,7 +4,11 @@ benchmarks.shapes.SHAPES (bf16) and DTYPE_SHAPES (fp16, fp32), K = V = 128, gate
 Implementations (a peer that is not installed is a "not installed" row; a failure at a shape is a row with the
 error):
   gdn-triton    gdn.triton.chunk_fwd_o (torch)
-  gdn-pallas    gdn.pallas.chunk_fwd_o, called as users call it (the op jits itself)
+  gdn-pallas    gdn.pallas.chunk_fwd_o, called as users call it (the op jits itself; the Triton lowering)
+  gdn-mosaic    the same with lowering="mosaic_gpu" (sm_90; 16-bit, K and V in (64, 128): other shapes are rows
+                with the reason)
+  gdn-jax-triton  the same with lowering="triton_call": gdn-triton's kernel launched from JAX through jaxlib's
+                Triton custom call (its output should equal gdn-triton's bit for bit: max |Δ| 0)
   fla           fla-core 0.6 fla.ops.common.chunk_o.chunk_fwd_o (exp2 gates: given g·log2(e), computed outside
                 the timed call; its autotuner picks BK/BV/warps on the first call of each key)
   jnp           benchmarks.formulations.chunk_fwd_o_jnp under jax.jit (plain jax.numpy einsums)
@@ -44,7 +48,7 @@ from gdn.common import spec
 
 LOG2E = math.log2(math.e)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-IMPLS = ("gdn-triton", "gdn-pallas", "fla", "jnp", "torch-eager")
+IMPLS = ("gdn-triton", "gdn-pallas", "gdn-mosaic", "gdn-jax-triton", "fla", "jnp", "torch-eager")
 PIPELINED_CALLS = 10
 
 
@@ -79,7 +83,7 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             return lambda: chunk_fwd_o_torch(t["q"], t["k"], t["v"], t["h"], t["g"], None, *index)
 
         impls["torch-eager"] = harness.Impl("torch-eager", "torch", make_eager)
-    jax_wanted = [n for n in ("gdn-pallas", "jnp") if n in wanted]
+    jax_wanted = [n for n in ("gdn-pallas", "gdn-mosaic", "gdn-jax-triton", "jnp") if n in wanted]
     if jax_wanted:
         try:
             import jax
@@ -90,11 +94,13 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             for name in jax_wanted:
                 impls[name] = harness.not_installed(name, "jax", error)
             jax_wanted = []
-    if "gdn-pallas" in jax_wanted:
-        from gdn.pallas import chunk_fwd_o as gdn_pallas
+    for name, lowering in (("gdn-pallas", "triton"), ("gdn-mosaic", "mosaic_gpu"), ("gdn-jax-triton", "triton_call")):
+        if name in jax_wanted:
+            from gdn.pallas import chunk_fwd_o as gdn_pallas
 
-        impls["gdn-pallas"] = harness.Impl("gdn-pallas", "jax", lambda shape, j: lambda: gdn_pallas(
-            j["q"], j["k"], j["v"], j["h"], j["g"], None, j["cu_seqlens"], j["chunk_indices"]))
+            impls[name] = harness.Impl(name, "jax", lambda shape, j, lowering=lowering: lambda: gdn_pallas(
+                j["q"], j["k"], j["v"], j["h"], j["g"], None, j["cu_seqlens"], j["chunk_indices"],
+                lowering=lowering))
     if "jnp" in jax_wanted:
         from benchmarks.formulations import chunk_fwd_o_jnp, varlen_index
 

@@ -70,7 +70,7 @@ def host_breakdown(repeats: int = 9, calls: int = 300) -> None:
     o = torch.empty_like(v)
     problem, run, *_ = chunk_o.call_plan(q, k, v, h, g)  # chunk_fwd_o's plan of this call signature
     chunk_o.chunk_fwd_o(q, k, v, h, g)  # compiles the variant and records it in run
-    runtime_args = (q, k, v, h, g, o, None, None, spec.default_scale(problem.K), problem.T, problem.num_sequences)
+    runtime_args = (q, k, v, h, g, None, None, o, spec.default_scale(problem.K), problem.T, problem.num_sequences)
     f = shapes.forward_inputs(shapes.HOST_SHAPE, seed=0)
     d = shapes.decode_inputs(64, seed=0)
     layers = {

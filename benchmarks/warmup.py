@@ -18,7 +18,7 @@ Policies:
                    (BK, BV, warps, stages) = (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3), keyed like FLA's
                    on (H, HV, K, V, BT) and the tensors' dtypes, timings cached on disk like FLA's;
     pow2-static    gdn's static tiling (tilings.chunk_o_tiling): the cost of the BT switch without the autotuner;
-  both warmed over T = 16, 32, CHUNK_SIZE. They launch gdn's own kernel (gdn.triton.chunk_o.chunk_fwd_o_kernel,
+  both warmed over T = 16, 32, CHUNK_SIZE. They launch gdn's own kernel (gdn.triton_kernels.chunk_o.chunk_fwd_o_kernel,
   BT is a constexpr) with another BT: with BT < CHUNK_SIZE the kernel cuts T into BT-row chunks, so h must
   have cdiv(T, BT) rows, one row for T ≤ CHUNK_SIZE as gdn's; for T ≥ CHUNK_SIZE both pick BT = CHUNK_SIZE, so
   outputs are comparable bit for bit at T = CHUNK_SIZE, CHUNK_SIZE + 1 and 8192; at T = 16 and 32 only the max
@@ -123,7 +123,7 @@ class Pow2PolicyLauncher:
         import torch
         import triton
 
-        from gdn.triton import chunk_o
+        from gdn.triton_kernels.chunk_o import STRIDE_NAMES
 
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
@@ -135,10 +135,11 @@ class Pow2PolicyLauncher:
         o = torch.empty_like(v)
         scale = spec.default_scale(K) if scale is None else float(scale)
         dtype_name = str(q.dtype).removeprefix("torch.")
-        strides = dict(zip(chunk_o.STRIDE_NAMES, contract.contiguous_strides(H, K, HV, V)))  # dense q, k, v
+        strides = dict(zip(STRIDE_NAMES, contract.contiguous_strides(H, K, HV, V)))  # dense q, k, v
         common = dict(H=H, HV=HV, K=K, V=V, **strides, BT=BT, USE_G=g is not None, IS_VARLEN=False,
-                      DOT_PRECISION="ieee" if dtype_name == "float32" else "tf32", G_FLOOR=spec.CUMULATIVE_GATE_FLOOR)
-        args = (q, k, v, h, g, o, None, None, scale, T, B)
+                      DOT_PRECISION="ieee" if dtype_name == "float32" else "tf32", G_FLOOR=spec.CUMULATIVE_GATE_FLOOR,
+                      QK_L2NORM=False, QK_L2NORM_EPS=spec.QK_L2NORM_EPS)
+        args = (q, k, v, h, g, None, None, o, scale, T, B)
         if self.autotune:
             self.tuner(V)[lambda meta: (B * NT * HV * meta["NV"],)](*args, **common)
         else:

@@ -8,8 +8,9 @@ Pallas with the Triton lowering for JAX (gdn.pallas). Each backend has the same 
 - ``warmup`` / ``warmup_forward`` — compile what later calls need; ``compiled_variants`` counts the compiles;
 - JAX only: ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — shape buckets that bound compiles.
 
-Import the backend you use: ``gdn.triton`` imports torch and triton only, ``gdn.pallas`` jax only. The spec
-(math, layouts, tilings, input contract) and the float64 references are in gdn.common.
+Import the backend you use: ``gdn.triton`` imports torch and triton only (``pip install 'gdn[torch]'``),
+``gdn.pallas`` jax only (``pip install 'gdn[jax]'``). The spec (math, layouts, tilings, input contract) and the
+float64 references are in gdn.common, which needs numpy and ml_dtypes only.
 """
 
 from gdn.common.spec import CHUNK_SIZE

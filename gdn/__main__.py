@@ -31,12 +31,17 @@ DECODE_ARRAYS = ("q", "k", "v", "g", "beta", "state", "state_indices", "cu_seqle
                  "b", "A_log", "dt_bias")
 
 
-def _has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
+def _has_gpu() -> bool:
+    """Whether the installed framework sees a CUDA GPU: torch's view when torch is installed, else JAX's."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
 
-    return torch.cuda.is_available()
+        return torch.cuda.is_available()
+    if importlib.util.find_spec("jax") is not None:
+        import jax
+
+        return jax.default_backend() == "gpu"
+    return False
 
 
 def _parse(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
@@ -186,10 +191,10 @@ def _decode_inputs(seqlens: list[int], H: int, HV: int, K: int, V: int, dtype: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    on_gpu = _has_cuda()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts its backend
+    on_gpu = _has_gpu()
     if not on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     args = _parse(argv, on_gpu)
 
     from gdn.common import example, reference, spec
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name:>7}: running ...", flush=True)
         try:
+            importlib.import_module(f"gdn.{name}")  # without its framework: an ImportError naming the extra
             outs, device, seconds = runners[name](inputs, args.dtype, args.repeats, args.op)
         except ImportError as error:
             print(f"{name:>7}: skipped: {error}")

@@ -261,4 +261,38 @@ class PallasBackend:
         return {name: self.numpy(x) for name, x in zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
 
 
+class PallasLoweringBackend(PallasBackend):
+    """gdn.pallas.chunk_fwd_o with another lowering than the default (each its own test file)."""
+
+    lowering: str
+
+    def run(self, inputs: OpInputs) -> np.ndarray:
+        from gdn.pallas import chunk_fwd_o
+
+        args = self.convert(inputs)
+        out = chunk_fwd_o(args["q"], args["k"], args["v"], args["h"], args["g"], inputs.scale,
+                          args["cu_seqlens"], args["chunk_indices"], lowering=self.lowering)
+        return self.numpy(out)
+
+
+class MosaicGpuBackend(PallasLoweringBackend):
+    """lowering="mosaic_gpu": it takes a subset of the shapes."""
+
+    name = "pallas-mosaic_gpu"
+    lowering = "mosaic_gpu"
+
+    @staticmethod
+    def supports_case(case, dtype: str) -> bool:
+        from gdn.pallas.chunk_o_mosaic_gpu import DTYPES, HEAD_DIMS
+
+        return dtype in DTYPES and case.K in HEAD_DIMS and case.V in HEAD_DIMS
+
+
+class TritonCallBackend(PallasLoweringBackend):
+    """lowering="triton_call": gdn.triton's kernel launched from JAX, compiled on a CUDA GPU only."""
+
+    name = "pallas-triton_call"
+    lowering = "triton_call"
+
+
 BACKENDS = {backend.name: backend for backend in (TritonBackend(), PallasBackend())}

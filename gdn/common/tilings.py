@@ -43,6 +43,13 @@ class Tiling:
     num_stages: int
     max_registers: int | None = None
 
+    def triton_options(self) -> dict[str, int]:
+        """Triton's compile options of the tiling: num_warps, num_stages and, when set, maxnreg."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
+
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()

@@ -1,4 +1,5 @@
-"""gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch.
+"""gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch
+or the triton package (the lowering is JAX's own).
 
 Every op is jitted internally (a call outside jax.jit costs what a jitted one does) and may be called under a
 caller's jax.jit:
@@ -11,7 +12,16 @@ caller's jax.jit:
 - ``warmup`` / ``warmup_forward`` — compile the programs later calls at the given lengths need;
 - ``compiled_variants()`` — programs compiled so far for calls outside a caller's jax.jit;
 - ``bucket_size``, ``pad_to_bucket``, ``pad_forward_to_bucket`` — pad T to a few buckets to bound compiles.
+
+Installed by ``pip install 'gdn[jax]'``; without JAX, importing this raises an ImportError that says so.
 """
+
+try:
+    import jax  # noqa: F401
+except ModuleNotFoundError as error:
+    if error.name not in ("jax", "jaxlib"):
+        raise
+    raise ImportError("gdn.pallas needs JAX: pip install 'gdn[jax]'") from error
 
 from gdn.pallas.bucketing import bucket_size, pad_forward_to_bucket, pad_to_bucket
 from gdn.pallas.chunk_o import chunk_fwd_o, warmup

@@ -31,10 +31,16 @@ from gdn.pallas.arrays import (
     host_cu_seqlens,
     index_or_placeholder,
     input_dot_precision,
+    is_tracer,
     multiprocessor_count,
     no_backward,
     resolve_interpret,
 )
+
+LOWERINGS = ("triton", "mosaic_gpu", "triton_call")
+"""chunk_fwd_o's JAX paths: Pallas's Triton lowering (this module), the default; Pallas Mosaic GPU
+(gdn.pallas.chunk_o_mosaic_gpu); and gdn.triton's own Triton kernel launched through jaxlib's Triton custom call
+(gdn.pallas.triton_call). The other two are chosen explicitly until they are measured."""
 
 
 def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
@@ -226,6 +232,7 @@ def chunk_fwd_o(
     chunk_indices: jax.Array | np.ndarray | None = None,
     *,
     interpret: bool | None = None,
+    lowering: str = "triton",
 ) -> jax.Array:
     """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
 
@@ -236,13 +243,19 @@ def chunk_fwd_o(
     the host (a device→host copy for a device array) to build them and check its values (a numpy cu_seqlens is
     always checked, and a numpy chunk_indices against it); other index values are bounded in the kernel
     (gdn.common.contract). Under jax.jit (a traced cu_seqlens) chunk_indices must be passed, padded to a static
-    row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret, and
-    the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise. interpret=None
-    runs the Pallas interpreter unless the default backend is a GPU. Non-finite inputs: gdn.common.spec.
+    row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret,
+    lowering, and the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise.
+    interpret=None runs the Pallas interpreter unless the default backend is a GPU. lowering: "triton" (the
+    default, measured), "mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu: Hopper only, 16-bit inputs, K and V in
+    (64, 128); not yet measured) or "triton_call" (gdn.pallas.triton_call: gdn.triton's kernel and bits on a
+    CUDA GPU, compiled only, needs triton; scale a Python float or a concrete scalar, baked into the compiled
+    call; not yet measured). Non-finite inputs: gdn.common.spec.
 
     Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
     per shape, dtype and flag combination.
     """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"{spec.CHUNK_O_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
     if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
         checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_values)
@@ -250,17 +263,58 @@ def chunk_fwd_o(
             chunk_indices = spec.prepare_chunk_indices(cu_values)
         elif isinstance(chunk_indices, np.ndarray):
             checks.chunk_indices_rows(cu_values, chunk_indices)
-    return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret)
+    if lowering == "triton_call":
+        if interpret:
+            raise ValueError(f"{spec.CHUNK_O_OP}: interpret: expected None or False with lowering='triton_call' "
+                             "(compiled kernels only); got True")
+        return jitted_triton_call(q, k, v, h, g, cu_seqlens, chunk_indices, scale=static_scale(scale))
+    return jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, interpret=interpret,
+                              lowering=lowering)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, interpret: bool | None):
-    """chunk_fwd_o's body: the contract check at trace time (on shapes and dtypes), then the kernel."""
+def static_scale(scale: float | jax.Array | None) -> float | None:
+    """scale as a Python float (None stays None) for lowering='triton_call', which bakes it into the call."""
+    if scale is None:
+        return None
+    if is_tracer(scale):
+        raise ValueError(f"{spec.CHUNK_O_OP}: scale: expected a Python float or a concrete scalar with "
+                         "lowering='triton_call' (it is baked into the compiled call); got a traced value")
+    return float(scale)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def jitted_triton_call(q, k, v, h, g, cu_seqlens, chunk_indices, *, scale: float | None):
+    """chunk_fwd_o with lowering='triton_call': the contract check at trace time, then gdn.triton's kernel
+    launched through jaxlib's Triton custom call."""
+    checked = checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices)
+    from gdn.pallas import triton_call  # triton is imported only by a call that asks for it
+
+    q, k, v, h, g = no_backward(spec.CHUNK_O_OP, (q, k, v, h, g))
+    return triton_call.chunk_fwd_o(q, k, v, h, g, as_index(cu_seqlens), as_index(chunk_indices), problem=checked,
+                                   scale=spec.default_scale(checked.K) if scale is None else scale,
+                                   capability=triton_call.device_capability(spec.CHUNK_O_OP))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "lowering"))
+def jitted_chunk_fwd_o(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, interpret: bool | None,
+                       lowering: str = "triton"):
+    """chunk_fwd_o's body: the contract check at trace time (on shapes and dtypes), then the kernel of the
+    lowering."""
     checked = checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices)
     if scale is None:
         scale = spec.default_scale(checked.K)
+    interpret = resolve_interpret(interpret)
+    if lowering == "mosaic_gpu":
+        from gdn.pallas import chunk_o_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
+
+        reason = chunk_o_mosaic_gpu.unsupported_reason(checked, np.dtype(h.dtype).name, interpret)
+        if reason is not None:
+            raise ValueError(f"{spec.CHUNK_O_OP}: {reason}")
+        q, k, v, h, g, scale = no_backward(spec.CHUNK_O_OP, (q, k, v, h, g, scale))
+        return chunk_o_mosaic_gpu.launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices),
+                                         problem=checked, interpret=interpret)
     return launch(q, k, v, h, g, scale, as_index(cu_seqlens), as_index(chunk_indices), problem=checked,
-                  interpret=resolve_interpret(interpret))
+                  interpret=interpret)
 
 
 def checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_seqlens_values: np.ndarray | None = None,

@@ -10,7 +10,18 @@
 - ``reset_plans()`` — drop the cached launch plans (tests that swap a kernel).
 
 Importing it registers the ops' torch.library custom ops (gdn.triton.custom_ops), which torch.compile traces.
+Installed by ``pip install 'gdn[torch]'``; without torch or triton, importing this raises an ImportError that says
+so.
 """
+
+try:
+    import torch  # noqa: F401
+    import triton  # noqa: F401
+except ModuleNotFoundError as error:
+    if error.name not in ("torch", "triton"):
+        raise
+    message = f"gdn.triton needs PyTorch and Triton ({error.name} is missing): pip install 'gdn[torch]'"
+    raise ImportError(message) from error
 
 from gdn.triton import custom_ops  # noqa: F401
 from gdn.triton.chunk_o import chunk_fwd_o, warmup

@@ -7,7 +7,7 @@ each piece's affine state map S_out = M·S_in + N, the combine turns them into e
 and the walk runs all pieces in parallel. The walk can also compute o itself (tilings.FUSED_WALK: measured
 slower on Triton 3.6, kept for that measurement). Math, layouts and the stages: gdn.common.spec
 (chunk_gated_delta_rule); tilings: tilings.prepare_tiling, tilings.walk_tiling, tilings.context_pieces,
-tilings.SCAN_TILING. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks, b_ register
+tilings.SCAN_TILING. Glossary as in gdn.triton_kernels.chunk_o (i_ program ids, o_ offsets, m_ masks, b_ register
 tiles, BT = CHUNK_SIZE).
 """
 
@@ -23,9 +23,9 @@ import triton.language as tl
 from gdn.common import checks, contract, spec, tilings
 from gdn.common.contract import ArrayInfo
 from gdn.triton.arrays import check_device, host_cu_seqlens, planned, refuse_grad, tensor_keys
-from gdn.triton.chunk_o import chunk_span
 from gdn.triton.chunk_o import launch as launch_chunk_o
 from gdn.triton.launcher import KernelLaunch, cached_plan
+from gdn.triton_kernels.chunk_o import chunk_span
 
 
 @triton.jit

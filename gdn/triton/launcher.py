@@ -173,9 +173,7 @@ class KernelLaunch:
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.tiling = tiling
         self.constexprs = constexprs
-        self.launch_options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
-        if tiling.max_registers is not None:
-            self.launch_options["maxnreg"] = tiling.max_registers
+        self.launch_options = tiling.triton_options()
         self._direct = fast_launch_supported(triton.__version__) and isinstance(kernel, JITFunction)
         self._variants: dict[int, _Variant] = {}  # device → the variant its first recordable launch compiled
 

@@ -1,0 +1,229 @@
+"""chunk_fwd_o for JAX with Pallas Mosaic GPU (Hopper, sm_90): the same math and contract as gdn.pallas.chunk_o,
+chosen with ``gdn.pallas.chunk_fwd_o(..., lowering="mosaic_gpu")``; the Triton lowering stays the default.
+
+Status: checked against the float64 reference in Mosaic GPU interpret mode (CPU); the compiled kernel has not
+run on a GPU yet, so it is neither measured nor chosen anywhere by default. Index arrays are bounded and −∞ gates
+read as spec.CUMULATIVE_GATE_FLOOR as in the Triton kernels; of gdn.common.spec's non-finite rule, a NaN or ±inf
+in v reaches this chunk's earlier rows too (0·NaN in A·v: the Triton kernels' count of non-finite v is not here).
+
+Glossary (as in the Triton-lowered kernel): i_ program ids, o_ offsets, m_ masks, b_ register tiles, _s shared
+memory (SMEM) tiles; BT = CHUNK_SIZE rows of a chunk. Math and layouts: gdn.common.spec.
+
+Structure. One CTA (one warpgroup, 128 threads) per (chunk, value head) on a 1-D grid, value head fastest, so
+the CTAs of a chunk's grouped value heads run side by side and share its q/k tiles through L2. The whole K and
+V of the head are one tile (K, V in HEAD_DIMS), so q·kᵀ is formed once per (chunk, value head) rather than once
+per V tile. The CTA
+  1. issues every load at once with TMA into swizzled SMEM tiles: q, k [BT, K] (barrier 1), h [K, V], v [BT, V]
+     and the chunk's gates g [BT] (barrier 2), so the first product starts while h and v are in flight;
+  2. multiplies on the tensor cores (wgmma, float32 accumulators): A = q·kᵀ, o = q·h, then o += A·v;
+  3. writes o [BT, V] through an SMEM staging tile with TMA: one 64-row copy for a full chunk, else one copy
+     per set bit of the row count (32, 16, ..., 1 rows), so no row of the next sequence is ever written.
+A TMA load past the end of the token axis reads zeros on the GPU (unspecified in interpret mode, where it is
+NaN): nothing here relies on it. Rows of a chunk past its sequence's end hold the next sequence's tokens (or
+garbage); they reach no stored row because A is masked with where (i ≥ j) and v's rows past the end are zeroed
+in SMEM before A·v (a NaN there would otherwise survive 0·NaN).
+
+Token axes are flattened as in the Triton-lowered kernel: q, k [B·T, H, K]; v, o [B·T, HV, V]; h [B·NT, HV,
+K, V]. The gates are transposed to [HV, B·T] (padded to a multiple of 4 tokens): a TMA box needs ≥ 16
+contiguous bytes, and a chunk of one head's gates is then one 256-byte row.
+
+Interpret mode. JAX 0.10's Mosaic GPU interpreter has no rules for layout hints (plgpu.load with a layout,
+plgpu.broadcasted_iota) nor for wgmma with a transposed or register operand; there the three helpers below
+read SMEM plainly and multiply with jnp.dot in float32 (the values a wgmma accumulates). Everything else — the
+TMA copies and their barriers, the index math, the masks, the staged and split stores — runs as compiled.
+
+Next steps, once measured against the Triton lowering (benchmarks/chunk_o.py): a persistent grid whose CTAs
+pipeline the next item's TMA loads under this item's wgmmas (jla's scalar_gate_fused.py streams its inputs
+from a producer warpgroup into 2–4 SMEM stages), q·kᵀ shared by the grouped value heads of a chunk, and the
+forward's fused walk (tilings.FUSED_WALK) in the same style.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from gdn.common import contract, spec
+from gdn.pallas.chunk_o import chunk_span
+
+HEAD_DIMS = (64, 128)
+"""K and V this kernel takes (those of jla's Mosaic GPU kernels, measured on H100/H200): one 128-byte-swizzled
+16-bit tile row of 64 or 128 elements, a whole tile per TMA copy and per wgmma."""
+DTYPES = ("float16", "bfloat16")
+"""wgmma's 16-bit inputs; float32 needs the three-pass TF32 dots of the Triton lowering (tilings)."""
+
+LOWERING = "lowering='mosaic_gpu'"
+"""How the error messages name this path."""
+
+WGMMA = plgpu.Layout.WGMMA
+ROWS = WGMMA.reduce(1)  # one value per row of a WGMMA tile
+COLS = WGMMA.reduce(0)  # one value per column
+
+# Mosaic GPU interpret mode's parameters: jax.experimental.pallas.mosaic_gpu.InterpretGPUParams from JAX 0.11,
+# only under jax._src before. The one place that knows both.
+try:
+    InterpretGPUParams = plgpu.InterpretGPUParams
+except AttributeError:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+
+def unsupported_reason(problem: contract.ChunkOProblem, h_dtype: str, interpret: bool) -> str | None:
+    """Why this kernel cannot run a validated chunk_fwd_o problem ("<argument>: expected …; got …"), or None when
+    it can."""
+    if problem.dtype not in DTYPES:
+        return f"q: expected dtype in {DTYPES} with {LOWERING} (16-bit wgmma); got {problem.dtype}"
+    if h_dtype != problem.dtype:
+        return f"h: expected the dtype of q ({problem.dtype}) with {LOWERING}; got {h_dtype}"
+    if problem.K not in HEAD_DIMS or problem.V not in HEAD_DIMS:
+        return f"K, V: expected each in {HEAD_DIMS} with {LOWERING}; got K = {problem.K}, V = {problem.V}"
+    if not interpret:
+        device = jax.devices()[0]
+        if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
+            return f"device: expected an sm_90 GPU (wgmma) or interpret=True with {LOWERING}; got {device.device_kind}"
+    return None
+
+
+def _smem_tile(shape: tuple[int, int], dtype) -> plgpu.SMEM:
+    """An SMEM tile tiled and swizzled for TMA and wgmma (the widest swizzle its rows allow)."""
+    dtype = jnp.dtype(dtype)
+    swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+def _load(ref, layout, interpret: bool) -> jax.Array:
+    """An SMEM ref's values in registers, in the given layout (a plain read in interpret mode)."""
+    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def _iota(shape: tuple[int, int], dim: int, interpret: bool) -> jax.Array:
+    """Row (dim 0) or column (dim 1) index of every element of a WGMMA-layout tile."""
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def _dot(a, b, shape: tuple[int, int], interpret: bool, transpose_b: bool = False) -> jax.Array:
+    """a·b (a·bᵀ with transpose_b) accumulated in float32 on the tensor cores; a an SMEM tile or 16-bit registers
+    in the WGMMA layout, b an SMEM tile."""
+    if interpret:
+        a = a if isinstance(a, jax.Array) else a[...]
+        b = b[...]
+        return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
+
+    def accumulate(acc):
+        plgpu.wgmma(acc, a, b.T if transpose_b else b)
+        return acc[...]
+
+    # The barrier keeps LLVM from scheduling arithmetic on the accumulator before the wgmma wait (which has no
+    # data dependency on the registers); jla's _common.matmul saw stale, zeroed products without it.
+    return lax.optimization_barrier(pl.run_scoped(accumulate, plgpu.ACC(shape, jnp.float32)))
+
+
+def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, q_s, k_s, h_s, v_s, g_s, o_s,
+                       qk_ready, hvg_ready, *, T: int, NT: int, H: int, HV: int, K: int, V: int, BT: int,
+                       USE_G: bool, IS_VARLEN: bool, INTERPRET: bool):
+    i_item = lax.axis_index("item")
+    i_hv = lax.rem(i_item, HV)
+    i_tg = lax.div(i_item, HV)  # global chunk number = row of h
+    i_h = lax.div(i_hv, HV // H)  # the q/k head this value head reads
+    if IS_VARLEN:  # a row naming no chunk (PAD_CHUNK, out-of-range indices) gets an empty span; indices bounded
+        t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=True)
+    else:
+        t0 = lax.div(i_tg, NT) * T + lax.rem(i_tg, NT) * BT
+        eos = lax.div(i_tg, NT) * T + T
+    # t0: first token row of the chunk in the packed token axis; n_rows: its rows within the sequence
+    n_rows = jnp.clip(eos - t0, 0, BT)
+
+    o_t = pl.ds(t0, BT)
+    plgpu.copy_gmem_to_smem(q.at[o_t, i_h], q_s, qk_ready)
+    plgpu.copy_gmem_to_smem(k.at[o_t, i_h], k_s, qk_ready)
+    plgpu.copy_gmem_to_smem(h.at[i_tg, i_hv], h_s, hvg_ready)
+    plgpu.copy_gmem_to_smem(v.at[o_t, i_hv], v_s, hvg_ready)
+    if USE_G:
+        plgpu.copy_gmem_to_smem(g.at[i_hv, o_t], g_s, hvg_ready)
+
+    plgpu.barrier_wait(qk_ready)
+    b_A = _dot(q_s, k_s, (BT, BT), INTERPRET, transpose_b=True)  # [BT, K] @ [K, BT] -> [BT, BT]: q_c k_cᵀ
+    plgpu.barrier_wait(hvg_ready)
+    b_o = _dot(q_s, h_s, (BT, V), INTERPRET)  # [BT, K] @ [K, V] -> [BT, V]: the inter-chunk part q_c h[c]
+
+    @pl.when(n_rows < BT)
+    def _zero_rows_past_the_sequence():
+        m_tv = _iota((BT, V), 0, INTERPRET) < n_rows
+        v_s[...] = jnp.where(m_tv, _load(v_s, WGMMA, INTERPRET), 0).astype(v_s.dtype)
+        plgpu.commit_smem()
+
+    m_A = _iota((BT, BT), 0, INTERPRET) >= _iota((BT, BT), 1, INTERPRET)  # causal: j <= i
+    if USE_G:
+        b_g_row, b_g_col = _load(g_s, ROWS, INTERPRET), _load(g_s, COLS, INTERPRET)  # [BT] g_i, g_j
+        # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
+        b_o = b_o * lax.broadcast_in_dim(jnp.exp(b_g_row), (BT, V), [0])
+        b_gap = lax.broadcast_in_dim(b_g_row, (BT, BT), [0]) - lax.broadcast_in_dim(b_g_col, (BT, BT), [1])
+        b_A = jnp.where(m_A, b_A * jnp.exp(jnp.where(m_A, b_gap, -jnp.inf)), 0)
+    else:
+        b_A = jnp.where(m_A, b_A, 0)
+
+    # [BT, BT] @ [BT, V] -> [BT, V]: the intra-chunk part, scale folded in before the cast to v's dtype
+    b_scale = scale[0]
+    b_o = b_o * b_scale + _dot((b_A * b_scale).astype(v_s.dtype), v_s, (BT, V), INTERPRET)
+    o_s[...] = b_o.astype(o_s.dtype)
+    plgpu.commit_smem()
+
+    @pl.when(n_rows == BT)
+    def _store_chunk():
+        plgpu.copy_smem_to_gmem(o_s, o.at[o_t, i_hv])
+
+    for rows in (32, 16, 8, 4, 2, 1):  # a partial chunk: one copy per set bit of n_rows, in order
+        start = n_rows & ~(2 * rows - 1)
+
+        @pl.when((n_rows < BT) & ((n_rows & rows) != 0))
+        def _store_rows():
+            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(start, rows)], o.at[pl.ds(t0 + start, rows), i_hv])
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "interpret"))
+def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract.ChunkOProblem, interpret: bool):
+    """o for a validated problem this kernel supports (unsupported_reason is None); cu_seqlens / chunk_indices
+    int32 when varlen, else None."""
+    B, T, H, HV, K, V = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V
+    if problem.num_chunks_total == 0 or B * T == 0:
+        return jnp.zeros(v.shape, v.dtype)
+    BT = spec.CHUNK_SIZE
+    rows = B * T
+    dtype = v.dtype
+    if problem.gated:  # [HV, B·T + pad]: a chunk of one head's gates is one contiguous TMA row
+        # −∞ (a reset) read as spec.CUMULATIVE_GATE_FLOOR, as the Triton kernels read it (NaN stays NaN: max
+        # propagates it), in the same pass as the transpose
+        g = jnp.maximum(g.reshape(rows, HV), spec.CUMULATIVE_GATE_FLOOR)
+        g = jnp.pad(g.T, ((0, 0), (0, -rows % 4)))
+    else:
+        g = jnp.zeros((1, 4), jnp.float32)
+    cu_seqlens = jnp.zeros((2,), jnp.int32) if cu_seqlens is None else cu_seqlens
+    chunk_indices = jnp.zeros((1, 2), jnp.int32) if chunk_indices is None else chunk_indices
+    kernel = functools.partial(chunk_fwd_o_kernel, T=T, NT=h.shape[1], H=H, HV=HV, K=K, V=V, BT=BT,
+                               USE_G=problem.gated, IS_VARLEN=problem.varlen, INTERPRET=interpret)
+    # A NaN for every unspecified read (TMA past the token axis) in interpret mode: a leak into o fails the tests.
+    o = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((rows, HV, V), dtype),
+        scratch_types=dict(
+            q_s=_smem_tile((BT, K), dtype), k_s=_smem_tile((BT, K), dtype), h_s=_smem_tile((K, V), dtype),
+            v_s=_smem_tile((BT, V), dtype), g_s=plgpu.SMEM((BT,), jnp.float32),
+            o_s=plgpu.SMEM((BT, V), dtype),  # untiled: the row copies of a partial chunk start at any row
+            qk_ready=plgpu.Barrier(num_arrivals=2), hvg_ready=plgpu.Barrier(num_arrivals=3 if problem.gated else 2)),
+        grid=(problem.num_chunks_total * HV,),
+        grid_names=("item",),
+        interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
+        kernel_name="chunk_fwd_o_kernel",
+    )(q.reshape(rows, H, K), k.reshape(rows, H, K), v.reshape(rows, HV, V),
+      h.reshape(problem.num_chunks_total, HV, K, V), g, cu_seqlens, chunk_indices,
+      jnp.asarray(scale, jnp.float32).reshape(1))
+    return o.reshape(B, T, HV, V)
