@@ -622,9 +622,12 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
                                                     axis_name=axis_name, pieces=pieces, interpret=interpret)
     gating = (A_log, dt_bias, softplus_beta, softplus_threshold) if problem.raw_gates else None
     gate, strength = (a, b) if problem.raw_gates else (g, beta)
-    return jitted_forward(q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens),
-                          as_index(chunk_indices), as_index(state_indices), gating, problem=problem, pieces=pieces,
-                          interpret=interpret)
+    if problem.pool_rows or problem.raw_gates or problem.qk_l2norm:
+        return jitted_forward(q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens),
+                              as_index(chunk_indices), as_index(state_indices), gating, problem=problem,
+                              pieces=pieces, interpret=interpret)
+    return differentiable_forward(q, k, v, g, beta, scale, initial_state, as_index(cu_seqlens),
+                                  as_index(chunk_indices), problem, pieces, interpret)
 
 
 _STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel")
@@ -635,6 +638,31 @@ jitted_chunk_gated_delta_rule_pool = jax.jit(_chunk_gated_delta_rule_body, stati
                                              donate_argnames=("initial_state",))
 """chunk_gated_delta_rule's jitted body with a state pool, donated: outside a caller's jit the pool is updated in
 place (a jit of the caller's governs donation within it)."""
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def differentiable_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices,
+                           problem: contract.ForwardProblem, pieces: int, interpret: bool):
+    """jitted_forward with gdn.pallas.backward.vjp as its vjp: jax.grad, jax.vjp and jax.value_and_grad reach q,
+    k, v, g, beta, scale and initial_state; the forward keeps its inputs only."""
+    return jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, problem=problem,
+                          pieces=pieces, interpret=interpret)
+
+
+def _forward_keeping_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, problem, pieces,
+                            interpret):
+    out = jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, problem=problem,
+                         pieces=pieces, interpret=interpret)
+    return out, (q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices)
+
+
+def _backward(problem, pieces, interpret, inputs, cotangents):
+    from gdn.pallas import backward  # imports this module: the backward recomputes with its stages
+
+    return backward.vjp(problem, pieces, interpret, inputs, cotangents)
+
+
+differentiable_forward.defvjp(_forward_keeping_inputs, _backward)
 
 
 def checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state: bool,
