@@ -279,3 +279,24 @@ LARGE_FORWARD_CASES: list[ForwardCase] = [
     # one long sequence with few heads: cut into pieces on a GPU (tilings.context_pieces)
     ForwardCase(16384, 2, 8, 128, 128),
 ]
+
+
+BACKWARD_CASES: list[ForwardCase] = [
+    # every T of the edge list; grouping m = HV / H, K/V (non-powers of two included), initial state rotate;
+    # small heads: the CPU interpreters run every one
+    ForwardCase(1, 1, 2, 16, 16),
+    ForwardCase(63, 1, 1, 32, 16, B=2, initial_state=False),
+    ForwardCase(64, 2, 2, 16, 32),
+    ForwardCase(65, 1, 2, 48, 40),
+    ForwardCase(130, 2, 4, 16, 16, initial_state=False),
+    ForwardCase(300, 1, 1, 32, 32),
+    # varlen: empty and 1-token sequences, chunk-boundary lengths
+    forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 16, 32),
+    forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
+]
+
+LARGE_BACKWARD_CASES: list[ForwardCase] = [
+    # model-sized heads: compiled GPU runs only (the float64 reference holds every step's state: T stays modest)
+    ForwardCase(1024, 2, 4, 128, 128),
+    forward_varlen((1, 500, 63, 300, 0, 200), 2, 4, 128, 128),
+]
