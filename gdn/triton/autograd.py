@@ -1,70 +1,122 @@
 """chunk_gated_delta_rule with gradients for PyTorch: the public entry of gdn.triton.
 
-Three paths, chosen per call: the forward alone (gdn.triton.forward, no autograd bookkeeping) when no gradient
-is wanted; a torch.autograd.Function when grad is enabled and an input requires grad; the torch.library custom
-ops gdn::chunk_gated_delta_rule / gdn::chunk_gated_delta_rule_backward (fake implementations, autograd
-registered) under torch.compile, so fullgraph=True traces a layer that calls it. The backward saves the inputs
+Three paths, chosen per call: the forward alone (gdn.triton.forward, no autograd bookkeeping, every serving
+argument in the kernels) when no gradient is wanted; a torch.autograd.Function when grad is enabled and an input
+requires grad; the torch.library custom ops of gdn.triton.custom_ops under torch.compile
+(gdn::chunk_gated_delta_rule with its registered autograd, gdn::chunk_gated_delta_rule_serving for a call with
+serving arguments and no gradient), so fullgraph=True traces a layer that calls it. The backward saves the inputs
 only and recomputes the rest (gdn.triton.backward).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from gdn.common import spec
-from gdn.triton import backward, forward
+from gdn.common import checks, spec
+from gdn.triton import custom_ops, forward
+from gdn.triton.arrays import array_info, host_cu_seqlens, tensor_keys
+
+_ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices", "state_indices", "a", "b",
+              "A_log", "dt_bias")
+"""The array arguments in the order forward.validate takes them."""
 
 
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_indices: torch.Tensor | None = None,
     group: torch.distributed.ProcessGroup | None = None,
+    *,
+    state_indices: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    softplus_beta: float = spec.SOFTPLUS_BETA,
+    softplus_threshold: float = spec.SOFTPLUS_THRESHOLD,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """gdn.triton.forward.chunk_gated_delta_rule (arguments, layouts and results there), differentiable in q, k,
-    v, g, beta and initial_state; the final state's gradient flows in when output_final_state. With group
-    (context parallel) the forward alone, which refuses inputs that require grad."""
-    if group is not None:
-        return forward.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                              chunk_indices, group)
-    if torch.compiler.is_compiling():
+    v, g, beta and initial_state, and in the raw gates a, b, A_log, dt_bias when given; the final state's gradient
+    flows in when output_final_state. With group (context parallel) the forward alone, which refuses inputs that
+    require grad; a state pool (state_indices), updated in place, is refused when a gradient is wanted.
+
+    When a gradient is wanted, use_qk_l2norm_in_kernel and the raw gates are applied by differentiable torch ops
+    before the kernels (differentiable_inputs), not inside them: the forward then reads normalized copies of q
+    and k (one more read and write of each, kept for the backward) and g, beta [B, T, HV] float32 formed from
+    a, b; autograd carries the gradients of those copies back to the raw inputs.
+    """
+    wanted = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad
+        for x in (q, k, v, g, beta, initial_state, a, b, A_log, dt_bias))
+    compiling = torch.compiler.is_compiling()
+    serving = state_indices is not None or use_qk_l2norm_in_kernel or a is not None
+    if group is not None or not (wanted or compiling):
+        return forward.chunk_gated_delta_rule(
+            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, group,
+            state_indices=state_indices, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, a=a, b=b, A_log=A_log,
+            dt_bias=dt_bias, softplus_beta=softplus_beta, softplus_threshold=softplus_threshold)
+    if serving and not wanted:  # compiling: the kernels apply every serving argument, the pool in place
         scale = spec.default_scale(q.shape[-1]) if scale is None else float(scale)
-        o, final_state = torch.ops.gdn.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state,
-                                                              output_final_state, cu_seqlens, chunk_indices)
+        o, final_state = custom_ops.chunk_gated_delta_rule_serving_op(
+            q, k, v, g, beta, scale, initial_state, bool(output_final_state), cu_seqlens, chunk_indices,
+            state_indices, bool(use_qk_l2norm_in_kernel), a, b, A_log, dt_bias, float(softplus_beta),
+            float(softplus_threshold))
+        if not output_final_state:
+            return o, None
+        return o, initial_state if state_indices is not None else final_state
+    if serving:
+        arrays = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, state_indices, a, b, A_log, dt_bias)
+        keys = tensor_keys(_ARG_NAMES, arrays, op=spec.FORWARD_OP)
+        cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
+        forward.validate(*(None if key is None else array_info(key) for key in keys), cu_values,
+                         bool(output_final_state), bool(use_qk_l2norm_in_kernel))
+        if cu_seqlens is not None and chunk_indices is None:  # built once, from the values just read
+            chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
+        if state_indices is not None:
+            checks.fail("state_indices", "None when a gradient is wanted (a state pool is updated in place, which "
+                        "has no gradient)", "a tensor", op=spec.FORWARD_OP)
+        q, k, g, beta = differentiable_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias,
+                                              softplus_beta, softplus_threshold)
+    if compiling:
+        scale = spec.default_scale(q.shape[-1]) if scale is None else float(scale)
+        o, final_state = custom_ops.chunk_gated_delta_rule_op(q, k, v, g, beta, scale, initial_state,
+                                                              bool(output_final_state), cu_seqlens, chunk_indices)
         return o, final_state if output_final_state else None
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in (q, k, v, g, beta, initial_state)):
-        return ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                         chunk_indices)
-    return forward.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                          chunk_indices)
+    return ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                     chunk_indices)
 
 
-def _no_tensor(like: torch.Tensor) -> torch.Tensor:
-    """A new empty float32 tensor on like's device: "no final state" / "no initial state" in the custom ops'
-    results, which cannot be None."""
-    return like.new_empty((0,), dtype=torch.float32)
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(Σ x² + QK_L2NORM_EPS) over the last axis in float32, back in x's dtype (use_qk_l2norm_in_kernel,
+    as the kernels normalize)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt((x32 * x32).sum(-1, keepdim=True) + spec.QK_L2NORM_EPS)).to(x.dtype)
 
 
-def _gradients(saved: tuple[torch.Tensor | None, ...], scale: float | None, do: torch.Tensor | None,
-               final_state_gradient: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """The backward of both autograd paths: saved = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices);
-    returns the gradients of (q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-    chunk_indices), None for the last four but initial_state's."""
-    q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices = saved
-    do = torch.zeros_like(v) if do is None else do.contiguous()
-    if final_state_gradient is not None:
-        final_state_gradient = final_state_gradient.contiguous() if final_state_gradient.numel() else None
-    dq, dk, dv, dg, dbeta, dh0 = backward.backward(q, k, v, g, beta, do, final_state_gradient, scale, initial_state,
-                                                   cu_seqlens, chunk_indices)
-    return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+def differentiable_inputs(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool, a: torch.Tensor | None, b: torch.Tensor | None, A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None, softplus_beta: float, softplus_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, g, beta) as the kernels take them without serving flags, by differentiable torch ops: q and k
+    L2-normalized when use_qk_l2norm_in_kernel; with the raw gates, g = −exp(A_log)·softplus(a + dt_bias)
+    (softplus β and threshold as torch's) and beta = sigmoid(b), [B, T, HV] float32."""
+    if use_qk_l2norm_in_kernel:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if a is not None:
+        rate = F.softplus(a.float() + dt_bias.float(), beta=softplus_beta, threshold=softplus_threshold)
+        g = -torch.exp(A_log.float()) * rate
+        beta = torch.sigmoid(b.float())
+    return q, k, g, beta
 
 
 class ChunkGatedDeltaRule(torch.autograd.Function):
@@ -81,58 +133,6 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, final_state_gradient):
-        return _gradients(ctx.saved_tensors, ctx.scale, do, final_state_gradient)
-
-
-@torch.library.custom_op("gdn::chunk_gated_delta_rule", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                scale: float, initial_state: torch.Tensor | None, output_final_state: bool,
-                cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    o, final_state = forward.chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                                    cu_seqlens, chunk_indices)
-    return o, _no_tensor(q) if final_state is None else final_state
-
-
-@_forward_op.register_fake
-def _(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices):
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if not output_final_state:
-        return torch.empty_like(v), _no_tensor(q)
-    return torch.empty_like(v), q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]), dtype=torch.float32)
-
-
-@torch.library.custom_op("gdn::chunk_gated_delta_rule_backward", mutates_args=())
-def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                 scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                 chunk_indices: torch.Tensor | None, do: torch.Tensor, final_state_gradient: torch.Tensor | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dg, dbeta, _, dh0, *_ = _gradients((q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices),
-                                                   scale, do, final_state_gradient)
-    return dq, dk, dv, dg, dbeta, _no_tensor(q) if dh0 is None else dh0
-
-
-@_backward_op.register_fake
-def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, do, final_state_gradient):
-    dh0 = _no_tensor(q) if initial_state is None else torch.empty_like(initial_state)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            torch.empty_like(beta), dh0)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, beta, scale, initial_state, _, cu_seqlens, chunk_indices = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices)
-    ctx.scale = scale
-
-
-def _backward_of_op(ctx, do, final_state_gradient):
-    q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
-    if final_state_gradient is not None and final_state_gradient.numel() == 0:
-        final_state_gradient = None
-    do = torch.zeros_like(v) if do is None else do.contiguous()
-    dq, dk, dv, dg, dbeta, dh0 = _backward_op(q, k, v, g, beta, ctx.scale, initial_state, cu_seqlens, chunk_indices,
-                                              do, final_state_gradient)
-    return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None, None, None
-
-
-_forward_op.register_autograd(_backward_of_op, setup_context=_setup_context)
+        dq, dk, dv, dg, dbeta, dh0 = custom_ops.input_gradients(ctx.saved_tensors, ctx.scale, do,
+                                                                final_state_gradient)
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
