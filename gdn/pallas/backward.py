@@ -440,17 +440,51 @@ def sum_value_heads(x: jax.Array, H: int) -> jax.Array:
 
 def vjp(problem: contract.ForwardProblem, pieces: int, interpret: bool, inputs: tuple, cotangents: tuple) -> tuple:
     """The vjp rule of gdn.pallas.forward.differentiable_forward: the cotangents of its inputs (q, k, v, g, beta,
-    scale, initial_state, cu_seqlens, chunk_indices) from those of (o, final_state), its inputs being all it
-    kept. The index arrays get none; scale, which o depends on through scale·q only, gets Σ q ⊙ dq / scale."""
-    q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices = inputs
+    scale, initial_state, cu_seqlens, chunk_indices, gating) from those of (o, final_state), its inputs being all
+    it kept. The index arrays get none; scale, which o depends on through scale·q only, gets Σ q ⊙ dq / scale.
+    With problem.qk_l2norm or problem.raw_gates, the kernels' plain inputs are recomputed from the raw ones by
+    kernel_inputs, and their gradients pulled back through it (jax.vjp) to q, k, the raw gates a, b (in g, beta)
+    and gating's A_log, dt_bias (and softplus β, threshold)."""
+    q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating = inputs
     do, final_state_gradient = cotangents
-    backward_problem = contract.BackwardProblem(forward=dataclasses.replace(problem, output_final_state=False),
-                                                final_state_gradient=final_state_gradient is not None)
+    serving = problem.qk_l2norm or problem.raw_gates
+    if serving:
+        (q, k, g, beta), pull_back = jax.vjp(
+            functools.partial(kernel_inputs, problem.qk_l2norm, problem.raw_gates), q, k, g, beta, gating)
+    plain = dataclasses.replace(problem, output_final_state=False, qk_l2norm=False, raw_gates=False)
+    backward_problem = contract.BackwardProblem(forward=plain, final_state_gradient=final_state_gradient is not None)
     dq, dk, dv, dg, dbeta, dh0 = jitted_backward(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, do.astype(v.dtype), final_state_gradient,
         problem=backward_problem, pieces=pieces, interpret=interpret)
     dscale = jnp.sum(q.astype(jnp.float32) * dq.astype(jnp.float32)) / scale
-    return dq, dk, dv, dg, dbeta, dscale, dh0, None, None
+    dgating = None
+    if serving:
+        dq, dk, dg, dbeta, dgating = pull_back((dq, dk, dg, dbeta))
+    return dq, dk, dv, dg, dbeta, dscale, dh0, None, None, dgating
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / sqrt(Σ x² + QK_L2NORM_EPS) over the last axis in float32, back in x's dtype (as the kernels
+    normalize)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, -1, keepdims=True) + spec.QK_L2NORM_EPS)).astype(x.dtype)
+
+
+def kernel_inputs(qk_l2norm: bool, raw_gates: bool, q, k, g, beta, gating):
+    """(q, k, g, beta) as the kernels take them without serving flags, by jnp ops the backward differentiates:
+    q and k L2-normalized (x / sqrt(Σ x² + QK_L2NORM_EPS) in float32, back in x's dtype) with qk_l2norm; with
+    raw_gates, g and beta hold a and b and gating = (A_log, dt_bias, softplus β, softplus threshold):
+    g = −exp(A_log)·softplus(a + dt_bias), beta = sigmoid(b), float32."""
+    if qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if raw_gates:
+        A_log, dt_bias, softplus_beta, softplus_threshold = gating
+        x = g.astype(jnp.float32) + dt_bias
+        scaled = softplus_beta * x
+        # softplus(x) = log(1 + exp(β·x))/β up to the threshold, x above it
+        rate = jnp.where(scaled <= softplus_threshold, jnp.logaddexp(0.0, scaled) / softplus_beta, x)
+        g, beta = -jnp.exp(A_log) * rate, jax.nn.sigmoid(beta.astype(jnp.float32))
+    return q, k, g, beta
 
 
 def backward(
