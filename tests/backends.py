@@ -97,19 +97,21 @@ class TritonBackend:
             assert state is a["initial_state"], "the pool is updated in place and returned"
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def gradients(self, inputs: OpInputs, do: np.ndarray,
-                  final_state_gradient: np.ndarray | None) -> dict[str, np.ndarray]:
+    def gradients(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                  use_qk_l2norm_in_kernel: bool = False) -> dict[str, np.ndarray]:
         """Gradients of chunk_gated_delta_rule through its autograd, do and final_state_gradient (None: the final
-        state is not output) as the outputs' gradients: {name: float64} for every differentiable input given."""
+        state is not output) as the outputs' gradients: {name: float64} for every differentiable input given (the
+        raw gates and state_indices, when inputs hold them, passed as keywords)."""
         from gdn.triton import chunk_gated_delta_rule
 
         torch = self.torch
         a = self.convert(inputs)
-        wrt = [n for n in DIFFERENTIABLE_ARGS if a[n] is not None]
+        wrt = [n for n in DIFFERENTIABLE_ARGS if a.get(n) is not None]
         for n in wrt:
             a[n].requires_grad_(True)
-        o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
-                                          output_final_state=final_state_gradient is not None)
+        o, state = chunk_gated_delta_rule(**{n: a.get(n) for n in FORWARD_ARGS + FORWARD_SERVING_ARGS},
+                                          scale=inputs.scale, output_final_state=final_state_gradient is not None,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
         outputs, grads = [o], [torch.from_numpy(np.ascontiguousarray(do)).to(o.device, o.dtype)]
         if state is not None:
             outputs.append(state)
@@ -180,7 +182,7 @@ class TritonBackend:
 FORWARD_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
 FORWARD_SERVING_ARGS = ("state_indices", "a", "b", "A_log", "dt_bias")
 """chunk_gated_delta_rule's serving arguments (keywords), passed when inputs holds them."""
-DIFFERENTIABLE_ARGS = ("q", "k", "v", "g", "beta", "initial_state")
+DIFFERENTIABLE_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "a", "b", "A_log", "dt_bias")
 STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
 
 
@@ -266,21 +268,24 @@ class PallasBackend:
                                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
         return self.numpy(o), None if state is None else self.numpy(state)
 
-    def gradients(self, inputs: OpInputs, do: np.ndarray,
-                  final_state_gradient: np.ndarray | None) -> dict[str, np.ndarray]:
+    def gradients(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                  use_qk_l2norm_in_kernel: bool = False) -> dict[str, np.ndarray]:
         """Gradients of chunk_gated_delta_rule through jax.vjp, do and final_state_gradient (None: the final
-        state is not output) as the outputs' cotangents: {name: float64} for every differentiable input given."""
+        state is not output) as the outputs' cotangents: {name: float64} for every differentiable input given (the
+        raw gates and state_indices, when inputs hold them, passed as keywords)."""
         import jax
         import jax.numpy as jnp
 
         from gdn.pallas import chunk_gated_delta_rule
 
         a = self.convert(inputs)
-        wrt = [n for n in DIFFERENTIABLE_ARGS if a[n] is not None]
+        wrt = [n for n in DIFFERENTIABLE_ARGS if a.get(n) is not None]
 
         def forward(*xs):
-            return chunk_gated_delta_rule(**{**{n: a[n] for n in FORWARD_ARGS}, **dict(zip(wrt, xs))},
-                                          scale=inputs.scale, output_final_state=final_state_gradient is not None)
+            args = {**{n: a.get(n) for n in FORWARD_ARGS + FORWARD_SERVING_ARGS}, **dict(zip(wrt, xs))}
+            return chunk_gated_delta_rule(**args, scale=inputs.scale,
+                                          output_final_state=final_state_gradient is not None,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
 
         (o, _), vjp = jax.vjp(forward, *(a[n] for n in wrt))
         cotangents = (jnp.asarray(do, o.dtype),

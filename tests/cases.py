@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 
 from gdn.common import spec
-from gdn.common.example import random_decode_inputs, random_inputs, random_recurrent_inputs
+from gdn.common.example import random_decode_inputs, random_inputs, random_recurrent_inputs, round_to
 
 
 def seed_of(text: str) -> int:
@@ -249,6 +249,26 @@ class ForwardCase(_Shapes):
 
 def forward_varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, **kw) -> ForwardCase:
     return ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, **kw)
+
+
+def with_raw_inputs(inputs: OpInputs, seed: int, raw_qk: bool, raw_gates: bool) -> OpInputs:
+    """inputs with q, k rows ~ N(0, 1) of any norm (raw_qk, for use_qk_l2norm_in_kernel) and, with raw_gates,
+    a, b [B, T, HV] ~ N(0, 1) in q's dtype, A_log [HV] = log U(1, 16) and dt_bias [HV] ~ N(0, 1) float32 in
+    place of g and beta (as gdn.common.example.random_decode_inputs draws them): chunk_gated_delta_rule's
+    serving inputs."""
+    rng = np.random.default_rng(seed)
+    arrays, dtypes = dict(inputs.arrays), dict(inputs.dtypes)
+    dtype, (B, T, HV) = dtypes["q"], arrays["g"].shape
+    if raw_qk:
+        arrays.update(q=round_to(rng.standard_normal(arrays["q"].shape), dtype),
+                      k=round_to(rng.standard_normal(arrays["k"].shape), dtype))
+    if raw_gates:
+        arrays.update(g=None, beta=None, a=round_to(rng.standard_normal((B, T, HV)), dtype),
+                      b=round_to(rng.standard_normal((B, T, HV)), dtype),
+                      A_log=np.log(rng.uniform(1.0, 16.0, HV)).astype(np.float32),
+                      dt_bias=rng.standard_normal(HV).astype(np.float32))
+        dtypes.update(a=dtype, b=dtype, A_log="float32", dt_bias="float32")
+    return OpInputs(arrays, dtypes, inputs.scale)
 
 
 FORWARD_CASES: list[ForwardCase] = [

@@ -19,7 +19,7 @@ import pytest
 from gdn.common import reference, spec
 from gdn.common.example import round_to
 from tests.backends import BACKENDS
-from tests.cases import BACKWARD_CASES, LARGE_BACKWARD_CASES, ForwardCase, OpInputs, seed_of
+from tests.cases import BACKWARD_CASES, LARGE_BACKWARD_CASES, ForwardCase, OpInputs, seed_of, with_raw_inputs
 from tests.helpers import assert_close, skip_unsupported
 
 REFERENCE_CHECKS = ([("float32", i) for i in range(len(BACKWARD_CASES))] + [("float16", i) for i in (1, 4, 7)]
@@ -49,10 +49,13 @@ def backward_inputs(case: ForwardCase, dtype: str, seed: int,
     return inputs, do, dht
 
 
-def reference_gradients(inputs: OpInputs, do: np.ndarray, dht: np.ndarray | None) -> dict[str, np.ndarray]:
+def reference_gradients(inputs: OpInputs, do: np.ndarray, dht: np.ndarray | None,
+                        use_qk_l2norm_in_kernel: bool = False) -> dict[str, np.ndarray]:
     a = inputs.arrays
-    return reference.recurrent_gated_delta_rule_gradients(a["q"], a["k"], a["v"], a["g"], a["beta"], do, dht,
-                                                          inputs.scale, a["initial_state"], a["cu_seqlens"])
+    return reference.recurrent_gated_delta_rule_gradients(
+        a["q"], a["k"], a["v"], a["g"], a["beta"], do, dht, inputs.scale, a["initial_state"], a["cu_seqlens"],
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, a=a.get("a"), b=a.get("b"), A_log=a.get("A_log"),
+        dt_bias=a.get("dt_bias"))
 
 
 def assert_gradients_close(grads: dict[str, np.ndarray], ref: dict[str, np.ndarray], dtype: str, what: str) -> None:
@@ -129,6 +132,32 @@ def test_gradients_with_the_walk_in_pieces(backend, monkeypatch, pieces: int) ->
     inputs, do, dht = backward_inputs(BACKWARD_CASES[6], "float32", seed=21)
     assert_gradients_close(backend.gradients(inputs, do, dht), reference_gradients(inputs, do, dht), "float32",
                            f"{backend.name} in {pieces} pieces")
+
+
+@pytest.mark.parametrize("qk_l2norm, raw_gates", [(True, False), (False, True), (True, True)],
+                         ids=["qk_l2norm", "raw_gates", "qk_l2norm-raw_gates"])
+def test_gradients_reach_the_raw_inputs(backend, qk_l2norm: bool, raw_gates: bool) -> None:
+    """use_qk_l2norm_in_kernel and the raw gates (a, b, A_log, dt_bias) with a gradient wanted, on the varlen
+    batch with empty and 1-token sequences: the gradients of q, k before the norm and of the raw gates against
+    float64 autodiff of the recurrence fed the raw inputs. The Pallas interpreter checks both flags at once."""
+    if backend.name == "pallas" and backend.interpreted and not (qk_l2norm and raw_gates):
+        pytest.skip("Pallas interpreter: XLA compiles every flag set for ~20 s; both flags at once cover it")
+    inputs, do, dht = backward_inputs(BACKWARD_CASES[6], "float32", seed=22)
+    inputs = with_raw_inputs(inputs, 23, qk_l2norm, raw_gates)
+    assert_gradients_close(backend.gradients(inputs, do, dht, use_qk_l2norm_in_kernel=qk_l2norm),
+                           reference_gradients(inputs, do, dht, qk_l2norm), "float32",
+                           f"{backend.name} qk_l2norm={qk_l2norm} raw_gates={raw_gates}")
+
+
+def test_gradient_refused_with_a_state_pool(backend) -> None:
+    """A state pool is updated in place: a gradient through it is refused, before any kernel runs."""
+    inputs, do, dht = backward_inputs(BACKWARD_CASES[2], "float32", seed=24)
+    pool = np.random.default_rng(25).standard_normal((3,) + inputs.arrays["initial_state"].shape[1:])
+    inputs = OpInputs({**inputs.arrays, "initial_state": pool.astype(np.float32),
+                       "state_indices": np.array([2], np.int32)}, {**inputs.dtypes, "state_indices": "int32"})
+    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: state_indices: expected None when a gradient "
+                                         r"is wanted .*; got"):
+        backend.gradients(inputs, do, dht)
 
 
 @pytest.mark.parametrize("dtype, index", [("float32", 4), ("float32", 6), ("float16", 6)], ids=str)
