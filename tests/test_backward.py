@@ -149,9 +149,14 @@ def test_gradients_reach_the_raw_inputs(backend, qk_l2norm: bool, raw_gates: boo
                            f"{backend.name} qk_l2norm={qk_l2norm} raw_gates={raw_gates}")
 
 
-def test_gradient_refused_with_a_state_pool(backend) -> None:
-    """A state pool is updated in place: a gradient through it is refused, before any kernel runs."""
+def test_serving_arguments_contract_with_a_gradient(backend) -> None:
+    """With a gradient wanted, the serving arguments are checked before anything runs: g beside the raw gates is
+    refused, and so is a state pool (updated in place, it has no gradient)."""
     inputs, do, dht = backward_inputs(BACKWARD_CASES[2], "float32", seed=24)
+    both = with_raw_inputs(inputs, 31, False, True).replace(g=inputs.arrays["g"])
+    with pytest.raises(ValueError, match=r"chunk_gated_delta_rule: g: expected None \(the raw gates a, b replace g "
+                                         r"and beta\)"):
+        backend.gradients(both, do, dht)
     pool = np.random.default_rng(25).standard_normal((3,) + inputs.arrays["initial_state"].shape[1:])
     inputs = OpInputs({**inputs.arrays, "initial_state": pool.astype(np.float32),
                        "state_indices": np.array([2], np.int32)}, {**inputs.dtypes, "state_indices": "int32"})

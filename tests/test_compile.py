@@ -95,18 +95,22 @@ def test_torch_compile_fullgraph_traces_the_forward_from_a_pool() -> None:
 def test_torch_compile_fullgraph_gradients_of_raw_inputs() -> None:
     """A compiled loss over chunk_gated_delta_rule with use_qk_l2norm_in_kernel and the raw gates (the norm and
     the gates as torch ops before gdn::chunk_gated_delta_rule and its registered autograd): the eager gradients
-    of q, k, v, a, b, A_log, dt_bias and the initial state."""
+    of q, k, v, a, b, A_log, dt_bias and the initial state, on a varlen batch with chunk_indices given."""
     torch = BACKENDS["triton"].torch
+    from gdn.common import spec
     from gdn.triton import chunk_gated_delta_rule
 
-    inputs = with_raw_inputs(BACKWARD_CASES[2].inputs("float32", seed=29), 30, True, True)
+    case = BACKWARD_CASES[6]
+    inputs = with_raw_inputs(case.inputs("float32", seed=29), 30, True, True)
     t = BACKENDS["triton"].convert(inputs)
+    chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(case.cu_seqlens)).to(t["q"].device)
     names = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "initial_state")
 
     def loss(q, k, v, a, b, A_log, dt_bias, initial_state):
         o, final_state = chunk_gated_delta_rule(q, k, v, None, None, initial_state=initial_state,
-                                                output_final_state=True, use_qk_l2norm_in_kernel=True, a=a, b=b,
-                                                A_log=A_log, dt_bias=dt_bias)
+                                                output_final_state=True, cu_seqlens=t["cu_seqlens"],
+                                                chunk_indices=chunk_indices, use_qk_l2norm_in_kernel=True, a=a,
+                                                b=b, A_log=A_log, dt_bias=dt_bias)
         return (o * o).sum() + final_state.sum()
 
     def gradients(fn):

@@ -15,11 +15,9 @@ import torch.nn.functional as F
 
 from gdn.common import checks, spec
 from gdn.triton import custom_ops, forward
-from gdn.triton.arrays import array_info, host_cu_seqlens, tensor_keys
+from gdn.triton.arrays import array_info, strided_keys
 
-_ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices", "state_indices", "a", "b",
-              "A_log", "dt_bias")
-"""The array arguments in the order forward.validate takes them."""
+_SERVING_NAMES = ("q", "k", "v", "g", "beta", "a", "b", "A_log", "dt_bias")
 
 
 def chunk_gated_delta_rule(
@@ -74,16 +72,7 @@ def chunk_gated_delta_rule(
             return o, None
         return o, initial_state if state_indices is not None else final_state
     if serving:
-        arrays = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, state_indices, a, b, A_log, dt_bias)
-        keys = tensor_keys(_ARG_NAMES, arrays, op=spec.FORWARD_OP)
-        cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-        forward.validate(*(None if key is None else array_info(key) for key in keys), cu_values,
-                         bool(output_final_state), bool(use_qk_l2norm_in_kernel))
-        if cu_seqlens is not None and chunk_indices is None:  # built once, from the values just read
-            chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
-        if state_indices is not None:
-            checks.fail("state_indices", "None when a gradient is wanted (a state pool is updated in place, which "
-                        "has no gradient)", "a tensor", op=spec.FORWARD_OP)
+        check_serving_inputs(q, k, v, g, beta, state_indices, a, b, A_log, dt_bias)
         q, k, g, beta = differentiable_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias,
                                               softplus_beta, softplus_threshold)
     if compiling:
@@ -93,6 +82,22 @@ def chunk_gated_delta_rule(
         return o, final_state if output_final_state else None
     return ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                      chunk_indices)
+
+
+def check_serving_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                         beta: torch.Tensor | None, state_indices: torch.Tensor | None, a: torch.Tensor | None,
+                         b: torch.Tensor | None, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
+    """The forward's checks that differentiable_inputs needs before its torch ops (the forward's contract checks
+    everything after them): no state pool, q, k, v as token arrays, the gates (g, beta or the raw a, b, A_log,
+    dt_bias). Reads no device value, so torch.compile traces it."""
+    op = spec.FORWARD_OP
+    if state_indices is not None:
+        checks.fail("state_indices", "None when a gradient is wanted (a state pool is updated in place, which has "
+                    "no gradient)", "a tensor", op=op)
+    keys = strided_keys(_SERVING_NAMES, (q, k, v, g, beta, a, b, A_log, dt_bias), op)
+    q_, k_, v_, g_, beta_, a_, b_, A_log_, dt_bias_ = (None if key is None else array_info(key) for key in keys)
+    B, T, _, _, HV, _ = checks.token_arrays(q_, k_, v_, op=op)
+    checks.gates(q_, (B, T), "[B, T, HV]", HV, g_, beta_, a_, b_, A_log_, dt_bias_, op=op)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
