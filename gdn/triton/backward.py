@@ -54,9 +54,9 @@ def chunk_last_row(t0, eos, BT: tl.constexpr):
     return tl.maximum(tl.minimum(t0 + BT, eos) - 1, 0)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])
 def chunk_bwd_dv_local_kernel(
-    q, k, g_cum, do, dv_local, cu_seqlens, chunk_indices, scale, T,
+    q, k, g_cum, do, dv_local, cu_seqlens, chunk_indices, scale, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -67,7 +67,7 @@ def chunk_bwd_dv_local_kernel(
     i_hv = (i_flat // NV) % HV
     i_tg = i_flat // (NV * HV)
     i_h = i_hv // (HV // H)
-    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, N, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i
     m_t = o_t < eos
@@ -162,9 +162,9 @@ def chunk_bwd_states_kernel(
         tl.store(initial_state_gradient + p_state, b_dh, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])
 def chunk_bwd_dqkwg_kernel(
-    q, k, v_new, g_cum, h, do, dh, dv_new, dq, dk, dw, dg_c, cu_seqlens, chunk_indices, scale, T,
+    q, k, v_new, g_cum, h, do, dh, dv_new, dq, dk, dw, dg_c, cu_seqlens, chunk_indices, scale, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -174,7 +174,7 @@ def chunk_bwd_dqkwg_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, N, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i
     m_t = o_t < eos
@@ -241,9 +241,9 @@ def chunk_bwd_dqkwg_kernel(
     tl.store(dg_c + p_rows, b_dg, mask=m_t)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "N"])
 def chunk_bwd_wy_kernel(
-    k, v, g, beta, g_cum, dw, du, dk_c, dg_c, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T,
+    k, v, g, beta, g_cum, dw, du, dk_c, dg_c, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -253,7 +253,7 @@ def chunk_bwd_wy_kernel(
     i_hv = i_flat % HV
     i_tg = i_flat // HV
     i_h = i_hv // (HV // H)
-    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T, N, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i
     m_t = o_t < eos
@@ -423,7 +423,7 @@ def gradients(problem: contract.BackwardProblem, launches: BackwardLaunches | No
     del u, starts
 
     dv_local = torch.empty_like(v)
-    launches.dv_local(q, k, g_cum, do, dv_local, cu_seqlens, chunk_indices, scale, T)
+    launches.dv_local(q, k, g_cum, do, dv_local, cu_seqlens, chunk_indices, scale, T, f.N)
 
     chunk_offsets = None
     if f.varlen:  # first dh row of each sequence, on the device: no host sync
@@ -443,12 +443,13 @@ def gradients(problem: contract.BackwardProblem, launches: BackwardLaunches | No
     dk_c = torch.empty((B, T, HV, K), dtype=torch.float32, device=q.device)
     dw = torch.empty_like(w)
     dg_c = torch.empty_like(g)
-    launches.dqkwg(q, k, v_new, g_cum, h, do, dh, dv_new, dq, dk_c, dw, dg_c, cu_seqlens, chunk_indices, scale, T)
+    launches.dqkwg(q, k, v_new, g_cum, h, do, dh, dv_new, dq, dk_c, dw, dg_c, cu_seqlens, chunk_indices, scale, T,
+                   f.N)
     del h, dh, v_new
 
     dk = dk_c if grouped else torch.empty_like(k)  # in place: each program reads its dk_c tile before writing it
     dv, dg, dbeta = torch.empty_like(v), torch.empty_like(g), torch.empty_like(beta)
-    launches.wy(k, v, g, beta, g_cum, dw, dv_new, dk_c, dg_c, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T)
+    launches.wy(k, v, g, beta, g_cum, dw, dv_new, dk_c, dg_c, dk, dv, dbeta, dg, cu_seqlens, chunk_indices, T, f.N)
     if grouped:
         dq = sum_value_heads(dq, f.H).to(q.dtype)
         dk = sum_value_heads(dk, f.H).to(k.dtype)
