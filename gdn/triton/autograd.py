@@ -75,6 +75,8 @@ def chunk_gated_delta_rule(
         check_serving_inputs(q, k, v, g, beta, state_indices, a, b, A_log, dt_bias)
         q, k, g, beta = differentiable_inputs(q, k, g, beta, use_qk_l2norm_in_kernel, a, b, A_log, dt_bias,
                                               softplus_beta, softplus_threshold)
+    # the backward reads its saved inputs dense: other layouts copied once here, as the forward would copy them
+    q, k, v, g, beta = (x.contiguous() if isinstance(x, torch.Tensor) else x for x in (q, k, v, g, beta))
     if compiling:
         scale = spec.default_scale(q.shape[-1]) if scale is None else float(scale)
         o, final_state = custom_ops.chunk_gated_delta_rule_op(q, k, v, g, beta, scale, initial_state,

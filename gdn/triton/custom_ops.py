@@ -5,9 +5,10 @@ Each public function calls its op here only under torch.compiler.is_compiling();
 host path (a custom op's dispatcher costs about 21 µs of CPU per call: 23.7 µs through the op against 2.4 µs for
 the same Python function, measured on the CPU build of torch 2.13). An op's fake (meta) implementation gives its
 outputs' shapes, dtypes and strides without running a kernel; an op that updates an input in place declares it
-in mutates_args and returns nothing aliasing it. gdn has no backward yet: a backward through an op that returns
-new tensors raises "gdn: <name> has no backward" (torch.compile with inputs that require grad fails with it when
-it builds the backward graph), and the in-place ops refuse inputs that require grad before they are called.
+in mutates_args and returns nothing aliasing it. gdn::chunk_gated_delta_rule has its backward registered
+(gdn::chunk_gated_delta_rule_backward); a backward through any other op that returns new tensors raises "gdn:
+<name> has no backward" (torch.compile with inputs that require grad fails with it when it builds the backward
+graph), and the in-place ops refuse inputs that require grad before they are called.
 """
 
 import functools
@@ -29,14 +30,17 @@ def _save_nothing(ctx: Any, inputs: tuple, output: Any) -> None:
     del ctx, inputs, output
 
 
-def register(name: str, impl: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()):
+def register(name: str, impl: Callable, fake: Callable, mutates_args: tuple[str, ...] = (),
+             autograd: tuple[Callable, Callable] | None = None):
     """The custom op gdn::<name> running impl, with fake as its fake implementation and, unless it mutates an
-    input (torch registers no autograd formula for those), a backward that raises. impl's type hints give the
-    schema (torch.Tensor | None for an optional array): real annotations, so no `from __future__ import
-    annotations` in a module that defines one."""
+    input (torch registers no autograd formula for those), autograd = (backward, setup_context) or a backward
+    that raises. impl's type hints give the schema (torch.Tensor | None for an optional array): real
+    annotations, so no `from __future__ import annotations` in a module that defines one."""
     op = torch.library.custom_op(f"gdn::{name}", impl, mutates_args=mutates_args)
     op.register_fake(fake)
-    if not mutates_args:
+    if autograd is not None:
+        op.register_autograd(autograd[0], setup_context=autograd[1])
+    elif not mutates_args:
         op.register_autograd(functools.partial(_no_backward, name), setup_context=_save_nothing)
     return op
 
@@ -182,11 +186,10 @@ def _chunk_gated_delta_rule_serving_fake(q, k, v, g, beta, scale, initial_state,
 
 
 chunk_fwd_o_op = register("chunk_fwd_o", _chunk_fwd_o, _chunk_fwd_o_fake)
-chunk_gated_delta_rule_op = register("chunk_gated_delta_rule", _chunk_gated_delta_rule,
-                                     _chunk_gated_delta_rule_fake)
 chunk_gated_delta_rule_backward_op = register("chunk_gated_delta_rule_backward", _chunk_gated_delta_rule_backward,
                                               _chunk_gated_delta_rule_backward_fake)
-chunk_gated_delta_rule_op.register_autograd(_gradients_of_op, setup_context=_save_inputs)
+chunk_gated_delta_rule_op = register("chunk_gated_delta_rule", _chunk_gated_delta_rule,
+                                     _chunk_gated_delta_rule_fake, autograd=(_gradients_of_op, _save_inputs))
 # initial_state declared mutated: with state_indices it is the pool, updated in place
 chunk_gated_delta_rule_serving_op = register("chunk_gated_delta_rule_serving", _chunk_gated_delta_rule_serving,
                                              _chunk_gated_delta_rule_serving_fake, mutates_args=("initial_state",))
