@@ -221,8 +221,8 @@ def run_shape(shape: shapes.Shape, impls: dict[str, harness.Impl], copy_bw: floa
                 device = harness.time_jax(lambda i: calls[i](), sets, runs=20, warmup=2, batch=PIPELINED_CALLS)
                 wall = harness.time_jax(lambda i: calls[i](), sets, runs=50, warmup=2)
                 note = ""
-            _store(row, "device", device)
-            _store(row, "wall", wall)
+            store_timing(row, "device", device)
+            store_timing(row, "wall", wall)
             if note:
                 row["note"] = "; ".join(n for n in (row["note"], note) if n)
             if device is not None:
@@ -248,7 +248,8 @@ def jax_input_sets(shape: shapes.Shape, torch_inputs: dict, impls: dict[str, har
                                             for s in range(1, sets)]
 
 
-def _store(row: dict[str, Any], what: str, timing: harness.Timing | None) -> None:
+def store_timing(row: dict[str, Any], what: str, timing: harness.Timing | None) -> None:
+    """row's what_us, what_p10_us, what_p90_us and what_method from a timing (nothing for None)."""
     if timing is not None:
         row.update({f"{what}_us": timing.median_us, f"{what}_p10_us": timing.p10_us,
                     f"{what}_p90_us": timing.p90_us, f"{what}_method": timing.method})
@@ -297,8 +298,12 @@ def _block(out: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ cold start
 
-def cold_child(impl_name: str, shape: shapes.Shape) -> int:
-    """In a fresh process: framework start, import, inputs, then the first call (timed) and a second one."""
+def cold_child(impl_name: str, shape: shapes.Shape,
+               load: Callable[[list[str]], dict[str, harness.Impl]] | None = None,
+               inputs_of: Callable[[shapes.Shape, int], dict[str, Any]] = shapes.forward_inputs,
+               synced: Callable[[harness.Impl, Callable[[], Any]], Any] = harness.synced) -> int:
+    """In a fresh process: framework start, import, inputs, then the first call (timed) and a second one. load
+    defaults to this module's load_impls; benchmarks.backward passes its implementations, inputs and steps."""
     start = time.perf_counter()
     import torch
 
@@ -311,25 +316,27 @@ def cold_child(impl_name: str, shape: shapes.Shape) -> int:
         jnp.zeros(1).block_until_ready()
     result["framework_init_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    impl = load_impls([impl_name])[impl_name]
+    impl = (load or load_impls)([impl_name])[impl_name]
     result["import_s"] = time.perf_counter() - start
     if impl.make is None:
         raise RuntimeError(impl.note)
-    inputs = shapes.forward_inputs(shape, seed=0)
+    inputs = inputs_of(shape, 0)
     call = impl.make(shape, shapes.to_jax(inputs) if impl.framework == "jax" else inputs)
     for key in ("first_call_s", "second_call_s"):
         start = time.perf_counter()
-        harness.synced(impl, call)
+        synced(impl, call)
         result[key] = time.perf_counter() - start
     print(COLD_MARK + json.dumps(result), flush=True)
     return 0
 
 
-def run_cold(impl_name: str, shape: shapes.Shape, timeout_s: float) -> dict[str, Any]:
-    """cold_child in a fresh subprocess with an empty TRITON_CACHE_DIR: its result, or a note saying why not."""
+def run_cold(impl_name: str, shape: shapes.Shape, timeout_s: float,
+             module: str = "benchmarks.forward") -> dict[str, Any]:
+    """The cold child of `python -m module` in a fresh subprocess with an empty TRITON_CACHE_DIR: its result, or
+    a note saying why not."""
     row: dict[str, Any] = {"impl": impl_name, "shape": shape.name, "label": shape.label}
-    with tempfile.TemporaryDirectory(prefix="gdn-forward-cold-") as cache_dir:
-        command = [sys.executable, "-m", "benchmarks.forward", "--cold-child", impl_name, "--shapes", shape.name]
+    with tempfile.TemporaryDirectory(prefix="gdn-cold-") as cache_dir:
+        command = [sys.executable, "-m", module, "--cold-child", impl_name, "--shapes", shape.name]
         progress(f"cold: {impl_name} at {shape.name}: fresh subprocess, empty TRITON_CACHE_DIR ...")
         try:
             proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True,

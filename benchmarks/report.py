@@ -5,6 +5,7 @@ Run it after any of the scripts below; a result that is not there leaves its sec
 
     python -m benchmarks.chunk_o        # chunk_o.csv, chunk_o_host.csv, chunk_o.png
     python -m benchmarks.forward        # forward.csv, forward_host.csv, forward_cold.csv
+    python -m benchmarks.backward       # backward.csv, backward_cold.csv
     python -m benchmarks.decode         # decode.csv, tune_decode.csv
     python -m benchmarks.decode --serving   # decode_serving.csv
     python -m benchmarks.layouts        # layouts.csv
@@ -240,6 +241,43 @@ def section_forward() -> str | None:
                         [[r["impl"], r.get("label") or r["shape"], num(r.get("first_call_s"), 2),
                           num(r.get("import_s"), 2)] for r in cold])]
     return "\n".join(lines + [""] + reading[:3])
+
+
+def section_backward() -> str | None:
+    rows = read_rows("backward")
+    if rows is None:
+        return None
+    env = read_env("backward")
+    lines = ["## chunk_gated_delta_rule forward + backward (a training step)", "",
+             "`python -m benchmarks.backward` — " + measured_line(env) + " bf16, K = V = 128, log-sigmoid gates: the "
+             "forward, then the gradients of q, k, v, g, beta and the initial state (dense shapes from an N(0, 1) "
+             "initial state, the final state's gradient flowing in; varlen without states). " + timing_methods(rows) +
+             " Wall: one Python step. Peak: torch, MiB allocated at the step's peak beyond its inputs; JAX, XLA's "
+             "temporaries + outputs of the jitted step. Saved: MiB the forward keeps for the backward beyond its "
+             "outputs.", ""]
+    cells, seen = [], set()
+    for r in rows:
+        first = r["shape"] not in seen
+        seen.add(r["shape"])
+        if r.get("device_us") is not None:
+            time = num(r["device_us"]) + (f" ({num(r.get('device_p10_us'))}–{num(r.get('device_p90_us'))})"
+                                          if r.get("device_p10_us") is not None else "")
+            time += " MISMATCH" if r.get("check") == "MISMATCH" else ""
+        else:
+            time = f"— ({r.get('note') or 'not run'})"
+        cells.append([r.get("label") or r["shape"] if first else "", r["impl"], time, num(r.get("wall_us")),
+                      num(r.get("peak_mib"), 0), num(r.get("saved_mib"), 0), num(r.get("gdn-triton_ratio"), 2),
+                      num(r.get("gdn-pallas_ratio"), 2)])
+    lines.append(table(["shape", "implementation", "µs (p10–p90)", "wall µs", "peak MiB", "saved MiB",
+                        "gdn Triton ÷ this", "gdn Pallas ÷ this"], cells))
+    cold = read_rows("backward_cold")
+    if cold:
+        lines += ["", "Cold first step (fresh process, empty Triton cache, no JAX compilation cache; compile, "
+                  "autotune and run; `backward_cold.csv`, " + measured_line(read_env("backward_cold")) + "):", "",
+                  table(["implementation", "shape", "first step s", "import s"],
+                        [[r["impl"], r.get("label") or r["shape"], num(r.get("first_call_s"), 2),
+                          num(r.get("import_s"), 2)] for r in cold])]
+    return "\n".join(lines)
 
 
 def section_decode() -> str | None:
@@ -494,6 +532,17 @@ def targets() -> list[tuple[str, str, str, bool]]:
                       f"{num(r['speedup'], 2)}×", r["speedup"] >= 1.8))
         found.append(("", f"context parallel {r['label']}, {r['impl']}: the exchange ≤ 5 % of the 2-GPU call",
                       f"{num(r['exchange_share_pct'], 1)} %", r["exchange_share_pct"] <= 5))
+    backward = read_rows("backward")
+    for r in backward or []:
+        jla = _row(backward, "jla-mosaic", r["shape"])
+        if r["impl"] in GDN and r.get("device_us") is not None and jla and jla.get("device_us"):
+            limit = 0.8 if r["impl"] == "gdn-triton" else 1.0
+            found.append(("", f"forward + backward {r['label']}, {r['impl']} ≤ {limit}× jla-mosaic",
+                          f"{num(r['device_us'] / jla['device_us'], 2)}×", r["device_us"] <= limit * jla["device_us"]))
+    for r in read_rows("backward_cold") or []:
+        if r["impl"] in GDN and r.get("first_call_s") is not None:
+            found.append(("", f"forward + backward cold first step, {r['impl']} < 10 s",
+                          f"{num(r['first_call_s'], 2)} s", r["first_call_s"] < 10))
     return found
 
 
@@ -507,8 +556,8 @@ def section_targets() -> str | None:
                       "reason.", "", table(["target", "measured", "met", "why not"], rows)])
 
 
-SECTIONS = (section_chunk_o, section_forward, section_decode, section_decode_serving, section_distributed,
-            section_layouts, section_warmup, section_tilings, section_targets)
+SECTIONS = (section_chunk_o, section_forward, section_backward, section_decode, section_decode_serving,
+            section_distributed, section_layouts, section_warmup, section_tilings, section_targets)
 
 
 def render() -> str:

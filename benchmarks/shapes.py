@@ -2,9 +2,9 @@
 
 SHAPES are the seven prefill problems of the benchmark tables (bf16, K = V = 128): a short prompt, one long
 sequence with many, few and grouped heads, a batch, a very long sequence and a packed varlen batch.
-DTYPE_SHAPES repeat B1 T8192 H16 in fp16 and fp32 (chunk_fwd_o only); DECODE_BATCHES are decode_step's
-sequence counts at Qwen3-Next's heads, DECODE_POOL and SPEC_TOKENS its serving shape (a state pool, a
-speculative step).
+DTYPE_SHAPES repeat B1 T8192 H16 in fp16 and fp32 (chunk_fwd_o only); BACKWARD_SHAPES are the training steps'
+problems; DECODE_BATCHES are decode_step's sequence counts at Qwen3-Next's heads, DECODE_POOL and SPEC_TOKENS its
+serving shape (a state pool, a speculative step).
 
 Inputs follow the distributions of gdn.common.example, the tests' factory: q, v ~ N(0, 1), k ~ N(0, 1/K) and
 h ~ N(0, 1) for chunk_fwd_o (g the chunk-local cumsum of log-sigmoid gates); unit-norm q, k rows, v ~ N(0, 1),
@@ -113,6 +113,9 @@ SHAPES: list[Shape] = [
     Shape(1, sum(_VARLEN), 4, 8, seqlens=_VARLEN),
 ]
 DTYPE_SHAPES: list[Shape] = [Shape(1, 8192, 16, 16, dtype=dtype) for dtype in ("float16", "float32")]
+BACKWARD_SHAPES: list[Shape] = [Shape(1, 8192, 16, 16), Shape(4, 4096, 16, 32), Shape(2, 8192, 2, 8), SHAPES[-1]]
+"""The forward + backward problems: the three shapes jla's forward + backward was measured at when the backward
+was planned (one long sequence with many heads, a batch with grouped heads, few heads), and the varlen batch."""
 HOST_SHAPE = SHAPES[0]
 """The shape of the host-time rows: short enough that the device finishes a call before the host issues the next."""
 

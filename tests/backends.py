@@ -1,7 +1,8 @@
 """One adapter per backend, so every test body is written once and parametrized over backends.
 
 Each adapter turns OpInputs (numpy) into its framework's arrays, calls chunk_fwd_o (run), decode_step,
-chunk_gated_delta_rule (forward) or its first two stages (stages), and returns numpy float64.
+chunk_gated_delta_rule (forward), its first two stages (stages), its gradients through the framework's autodiff
+(gradients) or its backward directly (backward), and returns numpy float64.
 Triton runs compiled on CUDA when torch sees a GPU, else through TRITON_INTERPRET=1 (set in conftest.py); its
 outputs start as NaN (conftest.nan_poisoned_outputs). Pallas runs compiled when JAX's default backend is a GPU,
 else in interpret mode, whose outputs start as NaN.
@@ -34,6 +35,10 @@ class TritonBackend:
     @property
     def on_gpu(self) -> bool:
         return self.torch.cuda.is_available()
+
+    @property
+    def interpreted(self) -> bool:
+        return not self.on_gpu
 
     def supports(self, dtype: str, op: str = "chunk_fwd_o") -> bool:
         # The Triton 3.9 interpreter returns garbage from tl.dot on bf16 operands: bf16 is covered on the GPU.
@@ -92,6 +97,43 @@ class TritonBackend:
             assert state is a["initial_state"], "the pool is updated in place and returned"
         return self.numpy(o), None if state is None else self.numpy(state)
 
+    def gradients(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                  use_qk_l2norm_in_kernel: bool = False) -> dict[str, np.ndarray]:
+        """Gradients of chunk_gated_delta_rule through its autograd, do and final_state_gradient (None: the final
+        state is not output) as the outputs' gradients: {name: float64} for every differentiable input given (the
+        raw gates and state_indices, when inputs hold them, passed as keywords)."""
+        from gdn.triton import chunk_gated_delta_rule
+
+        torch = self.torch
+        a = self.convert(inputs)
+        wrt = [n for n in DIFFERENTIABLE_ARGS if a.get(n) is not None]
+        for n in wrt:
+            a[n].requires_grad_(True)
+        o, state = chunk_gated_delta_rule(**{n: a.get(n) for n in FORWARD_ARGS + FORWARD_SERVING_ARGS},
+                                          scale=inputs.scale, output_final_state=final_state_gradient is not None,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+        outputs, grads = [o], [torch.from_numpy(np.ascontiguousarray(do)).to(o.device, o.dtype)]
+        if state is not None:
+            outputs.append(state)
+            grads.append(torch.from_numpy(np.ascontiguousarray(final_state_gradient)).to(state.device))
+        torch.autograd.backward(outputs, grads)
+        return {n: self.numpy(a[n].grad) for n in wrt}
+
+    def backward(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                 do_dtype: str | None = None) -> tuple:
+        """gdn.triton.backward.backward called directly (dq, dk, dv, dg, dbeta, d initial_state or None); do in
+        do_dtype (default: v's)."""
+        from gdn.triton.backward import backward
+
+        torch = self.torch
+        a = self.convert(inputs)
+        do_t = torch.from_numpy(np.ascontiguousarray(do)).to(a["v"].device,
+                                                             getattr(torch, do_dtype or inputs.dtypes["v"]))
+        dht = (None if final_state_gradient is None
+               else torch.from_numpy(np.ascontiguousarray(final_state_gradient)).to(a["v"].device))
+        return backward(a["q"], a["k"], a["v"], a["g"], a["beta"], do_t, dht, inputs.scale, a["initial_state"],
+                        a["cu_seqlens"], a["chunk_indices"])
+
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
                           fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The forward with each sequence cut into that many pieces (the context-parallel path from 2 on),
@@ -140,11 +182,18 @@ class TritonBackend:
 FORWARD_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
 FORWARD_SERVING_ARGS = ("state_indices", "a", "b", "A_log", "dt_bias")
 """chunk_gated_delta_rule's serving arguments (keywords), passed when inputs holds them."""
+DIFFERENTIABLE_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "a", "b", "A_log", "dt_bias")
 STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
 
 
 class PallasBackend:
     name = "pallas"
+
+    @property
+    def interpreted(self) -> bool:
+        from gdn.pallas.arrays import resolve_interpret
+
+        return resolve_interpret(None)
 
     def supports(self, dtype: str, op: str = "chunk_fwd_o") -> bool:
         return True
@@ -218,6 +267,43 @@ class PallasBackend:
                                           **{n: a.get(n) for n in FORWARD_SERVING_ARGS},
                                           use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
         return self.numpy(o), None if state is None else self.numpy(state)
+
+    def gradients(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                  use_qk_l2norm_in_kernel: bool = False) -> dict[str, np.ndarray]:
+        """Gradients of chunk_gated_delta_rule through jax.vjp, do and final_state_gradient (None: the final
+        state is not output) as the outputs' cotangents: {name: float64} for every differentiable input given (the
+        raw gates and state_indices, when inputs hold them, passed as keywords)."""
+        import jax
+        import jax.numpy as jnp
+
+        from gdn.pallas import chunk_gated_delta_rule
+
+        a = self.convert(inputs)
+        wrt = [n for n in DIFFERENTIABLE_ARGS if a.get(n) is not None]
+
+        def forward(*xs):
+            args = {**{n: a.get(n) for n in FORWARD_ARGS + FORWARD_SERVING_ARGS}, **dict(zip(wrt, xs))}
+            return chunk_gated_delta_rule(**args, scale=inputs.scale,
+                                          output_final_state=final_state_gradient is not None,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+        (o, _), vjp = jax.vjp(forward, *(a[n] for n in wrt))
+        cotangents = (jnp.asarray(do, o.dtype),
+                      None if final_state_gradient is None else jnp.asarray(final_state_gradient, jnp.float32))
+        return {n: self.numpy(x) for n, x in zip(wrt, vjp(cotangents))}
+
+    def backward(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
+                 do_dtype: str | None = None) -> tuple:
+        """gdn.pallas.backward.backward called directly (dq, dk, dv, dg, dbeta, d initial_state or None); do in
+        do_dtype (default: v's)."""
+        import jax.numpy as jnp
+
+        from gdn.pallas.backward import backward
+
+        a = self.convert(inputs)
+        dht = None if final_state_gradient is None else jnp.asarray(final_state_gradient, jnp.float32)
+        return backward(a["q"], a["k"], a["v"], a["g"], a["beta"], jnp.asarray(do, do_dtype or inputs.dtypes["v"]),
+                        dht, inputs.scale, a["initial_state"], a["cu_seqlens"], a["chunk_indices"])
 
     def _forward_problem(self, a: dict, cu_seqlens_values: np.ndarray | None,
                          output_final_state: bool) -> contract.ForwardProblem:

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 
 from gdn.common import spec
-from gdn.common.example import random_decode_inputs, random_inputs, random_recurrent_inputs
+from gdn.common.example import random_decode_inputs, random_inputs, random_recurrent_inputs, round_to
 
 
 def seed_of(text: str) -> int:
@@ -251,6 +251,26 @@ def forward_varlen(seqlens: tuple[int, ...], H: int, HV: int, K: int, V: int, **
     return ForwardCase(T=sum(seqlens), H=H, HV=HV, K=K, V=V, seqlens=seqlens, **kw)
 
 
+def with_raw_inputs(inputs: OpInputs, seed: int, raw_qk: bool, raw_gates: bool) -> OpInputs:
+    """inputs with q, k rows ~ N(0, 1) of any norm (raw_qk, for use_qk_l2norm_in_kernel) and, with raw_gates,
+    a, b [B, T, HV] ~ N(0, 1) in q's dtype, A_log [HV] = log U(1, 16) and dt_bias [HV] ~ N(0, 1) float32 in
+    place of g and beta (as gdn.common.example.random_decode_inputs draws them): chunk_gated_delta_rule's
+    serving inputs."""
+    rng = np.random.default_rng(seed)
+    arrays, dtypes = dict(inputs.arrays), dict(inputs.dtypes)
+    dtype, (B, T, HV) = dtypes["q"], arrays["g"].shape
+    if raw_qk:
+        arrays.update(q=round_to(rng.standard_normal(arrays["q"].shape), dtype),
+                      k=round_to(rng.standard_normal(arrays["k"].shape), dtype))
+    if raw_gates:
+        arrays.update(g=None, beta=None, a=round_to(rng.standard_normal((B, T, HV)), dtype),
+                      b=round_to(rng.standard_normal((B, T, HV)), dtype),
+                      A_log=np.log(rng.uniform(1.0, 16.0, HV)).astype(np.float32),
+                      dt_bias=rng.standard_normal(HV).astype(np.float32))
+        dtypes.update(a=dtype, b=dtype, A_log="float32", dt_bias="float32")
+    return OpInputs(arrays, dtypes, inputs.scale)
+
+
 FORWARD_CASES: list[ForwardCase] = [
     # every T of the edge list; B, grouping m = HV / H, K/V (non-powers of two included), initial state rotate
     ForwardCase(1, 2, 4, 32, 32),
@@ -278,4 +298,25 @@ LARGE_FORWARD_CASES: list[ForwardCase] = [
     forward_varlen((1, 1000, 63, 700, 0, 300), 2, 4, 128, 128),
     # one long sequence with few heads: cut into pieces on a GPU (tilings.context_pieces)
     ForwardCase(16384, 2, 8, 128, 128),
+]
+
+
+BACKWARD_CASES: list[ForwardCase] = [
+    # every T of the edge list; grouping m = HV / H, K/V (non-powers of two included), initial state rotate;
+    # small heads: the CPU interpreters run every one
+    ForwardCase(1, 1, 2, 16, 16),
+    ForwardCase(63, 1, 1, 32, 16, B=2, initial_state=False),
+    ForwardCase(64, 2, 2, 16, 32),
+    ForwardCase(65, 1, 2, 48, 40),
+    ForwardCase(130, 2, 4, 16, 16, initial_state=False),
+    ForwardCase(300, 1, 1, 32, 32),
+    # varlen: empty and 1-token sequences, chunk-boundary lengths
+    forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 16, 32),
+    forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
+]
+
+LARGE_BACKWARD_CASES: list[ForwardCase] = [
+    # model-sized heads: compiled GPU runs only (the float64 reference holds every step's state: T stays modest)
+    ForwardCase(1024, 2, 4, 128, 128),
+    forward_varlen((1, 500, 63, 300, 0, 200), 2, 4, 128, 128),
 ]

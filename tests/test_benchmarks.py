@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-SCRIPTS = ("chunk_o", "forward", "decode", "distributed", "layouts", "warmup", "tune_chunk_o", "tune_forward",
-           "profile_chunk_o", "report")
+SCRIPTS = ("chunk_o", "forward", "backward", "decode", "distributed", "layouts", "warmup", "tune_chunk_o",
+           "tune_forward", "profile_chunk_o", "report")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -20,12 +20,13 @@ def test_command_line_parses(script: str, capsys: pytest.CaptureFixture) -> None
     assert f"python -m benchmarks.{script}" in capsys.readouterr().out
 
 
-def test_missing_peers_are_rows() -> None:
-    """Every implementation of the forward benchmark gets a row; what is absent here says "not installed"."""
-    from benchmarks import forward
-
-    impls = forward.load_impls(list(forward.IMPLS))
-    assert list(impls) == list(forward.IMPLS)
+@pytest.mark.parametrize("script", ["forward", "backward"])
+def test_missing_peers_are_rows(script: str) -> None:
+    """Every implementation of the forward and backward benchmarks gets a row; what is absent here says
+    "not installed"."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    impls = module.load_impls(list(module.IMPLS))
+    assert list(impls) == list(module.IMPLS)
     for impl in impls.values():
         assert impl.make is not None or impl.note.startswith("not installed"), impl
 

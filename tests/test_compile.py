@@ -6,7 +6,7 @@ implementation either way), on a GPU Inductor."""
 from __future__ import annotations
 
 from tests.backends import BACKENDS
-from tests.cases import CASES, SERVING_CASES
+from tests.cases import BACKWARD_CASES, CASES, SERVING_CASES, with_raw_inputs
 
 
 def _compile_backend() -> str:
@@ -61,3 +61,64 @@ def test_torch_compile_fullgraph_traces_chunk_fwd_o() -> None:
         eager = layer(*args)
         torch._dynamo.reset()
         assert torch.compile(layer, fullgraph=True, backend=_compile_backend())(*args).equal(eager), case.id
+
+
+def test_torch_compile_fullgraph_traces_the_forward_from_a_pool() -> None:
+    """chunk_gated_delta_rule from a state pool with in-kernel q/k norm and raw gates, no gradient wanted:
+    gdn::chunk_gated_delta_rule_serving (declared as mutating the pool), the eager bits and the pool updated in
+    place inside the compiled graph."""
+    torch = BACKENDS["triton"].torch
+    from gdn.triton import chunk_gated_delta_rule
+
+    inputs = with_raw_inputs(BACKWARD_CASES[6].inputs("float32", seed=26), 27, True, True)
+    t = BACKENDS["triton"].convert(inputs)
+    pool = torch.randn((9,) + t["initial_state"].shape[1:], generator=torch.Generator().manual_seed(28))
+    state_indices = torch.tensor([8, -1, 0, 3, 5, 1, 2], dtype=torch.int32)
+
+    def prefill(q, k, v, a, b, A_log, dt_bias, pool, state_indices, cu_seqlens):
+        o, final_state = chunk_gated_delta_rule(q * 2.0, k, v, None, None, initial_state=pool, output_final_state=True,
+                                                cu_seqlens=cu_seqlens, state_indices=state_indices,
+                                                use_qk_l2norm_in_kernel=True, a=a, b=b, A_log=A_log, dt_bias=dt_bias)
+        return o + 1.0, final_state
+
+    device = t["q"].device
+    args = [t[n] for n in ("q", "k", "v", "a", "b", "A_log", "dt_bias")]
+    args += [pool.to(device, copy=True), state_indices.to(device), t["cu_seqlens"]]
+    compiled_args = [x.clone() for x in args]
+    o_eager, state_eager = prefill(*args)
+    torch._dynamo.reset()
+    o, state = torch.compile(prefill, fullgraph=True, backend=_compile_backend())(*compiled_args)
+    assert o.equal(o_eager) and state.equal(state_eager)
+    assert compiled_args[7].equal(args[7]) and not args[7].equal(pool.to(device)), "the pool in place"
+
+
+def test_torch_compile_fullgraph_gradients_of_raw_inputs() -> None:
+    """A compiled loss over chunk_gated_delta_rule with use_qk_l2norm_in_kernel and the raw gates (the norm and
+    the gates as torch ops before gdn::chunk_gated_delta_rule and its registered autograd): the eager gradients
+    of q, k, v, a, b, A_log, dt_bias and the initial state, on a varlen batch with chunk_indices given."""
+    torch = BACKENDS["triton"].torch
+    from gdn.common import spec
+    from gdn.triton import chunk_gated_delta_rule
+
+    case = BACKWARD_CASES[6]
+    inputs = with_raw_inputs(case.inputs("float32", seed=29), 30, True, True)
+    t = BACKENDS["triton"].convert(inputs)
+    chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(case.cu_seqlens)).to(t["q"].device)
+    names = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "initial_state")
+
+    def loss(q, k, v, a, b, A_log, dt_bias, initial_state):
+        o, final_state = chunk_gated_delta_rule(q, k, v, None, None, initial_state=initial_state,
+                                                output_final_state=True, cu_seqlens=t["cu_seqlens"],
+                                                chunk_indices=chunk_indices, use_qk_l2norm_in_kernel=True, a=a,
+                                                b=b, A_log=A_log, dt_bias=dt_bias)
+        return (o * o).sum() + final_state.sum()
+
+    def gradients(fn):
+        args = [t[n].clone().requires_grad_(True) for n in names]
+        return torch.autograd.grad(fn(*args), args)
+
+    eager = gradients(loss)
+    torch._dynamo.reset()
+    compiled = gradients(torch.compile(loss, fullgraph=True, backend=_compile_backend()))
+    for name, x, y in zip(names, compiled, eager):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

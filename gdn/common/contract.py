@@ -1,7 +1,8 @@
 """The input contract of gdn's ops, shared by every backend: one framework-neutral check per op
-(validate_chunk_o_inputs, validate_decode_inputs, validate_forward_inputs, made of gdn.common.checks) that raises
-``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")`` before anything is launched, and returns
-the validated problem (sizes, flags, tilings) that selects the kernels and their grids.
+(validate_chunk_o_inputs, validate_decode_inputs, validate_forward_inputs, validate_backward_inputs, made of
+gdn.common.checks) that raises ``ValueError`` / ``TypeError("<op>: <argument>: expected …; got …")`` before
+anything is launched, and returns the validated problem (sizes, flags, tilings) that selects the kernels and
+their grids.
 
 Input rules, the same for every op and backend (README, "Input rules"):
   - dtypes: q, k, v one of INPUT_DTYPES, all three the same; the per-token gates of chunk_gated_delta_rule and
@@ -24,8 +25,9 @@ Input rules, the same for every op and backend (README, "Input rules"):
     device values are not read (no sync), and the kernels bound every index they dereference instead: a
     chunk_indices row naming no real chunk reads and writes nothing, cu_seqlens values are clamped into [0, T].
     Outputs at tokens that no valid row names are then left unwritten.
-  - autograd: no op has a backward yet; torch refuses inputs that require grad (with grad mode on), JAX raises
-    under jax.grad / jax.jvp — never a silently detached output.
+  - autograd: chunk_gated_delta_rule is differentiable (torch.autograd, jax.custom_vjp; not with a state pool
+    or across devices); the other ops have no backward: torch refuses inputs that require grad (with grad mode
+    on), JAX raises under jax.grad / jax.jvp — never a silently detached output.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 
 from gdn.common import checks
 from gdn.common.spec import (
+    BACKWARD_OP,
     CHUNK_O_OP,
     CHUNK_SIZE,
     DECODE_OP,
@@ -47,6 +50,8 @@ from gdn.common.spec import (
 )
 from gdn.common.tilings import (
     Tiling,
+    backward_chunk_tiling,
+    backward_walk_tiling,
     chunk_o_tiling,
     context_pieces,
     decode_tiling,
@@ -402,3 +407,60 @@ def check_context_parallel(problem: ForwardProblem, argument: str) -> None:
         checks.fail("cu_seqlens", f"None {why}", "an array", op=op)
     if problem.B != 1:
         checks.fail("q", f"B = 1 {why}", f"B = {problem.B}", op=op)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardProblem:
+    """A validated backward of chunk_gated_delta_rule: the forward's problem (its recompute stores no final state)
+    and whether a final-state gradient flows in; the tilings of the backward's kernels."""
+
+    forward: ForwardProblem
+    final_state_gradient: bool
+
+    @property
+    def chunk(self) -> Tiling:
+        """Tiling of the per-chunk kernels (dv_local, dqkwg, WY)."""
+        f = self.forward
+        return backward_chunk_tiling(f.K, f.V, f.dtype)
+
+    @property
+    def walk(self) -> Tiling:
+        """Tiling of the backward walk."""
+        f = self.forward
+        return backward_walk_tiling(f.K, f.V, f.dtype, f.N * f.HV)
+
+    @property
+    def group(self) -> int:
+        """m = HV / H, the value heads of one q/k head."""
+        return self.forward.HV // self.forward.H
+
+
+def validate_backward_inputs(
+    q: ArrayInfo,
+    k: ArrayInfo,
+    v: ArrayInfo,
+    g: ArrayInfo,
+    beta: ArrayInfo,
+    initial_state: ArrayInfo | None,
+    cu_seqlens: ArrayInfo | None,
+    chunk_indices: ArrayInfo | None,
+    do: ArrayInfo,
+    final_state_gradient: ArrayInfo | None,
+    cu_seqlens_values: Sequence[int] | np.ndarray | None = None,
+) -> BackwardProblem:
+    """The contract of chunk_gated_delta_rule's backward: the forward's inputs as validate_forward_inputs checks
+    them, do shaped and typed as o ([B, T, HV, V], v's dtype), final_state_gradient None or [N, HV, K, V]
+    float32. Raises ValueError / TypeError naming the argument."""
+    op = BACKWARD_OP
+    forward = validate_forward_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, cu_seqlens_values)
+    checks.present([("do", do)], op=op)
+    checks.dim("do", "do.shape", do.shape, v.shape, "the shape of o, [B, T, HV, V]", op=op)
+    if do.dtype != v.dtype:
+        checks.fail("do", f"the dtype of o, v's ({v.dtype})", do.dtype, TypeError, op=op)
+    if final_state_gradient is not None:
+        shape = (forward.N, forward.HV, forward.K, forward.V)
+        checks.dim("final_state_gradient", "final_state_gradient.shape", final_state_gradient.shape, shape,
+                   "[N, HV, K, V], the final state's", op=op)
+        checks.dtype("final_state_gradient", final_state_gradient, ("float32",), op=op)
+    checks.devices([("q", q), ("do", do), ("final_state_gradient", final_state_gradient)], op=op)
+    return BackwardProblem(forward=forward, final_state_gradient=final_state_gradient is not None)

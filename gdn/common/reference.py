@@ -306,3 +306,80 @@ def chunk_states(
                 states[n, hv] = np.exp(gc[-1]) * S + kc.T @ (vc * np.exp(gc[-1] - gc)[:, None])
             row += 1
     return h, v_new, states
+
+
+def recurrent_gated_delta_rule_gradients(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    g: np.ndarray | None,
+    beta: np.ndarray | None,
+    do: np.ndarray,
+    final_state_gradient: np.ndarray | None = None,
+    scale: float | None = None,
+    initial_state: np.ndarray | None = None,
+    cu_seqlens: np.ndarray | None = None,
+    *,
+    use_qk_l2norm_in_kernel: bool = False,
+    a: np.ndarray | None = None,
+    b: np.ndarray | None = None,
+    A_log: np.ndarray | None = None,
+    dt_bias: np.ndarray | None = None,
+    softplus_beta: float = SOFTPLUS_BETA,
+    softplus_threshold: float = SOFTPLUS_THRESHOLD,
+) -> dict[str, np.ndarray]:
+    """Gradients of the token-by-token gated delta rule, float64, by torch autograd through the recurrence of
+    recurrent_gated_delta_rule (no chunking, no WY form): of L = Σ o ⊙ do + Σ final_state ⊙ final_state_gradient
+    (the backward's arguments as gdn's backward takes them; final_state_gradient None: zero). Returns dq, dk, dv,
+    dg (per-token gates), dbeta and, when initial_state is given, initial_state, as float64 numpy arrays. With
+    the serving arguments as recurrent_gated_delta_rule takes them (use_qk_l2norm_in_kernel, the raw gates a, b,
+    A_log, dt_bias instead of g and beta), the gradients reach the raw inputs: dq, dk of q, k before the norm,
+    and da, db, dA_log, ddt_bias instead of dg, dbeta. torch is imported here, so gdn.common imports neither
+    framework."""
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
+
+    gates = ("a", "b", "A_log", "dt_bias") if a is not None else ("g", "beta")
+    given = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "a": a, "b": b, "A_log": A_log, "dt_bias": dt_bias}
+    inputs = {n: tensor(given[n]) for n in ("q", "k", "v") + gates}
+    if initial_state is not None:
+        inputs["initial_state"] = tensor(initial_state)
+    q_, k_, v_ = (inputs[n] for n in ("q", "k", "v"))
+    if use_qk_l2norm_in_kernel:  # as l2_normalize
+        q_, k_ = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + QK_L2NORM_EPS) for x in (q_, k_))
+    if a is not None:  # as raw_gates
+        rate = F.softplus(inputs["a"] + inputs["dt_bias"], beta=softplus_beta, threshold=softplus_threshold)
+        g_, beta_ = -torch.exp(inputs["A_log"]) * rate, torch.sigmoid(inputs["b"])
+    else:
+        g_, beta_ = inputs["g"], inputs["beta"]
+    B, T, H, K = q_.shape
+    HV = v_.shape[2]
+    group = HV // H
+    scale = default_scale(K) if scale is None else float(scale)
+    outputs, finals = [], []
+    for n, (b, start, end) in enumerate(_sequence_spans(B, T, cu_seqlens)):
+        S = (inputs["initial_state"][n] if initial_state is not None
+             else torch.zeros(HV, K, v_.shape[3], dtype=torch.float64))  # [HV, K, V]
+        rows = []
+        for t in range(start, end):
+            q_t = q_[b, t].repeat_interleave(group, 0)  # [HV, K]
+            k_t = k_[b, t].repeat_interleave(group, 0)
+            S = S * torch.exp(g_[b, t])[:, None, None]
+            delta = beta_[b, t][:, None] * (v_[b, t] - torch.einsum("hk,hkv->hv", k_t, S))  # [HV, V]
+            S = S + k_t[:, :, None] * delta[:, None, :]
+            rows.append(scale * torch.einsum("hk,hkv->hv", q_t, S))
+        outputs.append((b, start, end, rows))
+        finals.append(S)
+    loss = torch.zeros((), dtype=torch.float64)
+    do_ = torch.as_tensor(np.asarray(do, dtype=np.float64))
+    for b, start, end, rows in outputs:
+        if rows:
+            loss = loss + (torch.stack(rows) * do_[b, start:end]).sum()
+    if final_state_gradient is not None:
+        loss = loss + (torch.stack(finals) * torch.as_tensor(np.asarray(final_state_gradient, np.float64))).sum()
+    names = list(inputs)
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names], allow_unused=True)
+    return {n: np.zeros(inputs[n].shape) if d is None else d.numpy() for n, d in zip(names, grads)}

@@ -122,6 +122,32 @@ zeroes it before every dot (a zero coefficient times NaN would still be NaN) and
 NaN from that token on (and the sequence's final state), and every earlier token's o is exact.
 This equals the token-by-token recurrence (gdn.common.reference.recurrent_gated_delta_rule) in exact
 arithmetic: the WY form of the delta rule's S updates within a chunk.
+
+Op: the backward of ``chunk_gated_delta_rule`` — gradients dq, dk, dv, dg (of the per-token gates), dbeta and
+d initial_state (float32) from do [B, T, HV, V] and the final state's gradient (float32, or None: zero). The
+forward keeps only its inputs: the backward recomputes g_c, w, u (prepare) and h, v_new (the walk, in the
+pieces the forward cut it into), then runs four kernels of tile height CHUNK_SIZE. Per sequence, value head and
+chunk c (rows i, columns j; Γ_ij = exp(g_i − g_j) for j ≤ i, else 0, formed as in chunk_fwd_o; S = h[c]; dS the
+gradient of the state the chunk ends with):
+  1. dv_local (one program per chunk, value head and V tile):  dv_loc = (scale·q kᵀ ⊙ Γ)ᵀ·do
+  2. backward walk (one program per sequence, value head and V tile, chunks in reverse; dS float32, starting
+     from the final state's gradient; its last value is initial_state's gradient):
+       dh[c] = dS;   dv_new = dv_loc + (exp(g_last − g) ⊙ k)·dS
+       dS   = exp(g_last)·dS + scale·(exp(g) ⊙ q)ᵀ·do − wᵀ·dv_new
+     (affine in dS like the forward walk in S: dS ← (exp(g_last)·I − wᵀK̃)·dS + scale·(exp(g) ⊙ q)ᵀ·do − wᵀ·dv_loc)
+  3. dqkwg (one program per chunk and value head):  dP = scale·(do v_newᵀ) ⊙ Γ
+       dq = scale·exp(g) ⊙ (do Sᵀ) + dP·k;   dk = exp(g_last − g) ⊙ (v_new dSᵀ) + dPᵀ·q;   dw = −dv_new Sᵀ
+       dg_c = Σ_K (dq_inter ⊙ q) − Σ_K (dk_inter ⊙ k) + rowsum(dP ⊙ q kᵀ) − colsum(dP ⊙ q kᵀ), and on the
+              chunk's last row + exp(g_last)·Σ S ⊙ dS + Σ dk_inter ⊙ k   (dq_inter, dk_inter: the first terms)
+  4. WY (one program per chunk and value head; A and T_c = (I + A)⁻¹ recomputed as in prepare; du = dv_new):
+       dT = dw·(beta·exp(g)·k)ᵀ + du·(beta·v)ᵀ;   dA = −T_cᵀ·dT·T_cᵀ on the strictly lower part
+       dk += (beta·exp(g)) ⊙ T_cᵀdw + (dA ⊙ beta_i Γ)·k + (dA ⊙ beta_i Γ)ᵀ·k;   dv = beta ⊙ T_cᵀdu
+       dbeta = Σ_K exp(g) ⊙ k ⊙ T_cᵀdw + Σ_V v ⊙ T_cᵀdu + rowsum(dA ⊙ Γ ⊙ k kᵀ)
+       dg_c += Σ_K (beta·exp(g)·k) ⊙ T_cᵀdw + rowsum(dA ⊙ A) − colsum(dA ⊙ A)
+       dg = the reverse chunk-local cumsum of dg_c (the transpose of g_c = cumsum(max(g, GATE_FLOOR))), 0 for a
+            gate below GATE_FLOOR
+dq and dk of a q/k head are the sums over its m = HV/H value heads in head order (no atomics: the same bits
+run to run).
 """
 
 from __future__ import annotations
@@ -264,4 +290,5 @@ where β·x ≤ threshold, x beyond."""
 CHUNK_O_OP = "chunk_fwd_o"
 DECODE_OP = "decode_step"
 FORWARD_OP = "chunk_gated_delta_rule"
+BACKWARD_OP = "chunk_gated_delta_rule_backward"
 """The op names the contract messages start with."""

@@ -148,6 +148,26 @@ def walk_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
     return Tiling(block_k=_next_power_of_2(max(K, MIN_HEAD_DIM)), block_v=block_v, num_warps=4, num_stages=3)
 
 
+@functools.lru_cache(maxsize=256)
+def backward_chunk_tiling(K: int, V: int, dtype: str) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's per-chunk backward kernels (dv_local, dqkwg, WY): K and V
+    walked in block_k / block_v column steps."""
+    # Unmeasured: no GPU run has timed the backward yet. The prepare kernel's widths (one width for K and V,
+    # >= 32, which steers clear of the Triton 3.6 Hopper miscompiles found there), 4 warps, one stage, and no
+    # register cap until ncu says what these kernels spill.
+    block = prepare_tiling(K, V, dtype).block_k
+    return Tiling(block_k=block, block_v=block, num_warps=4, num_stages=1)
+
+
+@functools.lru_cache(maxsize=256)
+def backward_walk_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's backward walk (the state's gradient, chunks in reverse) for
+    sequence_heads = N·HV walks: the whole K by block_v columns per program, as walk_tiling."""
+    # Unmeasured: the forward walk's row (walk_tiling) until a GPU run times the backward walk, which reads q, k,
+    # w, do and dv_local per chunk where the forward walk reads k, w and u.
+    return walk_tiling(K, V, dtype, sequence_heads)
+
+
 FUSED_WALK = False
 """Whether the walk computes o itself (h and v_new never leave the SM) instead of storing h and v_new for
 chunk_fwd_o. Measured on an H200 with Triton 3.6 (bf16, K = V = 128, the whole forward by CUDA-graph replay,

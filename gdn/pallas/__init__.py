@@ -4,8 +4,9 @@ or the triton package (the lowering is JAX's own).
 Every op is jitted internally (a call outside jax.jit costs what a jitted one does) and may be called under a
 caller's jax.jit:
 
-- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
-  with ``axis_name=`` inside jax.shard_map, one sequence split over a mesh axis (context parallel);
+- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state,
+  differentiable (jax.custom_vjp); with ``axis_name=`` inside jax.shard_map, one sequence split over a mesh axis
+  (context parallel, forward only);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
 - ``decode_step(q, k, v, g, beta, state, ...)`` — the recurrence token by token per sequence (speculative steps,
   a state pool donated and updated in place);

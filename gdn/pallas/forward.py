@@ -572,6 +572,12 @@ def chunk_gated_delta_rule(
     with A_log, dt_bias [HV] (g and beta None) give g = −exp(A_log)·softplus(a + dt_bias) and beta = sigmoid(b)
     in the kernel.
 
+    Differentiable (jax.custom_vjp) in q, k, v, g, beta, scale, initial_state and the raw gates; the forward runs
+    the fused kernels whatever is differentiated, and the backward recomputes the normalized q, k and the gates
+    from the raw inputs with jnp ops (one more pass over q, k, a, b) before its kernels, then carries their
+    gradients back through those ops (gdn.pallas.backward.vjp). A state pool has no gradient: differentiating a
+    call with state_indices raises.
+
     Context parallel, with axis_name (static): called inside jax.shard_map(..., check_vma=False) with the
     sequence axis of q, k, v, g, beta sharded over that mesh axis (B = 1, no cu_seqlens), initial_state
     replicated; returns this device's slice of o and the whole sequence's final state, the same bits on every
@@ -604,7 +610,7 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
                                  use_qk_l2norm_in_kernel: bool):
     """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
     context-parallel path for the default device, then the kernels (with axis_name, across the devices of that
-    mesh axis: gdn.pallas.distributed)."""
+    mesh axis: gdn.pallas.distributed) through differentiable_forward, or pool_forward with a state pool."""
     problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state, None,
                               state_indices, a, b, A_log, dt_bias, use_qk_l2norm_in_kernel)
     if scale is None:
@@ -615,16 +621,17 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
         if problem.pool_rows or problem.raw_gates or problem.qk_l2norm:
-            raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected no serving arguments (state_indices, raw "
-                             "gates, use_qk_l2norm_in_kernel) with a mesh axis; got some")
+            checks.fail("axis_name", "no serving arguments (state_indices, raw gates, use_qk_l2norm_in_kernel) with "
+                        "a mesh axis", "some", op=spec.FORWARD_OP)
         contract.check_context_parallel(problem, "axis_name")
         return distributed.context_parallel_forward(q, k, v, g, beta, scale, initial_state, problem=problem,
                                                     axis_name=axis_name, pieces=pieces, interpret=interpret)
     gating = (A_log, dt_bias, softplus_beta, softplus_threshold) if problem.raw_gates else None
-    gate, strength = (a, b) if problem.raw_gates else (g, beta)
-    return jitted_forward(q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens),
-                          as_index(chunk_indices), as_index(state_indices), gating, problem=problem, pieces=pieces,
-                          interpret=interpret)
+    gate, strength = (a, b) if problem.raw_gates else (g, beta)  # the kernels' convention for the raw gates
+    arrays = (q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices), gating)
+    if problem.pool_rows:
+        return pool_forward(*arrays, as_index(state_indices), problem, pieces, interpret)
+    return differentiable_forward(*arrays, problem, pieces, interpret)
 
 
 _STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel")
@@ -635,6 +642,49 @@ jitted_chunk_gated_delta_rule_pool = jax.jit(_chunk_gated_delta_rule_body, stati
                                              donate_argnames=("initial_state",))
 """chunk_gated_delta_rule's jitted body with a state pool, donated: outside a caller's jit the pool is updated in
 place (a jit of the caller's governs donation within it)."""
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def differentiable_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
+                           problem: contract.ForwardProblem, pieces: int, interpret: bool):
+    """jitted_forward with gdn.pallas.backward.vjp as its vjp: jax.grad, jax.vjp and jax.value_and_grad reach q,
+    k, v, g, beta (the raw gates a, b with problem.raw_gates), scale, initial_state and gating's A_log and
+    dt_bias; the forward keeps its inputs only."""
+    return jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating=gating,
+                          problem=problem, pieces=pieces, interpret=interpret)
+
+
+def _forward_keeping_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, problem,
+                            pieces, interpret):
+    out = jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating=gating,
+                         problem=problem, pieces=pieces, interpret=interpret)
+    return out, (q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating)
+
+
+def _backward(problem, pieces, interpret, inputs, cotangents):
+    from gdn.pallas import backward  # imports this module: the backward recomputes with its stages
+
+    return backward.vjp(problem, pieces, interpret, inputs, cotangents)
+
+
+differentiable_forward.defvjp(_forward_keeping_inputs, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))
+def pool_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, state_indices,
+                 problem: contract.ForwardProblem, pieces: int, interpret: bool):
+    """jitted_forward from the state pool initial_state at rows state_indices; differentiating it raises (the
+    pool is updated in place: no gradient)."""
+    return jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices, gating,
+                          problem=problem, pieces=pieces, interpret=interpret)
+
+
+def _pool_forward_refused(*arguments):
+    checks.fail("state_indices", "None when a gradient is wanted (a state pool is updated in place, which has no "
+                "gradient)", "an array", op=spec.FORWARD_OP)
+
+
+pool_forward.defvjp(_pool_forward_refused, _pool_forward_refused)
 
 
 def checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state: bool,

@@ -1,7 +1,8 @@
 """gdn for PyTorch: Triton kernels. Importing this never imports jax.
 
-- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state;
-  with ``group=`` one sequence split over the ranks of a torch.distributed process group (context parallel);
+- ``chunk_gated_delta_rule(q, k, v, g, beta, ...)`` — the chunked forward (prefill): o and the final state,
+  differentiable (torch.autograd; custom ops under torch.compile); with ``group=`` one sequence split over the
+  ranks of a torch.distributed process group (context parallel, forward only);
 - ``chunk_fwd_o(q, k, v, h, g, ...)`` — the output stage of the chunked forward;
 - ``decode_step(q, k, v, g, beta, state, ...)`` — the recurrence token by token per sequence (speculative steps,
   a state pool updated in place);
@@ -24,9 +25,10 @@ except ModuleNotFoundError as error:
     raise ImportError(message) from error
 
 from gdn.triton import custom_ops  # noqa: F401
+from gdn.triton.autograd import chunk_gated_delta_rule
 from gdn.triton.chunk_o import chunk_fwd_o, warmup
 from gdn.triton.decode import decode_step
-from gdn.triton.forward import chunk_gated_delta_rule, warmup_forward
+from gdn.triton.forward import warmup_forward
 from gdn.triton.launcher import reset_plans
 from gdn.triton.variants import compiled_variants
 

@@ -588,7 +588,8 @@ def chunk_gated_delta_rule(
     the outputs NaN from that token on (its sequence's final state too), never before it. q, k, v, g, beta, a
     and b in any layout (e.g. the slices of one fused projection) are copied once when not contiguous (a read
     and a write of each); the other arrays must be contiguous (a pool is updated in place, never copied). No
-    backward: inputs that require grad are refused while grad mode is on.
+    backward here (gdn.triton.chunk_gated_delta_rule, gdn.triton.autograd, is the differentiable entry): inputs
+    that require grad are refused while grad mode is on.
 
     Serving arguments (gdn.common.spec; as decode_step's): state_indices [N] int makes initial_state a state pool
     [P, HV, K, V]: sequence n starts from row state_indices[n] (a negative index or one out of range skips the
