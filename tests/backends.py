@@ -21,6 +21,8 @@ DECODE_ARGS = ("q", "k", "v", "g", "beta", "state", "state_indices", "cu_seqlens
                "A_log", "dt_bias")
 """decode_step's array arguments: the first six positional, the rest keywords."""
 SOFTPLUS = (spec.SOFTPLUS_BETA, spec.SOFTPLUS_THRESHOLD)
+INDEX_ARGS = ("state_indices", "cu_seqlens", "num_accepted_tokens")
+"""decode_step's index arrays, whose host values are checked before a call."""
 
 
 class TritonBackend:
@@ -241,12 +243,15 @@ class PallasBackend:
         return self.numpy(out), problem.num_programs
 
     def decode_step(self, inputs: OpInputs, use_qk_l2norm_in_kernel: bool = False,
-                    softplus: tuple[float, float] = SOFTPLUS) -> tuple[np.ndarray, np.ndarray]:
+                    softplus: tuple[float, float] = SOFTPLUS, host_indices: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """decode_step on the arrays of inputs named as its arguments (absent ones None): (o, the states after:
-        the new state, or the updated pool)."""
+        the new state, or the updated pool); host_indices: the index arrays passed as numpy."""
         from gdn.pallas import decode_step
 
         a = self.convert(inputs)
+        if host_indices:  # numpy index arrays: values checked before the call on any device
+            a.update({n: inputs.arrays[n] for n in INDEX_ARGS if inputs.arrays.get(n) is not None})
         args = {n: a.get(n) for n in DECODE_ARGS}
         o, state = decode_step(*(args[n] for n in DECODE_ARGS[:6]), inputs.scale,
                                **{n: args[n] for n in DECODE_ARGS[6:]}, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

@@ -66,9 +66,11 @@ def _assert_no_length_specialization(kernel, run_dense: Callable[[int], None],
     dense, varlen = launches[:dense_launches], launches[dense_launches:]
     assert dense and varlen
     for group in (dense, varlen):
+        # one variant per mode: on a GPU longer inputs take the context-parallel path, whose map walk (MAP) is
+        # the walk's second variant, compiled by warmup_forward whatever T is
         constexprs = {tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("debug",)
                                    and not isinstance(v, torch.Tensor))) for _, kwargs in group}
-        assert len(constexprs) == 1, constexprs
+        assert len(constexprs) == len({dict(c).get("MAP") for c in constexprs}), constexprs
     names = kernel.arg_names
     scalars = {names[i] for args, _ in launches for i, a in enumerate(args)
                if isinstance(a, int) and not isinstance(a, bool)}

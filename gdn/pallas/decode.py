@@ -75,8 +75,8 @@ def decode_step_kernel(
     if USE_INDICES:
         i_col = num_accepted_tokens[i_n] - 1 if USE_ACCEPTED else 0
         m_col = (i_col >= 0) & (i_col < S)
-        # (clipped into range rather than selected: the Triton lowering of jax 0.11 mis-types a scalar
-        # jnp.where with a literal operand; a clipped row is read and written under m_seq's mask only)
+        # (clipped into range and masks from integer products, never a jnp.where of two literals, which the
+        # Triton lowering of jax 0.11 types as bool; a clipped row is read and written under m_seq's mask only)
         i_row = state_indices[i_n * S + jnp.clip(i_col, 0, S - 1)]
         m_seq = m_col & (i_row >= 0) & (i_row < P)
         i_row = jnp.clip(i_row, 0, P - 1)
@@ -126,7 +126,7 @@ def decode_step_kernel(
             # the state after this token goes to its slot state_indices[n, t − bos] (none when out of range)
             i_slot = state_indices[i_n * S + (i_t - bos)]
             m_slot = m_seq & (i_slot >= 0) & (i_slot < P)
-            m_skv = (o_k < jnp.where(m_slot, K, 0))[:, None] & m_v[None, :]
+            m_skv = (o_k < K * m_slot.astype(jnp.int32))[:, None] & m_v[None, :]
             plgpu.store(new_state.at[jnp.where(m_slot, i_slot, 0) * HV + i_hv, o_k[:, None], o_v[None, :]], b_s,
                         mask=m_skv)
         return b_s

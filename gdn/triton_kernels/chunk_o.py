@@ -110,14 +110,17 @@ def chunk_fwd_o_kernel(
     # A[i, j] of a later token j > i selected away, not multiplied by 0: its k_j or g_j may be NaN
     b_A = tl.where(m_A, b_A, 0)
 
-    # v's non-finite entries leave the dot below, where the zeros of later tokens would turn them into NaN for
-    # earlier rows, and come back after it where the causal sum reads them
+    b_o_inter = b_o * scale
+    b_P = (b_A * scale).to(b_v.dtype)  # scale folded in before the cast to v's dtype
+    # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, v straight from its load (Triton 3.6 on Hopper
+    # miscomputes some 16-column dots whose v operand is built in registers)
+    b_o = b_o_inter + tl.dot(b_P, b_v, input_precision=DOT_PRECISION)
     m_v_finite = (b_v - b_v) == 0  # [BT, BV]: false for NaN and ±inf
-    # [BT, BT] @ [BT, BV] -> [BT, BV]: the intra-chunk part, scale folded in before the cast to v's dtype
-    b_o = b_o * scale + tl.dot((b_A * scale).to(b_v.dtype), tl.where(m_v_finite, b_v, 0),
-                               input_precision=DOT_PRECISION)
     if tl.min(m_v_finite.to(tl.int32)) == 0:  # this tile of v holds NaN or ±inf: rare, hence the branch
-        # [BT, BT] @ [BT, BV] -> [BT, BV]: how many non-finite v[j, c] with j <= i each o[i, c] sums over
+        # v's non-finite entries leave the dot, where the zeros of later tokens would turn them into NaN for
+        # earlier rows, and come back where the causal sum reads them: [BT, BT] @ [BT, BV] -> [BT, BV] twice,
+        # the part without them and how many of them each o[i, c] sums over
+        b_o = b_o_inter + tl.dot(b_P, tl.where(m_v_finite, b_v, 0), input_precision=DOT_PRECISION)
         b_reach = tl.dot(tl.where(m_A, 1.0, 0.0).to(b_v.dtype), tl.where(m_v_finite, 0.0, 1.0).to(b_v.dtype),
                          input_precision=DOT_PRECISION)
         b_o = tl.where(b_reach > 0, float("nan"), b_o)
