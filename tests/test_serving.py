@@ -360,7 +360,12 @@ def test_strided_torch_inputs_are_read_in_place(raw_gates: bool) -> None:
     pool = fused["state"]
     o, out = _triton_decode(fused)
     assert out is pool and out.data_ptr() == pool.data_ptr()
-    assert o.equal(o_ref) and pool.equal(pool_ref)
+    assert o.equal(o_ref)
+    if pool.is_cuda:  # the two layouts are two compiled variants, which may contract S's float32 updates apart
+        torch = BACKENDS["triton"].torch
+        torch.testing.assert_close(pool, pool_ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert pool.equal(pool_ref)
 
 
 def test_other_torch_layouts_are_copied_once() -> None:
