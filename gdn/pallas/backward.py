@@ -37,32 +37,6 @@ from gdn.pallas.arrays import (
 from gdn.pallas.chunk_o import chunk_span
 
 
-def unit_lower_inverse(b_A, *, BT: int, BS: int, PRECISION):
-    """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32, as chunk_prepare_kernel forms it:
-    forward substitution on the BT/BS diagonal BS×BS blocks at once, then the blocked merge
-    (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹ (gdn.common.spec, prepare)."""
-    def dot(a, b):
-        return jnp.dot(a, b, precision=PRECISION, preferred_element_type=jnp.float32)
-
-    NB = BT // BS
-    o_i = jnp.arange(BT, dtype=jnp.int32)
-    o_b = jnp.arange(NB, dtype=jnp.int32)
-    o_r = jnp.arange(BS, dtype=jnp.int32)
-    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
-    b_Ab = jnp.sum(jnp.where(m_diag, b_A.reshape(NB, BS, NB, BS), 0), axis=2)  # [NB, BS, BS]
-    b_X = jnp.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + jnp.zeros([NB, BS, BS], jnp.float32)
-    for j in range(BS - 1):
-        b_col = jnp.sum(jnp.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
-        b_row = jnp.sum(jnp.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
-        b_X -= b_col[:, :, None] * b_row[:, None, :]
-    b_Dinv = jnp.where(m_diag, jnp.broadcast_to(b_X[:, :, None, :], (NB, BS, NB, BS)), 0).reshape(BT, BT)
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_N = dot(b_Dinv, jnp.where(m_block, 0, b_A))
-    b_N2 = dot(b_N, b_N)
-    b_M = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32) - b_N + b_N2 - dot(b_N, b_N2)
-    return dot(b_M, b_Dinv)
-
-
 def chunk_last_row(t0, eos, BT: int):
     """The chunk's last token row, clamped to row 0 for a PAD_CHUNK program (empty span), so loads through it
     stay in bounds."""
@@ -278,7 +252,7 @@ def chunk_bwd_wy_kernel(
         b_kk += dot(b_k, b_k.T)
     b_A = b_kk * b_beta[:, None] * jnp.exp(jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
     # T_c in k's dtype for the tensor-core dots below, as w = T_c·(beta·exp(g)·k) rounds it in the forward
-    b_Ti = unit_lower_inverse(b_A, BT=BT, BS=BS, PRECISION=INVERSE_PRECISION).astype(k.dtype)
+    b_Ti = forward.unit_lower_inverse(b_A, BT=BT, BS=BS, PRECISION=INVERSE_PRECISION).astype(k.dtype)
 
     # dT = dw·(beta·exp(g) ⊙ k)ᵀ + du·(beta ⊙ v)ᵀ: [BT, BK] @ [BK, BT] and [BT, BV] @ [BV, BT]
     # dv = beta ⊙ T_cᵀ·du: [BT, BT] @ [BT, BV]

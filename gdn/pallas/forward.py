@@ -54,6 +54,39 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
     return -jnp.exp(A_log[i_hv].astype(jnp.float32)) * b_softplus, 1 / (1 + jnp.exp(-b_b))
 
 
+def unit_lower_inverse(b_A, *, BT: int, BS: int, PRECISION):
+    """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32 (prepare's, and the backward's
+    recompute of it), as gdn.triton.forward.unit_lower_inverse forms it."""
+    def dot(a, b):
+        return jnp.dot(a, b, precision=PRECISION, preferred_element_type=jnp.float32)
+
+    # D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by side:
+    # column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every block
+    # is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
+    NB = BT // BS
+    o_i = jnp.arange(BT, dtype=jnp.int32)
+    o_b = jnp.arange(NB, dtype=jnp.int32)
+    o_r = jnp.arange(BS, dtype=jnp.int32)
+    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
+    b_Ab = jnp.sum(jnp.where(m_diag, b_A.reshape(NB, BS, NB, BS), 0), axis=2)  # [NB, BS, BS]
+    b_X = jnp.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + jnp.zeros([NB, BS, BS], jnp.float32)
+    for j in range(BS - 1):
+        b_col = jnp.sum(jnp.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
+        b_row = jnp.sum(jnp.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
+        b_X -= b_col[:, :, None] * b_row[:, None, :]
+    b_Dinv = jnp.where(m_diag, jnp.broadcast_to(b_X[:, :, None, :], (NB, BS, NB, BS)), 0).reshape(BT, BT)
+    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
+    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
+    # at most three blocks. The float32 dots run at PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
+    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
+    b_N = dot(b_Dinv, jnp.where(m_block, 0, b_A))
+    b_N2 = dot(b_N, b_N)
+    b_eye = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32)
+    b_M = b_eye - b_N + b_N2 - dot(b_N, b_N2)
+    return dot(b_M, b_Dinv)
+
+
 def chunk_prepare_kernel(
     k, v, g, beta, A_log, dt_bias, params, cu_seqlens, chunk_indices, g_cum, w, u, *,
     T: int, H: int, HV: int, K: int, V: int, BT: int, BK: int, BV: int, BS: int, GATE_FLOOR: float,
@@ -111,30 +144,7 @@ def chunk_prepare_kernel(
     b_A = b_A * (b_beta * b_k_scale)[:, None] * b_k_scale[None, :] * jnp.exp(
         jnp.where(m_lower, b_g[:, None] - b_g[None, :], -jnp.inf))
 
-    # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
-    # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
-    # block is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
-    NB = BT // BS
-    o_b = jnp.arange(NB, dtype=jnp.int32)
-    o_r = jnp.arange(BS, dtype=jnp.int32)
-    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
-    b_Ab = jnp.sum(jnp.where(m_diag, b_A.reshape(NB, BS, NB, BS), 0), axis=2)  # [NB, BS, BS]
-    b_X = jnp.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + jnp.zeros([NB, BS, BS], jnp.float32)
-    for j in range(BS - 1):
-        b_col = jnp.sum(jnp.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
-        b_row = jnp.sum(jnp.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
-        b_X -= b_col[:, :, None] * b_row[:, None, :]
-    b_Dinv = jnp.where(m_diag, jnp.broadcast_to(b_X[:, :, None, :], (NB, BS, NB, BS)), 0).reshape(BT, BT)
-    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
-    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
-    # at most three blocks. The float32 dots run at MERGE_PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
-    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_N = dot(b_Dinv, jnp.where(m_block, 0, b_A), MERGE_PRECISION)
-    b_N2 = dot(b_N, b_N, MERGE_PRECISION)
-    b_eye = jnp.where(o_i[:, None] == o_i[None, :], 1.0, 0.0).astype(jnp.float32)
-    b_M = b_eye - b_N + b_N2 - dot(b_N, b_N2, MERGE_PRECISION)
-    b_Ai = dot(b_M, b_Dinv, MERGE_PRECISION)  # [BT, BT] float32
+    b_Ai = unit_lower_inverse(b_A, BT=BT, BS=BS, PRECISION=MERGE_PRECISION)  # [BT, BT] float32
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
     b_Ai_in = b_Ai.astype(k.dtype)

@@ -23,31 +23,6 @@ from gdn.triton_kernels.chunk_o import chunk_span
 
 
 @triton.jit
-def unit_lower_inverse(b_A, BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32, as chunk_prepare_kernel forms it:
-    forward substitution on the BT/BS diagonal BS×BS blocks at once, then the blocked merge
-    (I + A)⁻¹ = (I − N)(I + N²)·D⁻¹ (gdn.common.spec, prepare)."""
-    NB: tl.constexpr = BT // BS
-    o_i = tl.arange(0, BT)
-    o_b = tl.arange(0, NB)
-    o_r = tl.arange(0, BS)
-    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
-    b_Ab = tl.sum(tl.where(m_diag, tl.reshape(b_A, [NB, BS, NB, BS]), 0), axis=2)  # [NB, BS, BS]
-    b_X = tl.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BS, BS], tl.float32)
-    for j in tl.static_range(0, BS - 1):
-        b_col = tl.sum(tl.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
-        b_row = tl.sum(tl.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
-        b_X -= b_col[:, :, None] * b_row[:, None, :]
-    b_Dinv = tl.reshape(tl.where(m_diag, tl.broadcast_to(b_X[:, :, None, :], [NB, BS, NB, BS]), 0), [BT, BT])
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=DOT_PRECISION)
-    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PRECISION)
-    b_M = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) - b_N + b_N2 - tl.dot(b_N, b_N2,
-                                                                                  input_precision=DOT_PRECISION)
-    return tl.dot(b_M, b_Dinv, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def chunk_last_row(t0, eos, BT: tl.constexpr):
     """The chunk's last token row (int64), clamped to row 0 for a PAD_CHUNK program (empty span), so loads
     through it stay in bounds."""
@@ -272,7 +247,7 @@ def chunk_bwd_wy_kernel(
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     b_A = b_kk * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
     # T_c in k's dtype for the tensor-core dots below, as w = T_c·(beta·exp(g)·k) rounds it in the forward
-    b_Ti = unit_lower_inverse(b_A, BT, BS, DOT_PRECISION).to(k.dtype.element_ty)
+    b_Ti = forward.unit_lower_inverse(b_A, BT, BS, DOT_PRECISION).to(k.dtype.element_ty)
 
     # dT = dw·(beta·exp(g) ⊙ k)ᵀ + du·(beta ⊙ v)ᵀ: [BT, BK] @ [BK, BT] and [BT, BV] @ [BV, BT]
     # dv = beta ⊙ T_cᵀ·du: [BT, BT] @ [BT, BV]

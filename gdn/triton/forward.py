@@ -45,6 +45,37 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
     return -tl.exp(tl.load(A_log + i_hv).to(tl.float32)) * b_softplus, 1 / (1 + tl.exp(-b_b))
 
 
+@triton.jit
+def unit_lower_inverse(b_A, BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32 (prepare's, and the backward's
+    recompute of it)."""
+    # D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by side:
+    # column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every block
+    # is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
+    NB: tl.constexpr = BT // BS
+    o_i = tl.arange(0, BT)
+    o_b = tl.arange(0, NB)
+    o_r = tl.arange(0, BS)
+    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
+    b_Ab = tl.sum(tl.where(m_diag, tl.reshape(b_A, [NB, BS, NB, BS]), 0), axis=2)  # [NB, BS, BS]
+    b_X = tl.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BS, BS], tl.float32)
+    for j in tl.static_range(0, BS - 1):
+        b_col = tl.sum(tl.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
+        b_row = tl.sum(tl.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
+        b_X -= b_col[:, :, None] * b_row[:, None, :]
+    b_Dinv = tl.reshape(tl.where(m_diag, tl.broadcast_to(b_X[:, :, None, :], [NB, BS, NB, BS]), 0), [BT, BT])
+    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
+    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
+    # at most three blocks. The float32 dots run at DOT_PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
+    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
+    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
+    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=DOT_PRECISION)
+    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PRECISION)
+    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_M = b_eye - b_N + b_N2 - tl.dot(b_N, b_N2, input_precision=DOT_PRECISION)
+    return tl.dot(b_M, b_Dinv, input_precision=DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=["T", "N"])
 def chunk_prepare_kernel(
     k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T, N,
@@ -106,30 +137,7 @@ def chunk_prepare_kernel(
     b_A = b_A * (b_beta * b_k_scale)[:, None] * b_k_scale[None, :] * tl.exp(
         tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
 
-    # (I + A)⁻¹. D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by
-    # side: column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every
-    # block is final, and every later row i of its block takes X[i] -= A[i, j]·X[j].
-    NB: tl.constexpr = BT // BS
-    o_b = tl.arange(0, NB)
-    o_r = tl.arange(0, BS)
-    m_diag = o_b[:, None, None, None] == o_b[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block of [BT, BT]
-    b_Ab = tl.sum(tl.where(m_diag, tl.reshape(b_A, [NB, BS, NB, BS]), 0), axis=2)  # [NB, BS, BS]
-    b_X = tl.where(o_r[None, :, None] == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BS, BS], tl.float32)
-    for j in tl.static_range(0, BS - 1):
-        b_col = tl.sum(tl.where((o_r == j)[None, None, :], b_Ab, 0), axis=2)  # [NB, BS]: A[i, j] per block
-        b_row = tl.sum(tl.where((o_r == j)[None, :, None], b_X, 0), axis=1)  # [NB, BS]: X[j, :] per block
-        b_X -= b_col[:, :, None] * b_row[:, None, :]
-    b_Dinv = tl.reshape(tl.where(m_diag, tl.broadcast_to(b_X[:, :, None, :], [NB, BS, NB, BS]), 0), [BT, BT])
-    # merge: (I + A)⁻¹ = (I + N)⁻¹·D⁻¹ with N = D⁻¹·L, L = A below the diagonal blocks; N is strictly
-    # block-lower, N⁴ = 0 (NB = 4): (I + N)⁻¹ = I − N + N² − N³ = (I − N)·(I + N²). Every entry is a product of
-    # at most three blocks. The float32 dots run at DOT_PRECISION: tf32x3 for float32 inputs; TF32 for 16-bit
-    # inputs, whose w and u dots round (I + A)⁻¹ to the input dtype anyway.
-    m_block = (o_i[:, None] // BS) == (o_i[None, :] // BS)
-    b_N = tl.dot(b_Dinv, tl.where(m_block, 0, b_A), input_precision=DOT_PRECISION)
-    b_N2 = tl.dot(b_N, b_N, input_precision=DOT_PRECISION)
-    b_eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    b_M = b_eye - b_N + b_N2 - tl.dot(b_N, b_N2, input_precision=DOT_PRECISION)
-    b_Ai = tl.dot(b_M, b_Dinv, input_precision=DOT_PRECISION)  # [BT, BT] float32
+    b_Ai = unit_lower_inverse(b_A, BT, BS, DOT_PRECISION)  # [BT, BT] float32
 
     # w = (I + A)⁻¹·(beta·exp(g)·k), u = (I + A)⁻¹·(beta·v): in k's dtype on the tensor cores, as FLA does
     b_Ai_in = b_Ai.to(k.dtype.element_ty)
