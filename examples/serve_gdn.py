@@ -195,9 +195,8 @@ def run_torch(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[n
     qkv, z, b, a = project(torch, p, cfg, x)
     q, k, v = split_heads(cfg, convolve(qkv, PROMPTS, rows))
     cu_seqlens = torch.tensor(np.cumsum((0,) + PROMPTS), dtype=torch.int32, device=device)
-    o, _ = chunk_gated_delta_rule(q.contiguous()[None], k.contiguous()[None], v.contiguous()[None], None, None,
-                                  initial_state=pool, output_final_state=True, cu_seqlens=cu_seqlens,
-                                  state_indices=rows.to(torch.int32), a=a.contiguous()[None], b=b.contiguous()[None],
+    o, _ = chunk_gated_delta_rule(q[None], k[None], v[None], None, None, initial_state=pool, output_final_state=True,
+                                  cu_seqlens=cu_seqlens, state_indices=rows.to(torch.int32), a=a[None], b=b[None],
                                   A_log=p["A_log"], dt_bias=p["dt_bias"], use_qk_l2norm_in_kernel=True)
     outputs = {"prefill": output(torch, p, cfg, o[0], z)}
 

@@ -11,7 +11,7 @@ import pytest
 from gdn.common import contract, spec
 from tests import helpers
 from tests.backends import BACKENDS
-from tests.cases import Case, ForwardCase, OpInputs
+from tests.cases import Case, ForwardCase, OpInputs, forward_varlen
 from tests.helpers import chunk_o_reference, dtype_params, skip_unsupported
 
 
@@ -339,6 +339,35 @@ def test_forward_reads_fused_projection_slices() -> None:
                                                 beta.contiguous(), output_final_state=True)
     assert torch.equal(out, dense) and torch.equal(state, dense_state)
     assert torch.equal(g, t["g"]) and torch.equal(v, t["v"])
+
+
+def test_forward_reads_qkv_slices_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The q, k, v slices of one projection reach the kernels as they are (their strides in the problem), not
+    as copies; varlen too."""
+    from gdn.triton import chunk_gated_delta_rule, forward
+
+    inputs = forward_varlen((70, 0, 1, 64), 1, 2, 16, 32).inputs("float32", seed=36)
+    q, k, v = _fused_projection(inputs)
+    t = BACKENDS["triton"].convert(inputs)
+    seen = {}
+    original = forward.forward
+
+    def spy(problem, q_in, k_in, v_in, *args, **kwargs):
+        seen.update(problem=problem, ptrs=(q_in.data_ptr(), k_in.data_ptr(), v_in.data_ptr()),
+                    strides=(q_in.stride(), k_in.stride(), v_in.stride()))
+        return original(problem, q_in, k_in, v_in, *args, **kwargs)
+
+    monkeypatch.setattr(forward, "forward", spy)
+    out, state = chunk_gated_delta_rule(q, k, v, t["g"], t["beta"], initial_state=t["initial_state"],
+                                        output_final_state=True, cu_seqlens=t["cu_seqlens"])
+    assert seen["ptrs"] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
+    assert seen["strides"] == (q.stride(), k.stride(), v.stride()) and seen["problem"].strides
+    monkeypatch.setattr(forward, "forward", original)
+    dense, dense_state = chunk_gated_delta_rule(q.contiguous(), k.contiguous(), v.contiguous(), t["g"], t["beta"],
+                                                initial_state=t["initial_state"], output_final_state=True,
+                                                cu_seqlens=t["cu_seqlens"])
+    torch = BACKENDS["triton"].torch
+    assert torch.equal(out, dense) and torch.equal(state, dense_state)
 
 
 def test_forward_refuses_a_strided_pool() -> None:

@@ -110,6 +110,15 @@ def contiguous_strides(H: int, K: int, HV: int, V: int) -> tuple[int, int, int, 
     return H * K, K, H * K, K, HV * V, V
 
 
+def token_strides(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo) -> tuple[int, int, int, int, int, int]:
+    """(token-row, head) strides, in elements, with which the kernels read q, k and v: their own for strided
+    views (checks.row_strides; checked by checks.layouts), the dense ones otherwise."""
+    H, K, HV, V = q.shape[2], q.shape[3], v.shape[2], v.shape[3]
+    dense = contiguous_strides(H, K, HV, V)
+    return tuple(x for i, info in enumerate((q, k, v))
+                 for x in (checks.row_strides(info.shape, info.strides) if info.strides else dense[2 * i:2 * i + 2]))
+
+
 def validate_chunk_o_inputs(
     q: ArrayInfo,
     k: ArrayInfo,
@@ -151,10 +160,7 @@ def validate_chunk_o_inputs(
     checks.layouts(arrays, ("q", "k", "v"), op=CHUNK_O_OP)
 
     tiling = chunk_o_tiling(K, V, q.dtype)
-    dense = contiguous_strides(H, K, HV, V)
-    strides = tuple(x for i, info in enumerate((q, k, v))
-                    for x in (checks.row_strides(info.shape, info.strides) if info.strides
-                              else dense[2 * i:2 * i + 2]))
+    strides = token_strides(q, k, v)
     problem = ChunkOProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, num_chunks_total=total_chunks,
                             gated=g is not None, varlen=cu_seqlens is not None, dtype=q.dtype, tiling=tiling,
                             num_sequences=B if cu_seqlens is None else cu_seqlens.shape[0] - 1, strides=strides)
@@ -307,6 +313,14 @@ class ForwardProblem:
     """use_qk_l2norm_in_kernel: q and k L2-normalized in the kernels."""
     raw_gates: bool = False
     """g and beta computed in the kernels from the raw gates a, b, A_log, dt_bias."""
+    strides: tuple[int, ...] = ()
+    """Token-row and head strides of q, k and v as ChunkOProblem.strides (torch views of a fused projection;
+    () for dense arrays): see row_strides."""
+
+    @property
+    def row_strides(self) -> tuple[int, int, int, int, int, int]:
+        """The strides the kernels read q, k and v at: ForwardProblem.strides, or the dense ones."""
+        return self.strides or contiguous_strides(self.H, self.K, self.HV, self.V)
 
     @property
     def num_chunks_total(self) -> int:
@@ -326,11 +340,12 @@ class ForwardProblem:
         return -(-self.V // tiling.block_v), self.N * pieces * self.HV
 
     def chunk_o(self) -> ChunkOProblem:
-        """chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check."""
+        """chunk_fwd_o on (q, k, v_new, h, g_c): its problem, without a second contract check (q and k at their
+        strides, v_new dense)."""
         return ChunkOProblem(B=self.B, T=self.T, H=self.H, HV=self.HV, K=self.K, V=self.V,
                              num_chunks_total=self.num_chunks_total, gated=True, varlen=self.varlen,
                              dtype=self.dtype, tiling=chunk_o_tiling(self.K, self.V, self.dtype),
-                             num_sequences=self.N, strides=contiguous_strides(self.H, self.K, self.HV, self.V),
+                             num_sequences=self.N, strides=self.row_strides[:4] + (self.HV * self.V, self.V),
                              qk_l2norm=self.qk_l2norm)
 
     def pieces(self, multiprocessors: int | None) -> int:
@@ -385,12 +400,15 @@ def validate_forward_inputs(
     checks.devices([("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("a", a), ("b", b), ("A_log", A_log),
                     ("dt_bias", dt_bias), ("initial_state", initial_state), ("state_indices", state_indices),
                     ("cu_seqlens", cu_seqlens), ("chunk_indices", chunk_indices)], op=op)
+    checks.layouts([("q", q), ("k", k), ("v", v)], ("q", "k", "v"), op=op)
+    strided = any(info.strides for info in (q, k, v))
     problem = ForwardProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks_per_row,
                              varlen=cu_seqlens is not None, dtype=q.dtype,
                              use_initial_state=initial_state is not None,
                              output_final_state=bool(output_final_state),
                              pool_rows=initial_state.shape[0] if pool else 0,
-                             qk_l2norm=bool(use_qk_l2norm_in_kernel), raw_gates=raw_gates)
+                             qk_l2norm=bool(use_qk_l2norm_in_kernel), raw_gates=raw_gates,
+                             strides=token_strides(q, k, v) if strided else ())
     if problem.num_chunks_total * HV > MAX_GRID_ROWS:
         checks.fail("q", f"at most {MAX_GRID_ROWS} (chunk, value head) programs", f"{problem.num_chunks_total * HV}",
                     op=op)

@@ -22,10 +22,10 @@ import triton.language as tl
 
 from gdn.common import checks, contract, spec, tilings
 from gdn.common.contract import ArrayInfo
-from gdn.triton.arrays import check_device, host_cu_seqlens, planned, refuse_grad, tensor_keys
+from gdn.triton.arrays import check_device, host_cu_seqlens, layout_keys, planned, refuse_grad, tensor_keys
 from gdn.triton.chunk_o import launch as launch_chunk_o
 from gdn.triton.launcher import KernelLaunch, cached_plan
-from gdn.triton_kernels.chunk_o import chunk_span
+from gdn.triton_kernels.chunk_o import STRIDE_NAMES, chunk_span
 
 
 @triton.jit
@@ -80,6 +80,8 @@ def unit_lower_inverse(b_A, BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: t
 def chunk_prepare_kernel(
     k, v, g, beta, A_log, dt_bias, g_cum, w, u, cu_seqlens, chunk_indices, softplus_beta, softplus_threshold, T, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    STRIDE_QT: tl.constexpr, STRIDE_QH: tl.constexpr, STRIDE_KT: tl.constexpr, STRIDE_KH: tl.constexpr,
+    STRIDE_VT: tl.constexpr, STRIDE_VH: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     GATE_FLOOR: tl.constexpr, IS_VARLEN: tl.constexpr, RAW_GATES: tl.constexpr, QK_L2NORM: tl.constexpr,
     QK_L2NORM_EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -94,7 +96,8 @@ def chunk_prepare_kernel(
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows (int64)
     m_t = o_t < eos
-    p_k_rows = (o_t * H + i_h) * K
+    p_k_rows = o_t * STRIDE_KT + i_h * STRIDE_KH  # [BT] row starts in k (STRIDE_*: views read in place)
+    p_v_rows = o_t * STRIDE_VT + i_hv * STRIDE_VH  # [BT] row starts in v
     p_g = o_t * HV + i_hv
 
     b_g = tl.load(g + p_g, mask=m_t, other=0).to(tl.float32)  # [BT] per-token log-gates
@@ -113,7 +116,7 @@ def chunk_prepare_kernel(
         b_k_sq += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), axis=1)
     for v0 in tl.static_range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
-        b_bad = b_bad | ~rows_finite(tl.load(v + (p_g * V)[:, None] + o_v[None, :],
+        b_bad = b_bad | ~rows_finite(tl.load(v + p_v_rows[:, None] + o_v[None, :],
                                              mask=m_t[:, None] & (o_v < V)[None, :], other=0))
     m_tb = m_t & ~b_bad  # the rows every load below reads
     # 1 / |k_i| (QK_L2NORM, in float32) scales each k row where it is used; 1 otherwise
@@ -150,7 +153,7 @@ def chunk_prepare_kernel(
                  mask=m_t[:, None] & (o_k < K)[None, :])
     for v0 in tl.static_range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
-        b_v = tl.load(v + (p_g * V)[:, None] + o_v[None, :], mask=m_tb[:, None] & (o_v < V)[None, :], other=0)
+        b_v = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tb[:, None] & (o_v < V)[None, :], other=0)
         b_u = tl.dot(b_Ai_in, (b_v * b_beta[:, None]).to(b_v.dtype), input_precision=DOT_PRECISION)
         tl.store(u + (p_g * V)[:, None] + o_v[None, :], b_u.to(u.dtype.element_ty),
                  mask=m_t[:, None] & (o_v < V)[None, :])
@@ -170,6 +173,8 @@ def chunk_walk_kernel(
     q, k, w, u, g_cum, initial_state, o, final_state, h, v_new, map_m, map_n, cu_seqlens, chunk_offsets,
     state_indices, scale, T, NUM_PIECES, MAPPED_PIECES, H_ROWS, POOL_ROWS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    STRIDE_QT: tl.constexpr, STRIDE_QH: tl.constexpr, STRIDE_KT: tl.constexpr, STRIDE_KH: tl.constexpr,
+    STRIDE_VT: tl.constexpr, STRIDE_VH: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, OUTPUT_O: tl.constexpr,
     STORE_H: tl.constexpr, MAP: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INDICES: tl.constexpr,
@@ -248,7 +253,7 @@ def chunk_walk_kernel(
         b_g = tl.load(g_cum + p_rows, mask=m_t, other=0)  # [BT]
         b_g_last = tl.load(g_cum + (tl.minimum(bos + (i_t + 1) * BT, eos) - 1) * HV + i_hv)
         m_tk = m_t[:, None] & m_k[None, :]
-        b_k = tl.load(k + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+        b_k = tl.load(k + (o_t * STRIDE_KT + i_h * STRIDE_KH)[:, None] + o_k[None, :], mask=m_tk, other=0)
         if QK_L2NORM:  # k_i / |k_i|, the whole K in the tile
             b_kf = b_k.to(tl.float32)
             b_k = (b_kf / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_k.dtype)
@@ -269,7 +274,7 @@ def chunk_walk_kernel(
             tl.store(v_new + (p_rows * V)[:, None] + o_v[None, :], b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if OUTPUT_O:
             # o = scale·(q ⊙ exp(g))·S + tril(scale·q·kᵀ ⊙ exp(g_i − g_j))·v_new
-            b_q = tl.load(q + ((o_t * H + i_h) * K)[:, None] + o_k[None, :], mask=m_tk, other=0)  # [BT, BK]
+            b_q = tl.load(q + (o_t * STRIDE_QT + i_h * STRIDE_QH)[:, None] + o_k[None, :], mask=m_tk, other=0)
             if QK_L2NORM:
                 b_qf = b_q.to(tl.float32)
                 b_q = (b_qf / tl.sqrt(tl.sum(b_qf * b_qf, axis=1) + QK_L2NORM_EPS)[:, None]).to(b_q.dtype)
@@ -360,7 +365,8 @@ def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> 
     """The prepare kernel's launch for a validated problem with chunks, cached per (problem, tiling)."""
     return KernelLaunch(
         chunk_prepare_kernel, (problem.num_chunks_total * problem.HV,), tiling,
-        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, **dict(zip(STRIDE_NAMES, problem.row_strides)),
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=problem.varlen,
         RAW_GATES=problem.raw_gates, QK_L2NORM=problem.qk_l2norm, QK_L2NORM_EPS=spec.QK_L2NORM_EPS,
         DOT_PRECISION=tilings.dot_precision(problem.dtype),
@@ -377,7 +383,8 @@ def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces
         num_tiles += -(-problem.K // tiling.block_v)
     return KernelLaunch(
         chunk_walk_kernel, (num_tiles, rows), tiling,
-        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, BT=spec.CHUNK_SIZE, BK=tiling.block_k,
+        H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, **dict(zip(STRIDE_NAMES, problem.row_strides)),
+        BT=spec.CHUNK_SIZE, BK=tiling.block_k,
         BV=tiling.block_v, USE_INITIAL_STATE=initial, STORE_FINAL_STATE=final, OUTPUT_O=output_o, STORE_H=store_h,
         MAP=mapped > 0, IS_VARLEN=problem.varlen, USE_INDICES=problem.pool_rows > 0 and not mapped,
         READ_POOL=problem.pool_rows > 0 and pieces == 1, QK_L2NORM=problem.qk_l2norm,
@@ -593,9 +600,10 @@ def chunk_gated_delta_rule(
     [N, HV, K, V] float32 when output_final_state. scale defaults to K**-0.5. Varlen: B = 1, cu_seqlens [N + 1]
     and chunk_indices as for gdn.triton.chunk_fwd_o (without chunk_indices, cu_seqlens is read on the host
     once; host chunk_indices are checked against host cu_seqlens). A non-finite value in a token's inputs makes
-    the outputs NaN from that token on (its sequence's final state too), never before it. q, k, v, g, beta, a
-    and b in any layout (e.g. the slices of one fused projection) are copied once when not contiguous (a read
-    and a write of each); the other arrays must be contiguous (a pool is updated in place, never copied). No
+    the outputs NaN from that token on (its sequence's final state too), never before it. q, k, v slices of one
+    fused projection (gdn.common.checks.row_strides) are read in place; q, k, v in another layout and g, beta, a,
+    b when not contiguous are copied once (a read and a write of each); the other arrays must be contiguous (a
+    pool is updated in place, never copied). No
     backward here (gdn.triton.chunk_gated_delta_rule, gdn.triton.autograd, is the differentiable entry): inputs
     that require grad are refused while grad mode is on.
 
@@ -615,11 +623,13 @@ def chunk_gated_delta_rule(
     everywhere. One all-gather of HV·K·(K + V) float32 per rank (gdn.triton.distributed). Forward only:
     refused when an input requires grad; the serving arguments are refused there.
     """
-    # token arrays in another layout (the slices of one fused projection) copied once: the kernels read them dense
-    q, k, v, g, beta, a, b = (x if not isinstance(x, torch.Tensor) or x.is_contiguous() else x.contiguous()
-                              for x in (q, k, v, g, beta, a, b))
+    # q, k, v views of one fused projection are read in place (the kernels take their strides), any other layout
+    # of them and of the gates is copied once; the state (a pool is updated in place) must be dense
+    (q, k, v), token_keys = layout_keys(_ARG_NAMES[:3], (q, k, v), _ARG_NAMES[:3], op=spec.FORWARD_OP)
+    g, beta, a, b = (x if not isinstance(x, torch.Tensor) or x.is_contiguous() else x.contiguous()
+                     for x in (g, beta, a, b))
     arrays = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, state_indices, a, b, A_log, dt_bias)
-    keys = tensor_keys(_ARG_NAMES, arrays, op=spec.FORWARD_OP)
+    keys = token_keys + tensor_keys(_ARG_NAMES[3:], arrays[3:], op=spec.FORWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
     problem, _ = planned(validate, _no_plan, keys, cu_values, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     pieces = context_pieces(problem, q.device)
