@@ -330,27 +330,11 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.backward", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="shapes:\n  " + "\n  ".join(s.name for s in shapes.BACKWARD_SHAPES))
-    parser.add_argument("--shapes", default="", help="comma-separated shape names or fnmatch patterns; default all")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    cold = parser.add_mutually_exclusive_group()
-    cold.add_argument("--no-cold", action="store_true", help="skip the fresh-process first steps")
-    cold.add_argument("--cold-only", action="store_true", help="only the fresh-process first steps")
-    parser.add_argument("--cold-shape", default=COLD_SHAPE, help=f"shape of the first steps (default {COLD_SHAPE})")
-    parser.add_argument("--cold-timeout", type=float, default=300, help="seconds per cold subprocess")
+    parser = harness.selection_parser("python -m benchmarks.backward", __doc__, shapes.BACKWARD_SHAPES, IMPLS,
+                                      COLD_SHAPE, "steps", "only the fresh-process first steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--cold-child", choices=IMPLS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    unknown = [n for n in args.impls.split(",") if n and n not in IMPLS]
-    if unknown:
-        parser.error(f"--impls: unknown {unknown}; expected a subset of {list(IMPLS)}")
-    try:
-        args.selected = shapes.select(shapes.BACKWARD_SHAPES, args.shapes)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
+    return harness.parse_selection(parser, argv, IMPLS, shapes.BACKWARD_SHAPES)
 
 
 def main(argv: list[str] | None = None) -> int:

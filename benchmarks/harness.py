@@ -8,6 +8,7 @@ Nothing here imports jax at module level, and torch / triton only inside the fun
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -118,6 +119,38 @@ def environment(module: str, cuda: bool = True) -> dict[str, str]:
             env[var] = os.environ[var]
     return env
 
+
+
+def selection_parser(prog: str, doc: str | None, shape_list: Sequence[Any], impls: Sequence[str], cold_shape: str,
+                     first: str, cold_only_help: str) -> argparse.ArgumentParser:
+    """The command line a benchmark of implementations at shapes with cold first runs starts from: --shapes,
+    --impls, --no-cold / --cold-only, --cold-shape, --cold-timeout (the caller adds its own options)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="shapes:\n  " + "\n  ".join(s.name for s in shape_list))
+    parser.add_argument("--shapes", default="", help="comma-separated shape names or fnmatch patterns; default all")
+    parser.add_argument("--impls", default=",".join(impls), help=f"comma-separated subset of {','.join(impls)}")
+    cold = parser.add_mutually_exclusive_group()
+    cold.add_argument("--no-cold", action="store_true", help=f"skip the fresh-process first {first}")
+    cold.add_argument("--cold-only", action="store_true", help=cold_only_help)
+    parser.add_argument("--cold-shape", default=cold_shape, help=f"shape of the first {first} (default {cold_shape})")
+    parser.add_argument("--cold-timeout", type=float, default=300, help="seconds per cold subprocess")
+    return parser
+
+
+def parse_selection(parser: argparse.ArgumentParser, argv: list[str] | None, impls: Sequence[str],
+                    shape_list: Sequence[Any]) -> argparse.Namespace:
+    """parser's arguments with --impls checked against impls and args.selected, the shapes --shapes picks."""
+    from benchmarks import shapes
+
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.impls.split(",") if n and n not in impls]
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; expected a subset of {list(impls)}")
+    try:
+        args.selected = shapes.select(list(shape_list), args.shapes)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 def format_header(env: dict[str, str]) -> str:
     width = max(map(len, env))
