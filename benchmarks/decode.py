@@ -183,13 +183,7 @@ def serving_rows(bandwidth: float, impls: list[str]) -> list[dict[str, Any]]:
                     graph_bits_equal: bool | None = None) -> dict[str, Any]:
                 """The table row of an implementation at this case (the helpers above and this one are called
                 within their iteration)."""
-                out = {"case": label, "impl": impl, "N": N, "pool": shapes.DECODE_POOL["pool_rows"],
-                       "tokens": tokens, "us": timing.median_us, "p10_us": timing.p10_us, "p90_us": timing.p90_us,
-                       "floor_us": floor_us, "x_floor": timing.median_us / floor_us,
-                       "rel_err_o": _rel(outputs[0], reference[0]), "rel_err_pool": _rel(outputs[1], reference[1]),
-                       "method": timing.method, "graph_bits_equal": graph_bits_equal}
-                progress(f"{label} {impl:<21} {timing.median_us:8.2f} µs ({out['x_floor']:.3f}× the floor)")
-                return out
+                return _serving_row(label, impl, N, tokens, timing, floor_us, outputs, reference, graph_bits_equal)
 
             rows.append(row("gdn-triton", harness.time_torch(gdn_call), reference))
             # a CUDA graph of the same call (its outputs: those of the captured call), its replay from the same pool
@@ -211,6 +205,20 @@ def serving_rows(bandwidth: float, impls: list[str]) -> list[dict[str, Any]]:
                 if fla_row is not None:
                     rows.append(fla_row)
     return rows
+
+
+def _serving_row(case: str, impl: str, N: int, tokens: int, timing: harness.Timing, floor_us: float,
+                 outputs: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                 graph_bits_equal: bool | None = None) -> dict[str, Any]:
+    """A row of the --serving table: an implementation's time at a case against its floor, and its o and pool
+    rows against the reference's."""
+    out = {"case": case, "impl": impl, "N": N, "pool": shapes.DECODE_POOL["pool_rows"], "tokens": tokens,
+           "us": timing.median_us, "p10_us": timing.p10_us, "p90_us": timing.p90_us, "floor_us": floor_us,
+           "x_floor": timing.median_us / floor_us, "rel_err_o": _rel(outputs[0], reference[0]),
+           "rel_err_pool": _rel(outputs[1], reference[1]), "method": timing.method,
+           "graph_bits_equal": graph_bits_equal}
+    progress(f"{case} {impl:<21} {timing.median_us:8.2f} µs ({out['x_floor']:.3f}× the floor)")
+    return out
 
 
 def prefill_pool_rows(impls: list[str]) -> list[dict[str, Any]]:
@@ -246,12 +254,7 @@ def prefill_pool_rows(impls: list[str]) -> list[dict[str, Any]]:
     timing = harness.time_torch_call(pool_call)[0]
 
     def row(impl: str, timing: harness.Timing, floor_us: float, outputs: tuple[np.ndarray, np.ndarray]):
-        out = {"case": "prefill-pool", "impl": impl, "N": N, "pool": pool_rows, "tokens": tokens,
-               "us": timing.median_us, "p10_us": timing.p10_us, "p90_us": timing.p90_us, "floor_us": floor_us,
-               "x_floor": timing.median_us / floor_us, "rel_err_o": _rel(outputs[0], o_ref),
-               "rel_err_pool": _rel(outputs[1], state_ref), "method": timing.method, "graph_bits_equal": None}
-        progress(f"prefill-pool {impl:<21} {timing.median_us:8.2f} µs ({out['x_floor']:.3f}× the dense prefill)")
-        return out
+        return _serving_row("prefill-pool", impl, N, tokens, timing, floor_us, outputs, (o_ref, state_ref))
 
     found = [row("gdn-triton", timing, floor.median_us, outputs)]
     if "gdn-pallas" in impls:
