@@ -105,8 +105,9 @@ def test_pallas_context_parallel_in_shard_map(tmp_path: Path) -> None:
 
 
 def test_context_parallel_refuses_varlen_batches_and_grad(backend) -> None:
-    """A batch (B = 2) or varlen arguments with group / axis_name: refused with the argument named, before any
-    collective (no process group or mesh needed to see it); torch inputs that require grad too."""
+    """A batch (B = 2), varlen arguments or serving arguments with group / axis_name: refused with the argument
+    named, before any collective (no process group or mesh needed to see it); torch inputs that require grad
+    too."""
     inputs = ForwardCase(70, 1, 2, 16, 16, B=2).inputs("float32")
     varlen = ForwardCase(70, 1, 2, 16, 16, seqlens=(30, 40)).inputs("float32")
     a, b = backend.convert(inputs), backend.convert(varlen)
@@ -123,6 +124,9 @@ def test_context_parallel_refuses_varlen_batches_and_grad(backend) -> None:
         chunk_gated_delta_rule(*(a[n] for n in PER_TOKEN), **distributed)
     with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: cu_seqlens: expected None with"):
         chunk_gated_delta_rule(*(b[n] for n in PER_TOKEN), cu_seqlens=b["cu_seqlens"], **distributed)
+    with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: (group|axis_name): expected no serving "
+                                         r"arguments \(state_indices, raw gates, use_qk_l2norm_in_kernel\) with"):
+        chunk_gated_delta_rule(*(a[n][:1] for n in PER_TOKEN), use_qk_l2norm_in_kernel=True, **distributed)
     if backend.name == "triton":
         q = a["q"][:1].clone().requires_grad_()
         with pytest.raises(ValueError, match=r"^chunk_gated_delta_rule: q: expected no grad with group"):

@@ -418,9 +418,12 @@ def validate_forward_inputs(
 def check_context_parallel(problem: ForwardProblem, argument: str) -> None:
     """What the context-parallel forward (one sequence split over devices: gdn.triton's group, gdn.pallas's
     axis_name) asks of a validated problem on each device: its slice of one dense sequence, B = 1, no
-    cu_seqlens (a varlen batch is not split across devices)."""
+    cu_seqlens (a varlen batch is not split across devices), no serving arguments."""
     op = FORWARD_OP
     why = f"with {argument} (each device holds a slice of one dense sequence)"
+    if problem.pool_rows or problem.raw_gates or problem.qk_l2norm:
+        checks.fail(argument, f"no serving arguments (state_indices, raw gates, use_qk_l2norm_in_kernel) {why}",
+                    "some", op=op)
     if problem.varlen:
         checks.fail("cu_seqlens", f"None {why}", "an array", op=op)
     if problem.B != 1:

@@ -630,9 +630,6 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
-        if problem.pool_rows or problem.raw_gates or problem.qk_l2norm:
-            checks.fail("axis_name", "no serving arguments (state_indices, raw gates, use_qk_l2norm_in_kernel) with "
-                        "a mesh axis", "some", op=spec.FORWARD_OP)
         contract.check_context_parallel(problem, "axis_name")
         return distributed.context_parallel_forward(q, k, v, g, beta, scale, initial_state, problem=problem,
                                                     axis_name=axis_name, pieces=pieces, interpret=interpret)

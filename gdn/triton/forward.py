@@ -634,11 +634,7 @@ def chunk_gated_delta_rule(
     problem, _ = planned(validate, _no_plan, keys, cu_values, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     pieces = context_pieces(problem, q.device)
     scale = spec.default_scale(problem.K) if scale is None else float(scale)
-    serving = problem.pool_rows > 0 or problem.raw_gates or problem.qk_l2norm
     if group is not None:
-        if serving:
-            raise ValueError(f"{spec.FORWARD_OP}: group: expected no serving arguments (state_indices, raw gates, "
-                             "use_qk_l2norm_in_kernel) with a process group; got some")
         from gdn.triton import distributed  # imports this module: the context-parallel glue around its stages
 
         return distributed.context_parallel_forward(problem, q, k, v, g, beta, scale, initial_state, group, pieces)
