@@ -75,7 +75,7 @@ NCCL_SPLITS: dict[int, list[SplitCase]] = {
 }
 
 # JAX: the sequence axis sharded evenly over the first len(lengths) devices of one 1-D mesh axis; the shapes
-# of tests/test_forward.py's context-parallel cases, so the single-device forward compiles once per session.
+# of tests/test_forward.py's context-parallel cases, so the single-device forward compiles once per pytest process.
 JAX_SPLITS: list[SplitCase] = [
     SplitCase(ForwardCase(200, 1, 2, 32, 32), (50, 50, 50, 50)),
     SplitCase(ForwardCase(200, 1, 2, 32, 32, initial_state=False), (100, 100)),

@@ -66,7 +66,7 @@ def assert_gradients_close(grads: dict[str, np.ndarray], ref: dict[str, np.ndarr
 
 @functools.lru_cache(maxsize=None)
 def case_gradients(backend_name: str, index: int, dtype: str) -> dict[str, np.ndarray]:
-    """A backend's gradients on BACKWARD_CASES[index], computed once per session for the reference and the
+    """A backend's gradients on BACKWARD_CASES[index], computed once per pytest process for the reference and the
     parity tests."""
     case = BACKWARD_CASES[index]
     return BACKENDS[backend_name].gradients(*backward_inputs(case, dtype, seed_of(case.id)))
