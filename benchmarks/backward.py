@@ -152,17 +152,7 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
                                         f"fla-core {harness.version('fla-core')}")
         except Exception as error:  # noqa: BLE001
             impls["fla"] = harness.not_installed("fla", "torch", error)
-    jax_wanted = [n for n in JAX_IMPLS if n in wanted]
-    if jax_wanted:
-        try:
-            import jax
-
-            if jax.default_backend() != "gpu":
-                raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
-        except Exception as error:  # noqa: BLE001
-            for name in jax_wanted:
-                impls[name] = harness.not_installed(name, "jax", error)
-            jax_wanted = []
+    jax_wanted = harness.jax_gpu_impls([n for n in JAX_IMPLS if n in wanted], impls)
     if "gdn-pallas" in jax_wanted:
         try:
             from gdn.pallas import chunk_gated_delta_rule as gdn_pallas
@@ -175,6 +165,7 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             impls["gdn-pallas"] = harness.not_installed("gdn-pallas", "jax", error)
     if "jla-mosaic" in jax_wanted:
         try:
+            import jax
             from jla.ops import available, linear_attention
 
             if "mosaic_gpu" not in available("gated_deltanet"):

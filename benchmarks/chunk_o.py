@@ -83,17 +83,8 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             return lambda: chunk_fwd_o_torch(t["q"], t["k"], t["v"], t["h"], t["g"], None, *index)
 
         impls["torch-eager"] = harness.Impl("torch-eager", "torch", make_eager)
-    jax_wanted = [n for n in ("gdn-pallas", "gdn-mosaic", "gdn-jax-triton", "jnp") if n in wanted]
-    if jax_wanted:
-        try:
-            import jax
-
-            if jax.default_backend() != "gpu":
-                raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
-        except Exception as error:  # noqa: BLE001
-            for name in jax_wanted:
-                impls[name] = harness.not_installed(name, "jax", error)
-            jax_wanted = []
+    jax_wanted = harness.jax_gpu_impls(
+        [n for n in ("gdn-pallas", "gdn-mosaic", "gdn-jax-triton", "jnp") if n in wanted], impls)
     for name, lowering in (("gdn-pallas", "triton"), ("gdn-mosaic", "mosaic_gpu"), ("gdn-jax-triton", "triton_call")):
         if name in jax_wanted:
             from gdn.pallas import chunk_fwd_o as gdn_pallas
@@ -102,6 +93,8 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
                 j["q"], j["k"], j["v"], j["h"], j["g"], None, j["cu_seqlens"], j["chunk_indices"],
                 lowering=lowering))
     if "jnp" in jax_wanted:
+        import jax
+
         from benchmarks.formulations import chunk_fwd_o_jnp, varlen_index
 
         jnp_chunk_fwd_o = jax.jit(chunk_fwd_o_jnp)

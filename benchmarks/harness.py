@@ -218,6 +218,23 @@ def not_installed(name: str, framework: str, error: BaseException) -> Impl:
     return Impl(name, framework, None, f"not installed ({type(error).__name__}: {first_line})")
 
 
+def jax_gpu_impls(names: Sequence[str], impls: dict[str, Impl]) -> list[str]:
+    """names when JAX's default backend is a GPU; else none of them, each recorded in impls as not installed
+    (with the reason)."""
+    if not names:
+        return []
+    try:
+        import jax
+
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(f"jax default backend is {jax.default_backend()!r}, not gpu")
+    except Exception as error:  # noqa: BLE001 - an optional framework: its rows say why they are missing
+        for name in names:
+            impls[name] = not_installed(name, "jax", error)
+        return []
+    return list(names)
+
+
 def synced(impl: Impl, call: Callable[[], Any]) -> Any:
     """call() (torch: without autograd), waited for on the device."""
     if impl.framework == "torch":
