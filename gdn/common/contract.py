@@ -52,6 +52,7 @@ from gdn.common.tilings import (
     Tiling,
     backward_chunk_tiling,
     backward_walk_tiling,
+    backward_wy_tiling,
     chunk_o_tiling,
     context_pieces,
     decode_tiling,
@@ -440,9 +441,15 @@ class BackwardProblem:
 
     @property
     def chunk(self) -> Tiling:
-        """Tiling of the per-chunk kernels (dv_local, dqkwg, WY)."""
+        """Tiling of the per-chunk kernels dv_local and dqkwg."""
         f = self.forward
         return backward_chunk_tiling(f.K, f.V, f.dtype)
+
+    @property
+    def wy(self) -> Tiling:
+        """Tiling of the per-chunk WY kernel."""
+        f = self.forward
+        return backward_wy_tiling(f.K, f.V, f.dtype)
 
     @property
     def walk(self) -> Tiling:

@@ -160,6 +160,18 @@ def backward_chunk_tiling(K: int, V: int, dtype: str) -> Tiling:
 
 
 @functools.lru_cache(maxsize=256)
+def backward_wy_tiling(K: int, V: int, dtype: str) -> Tiling:
+    """The static tiling of chunk_gated_delta_rule's backward WY kernel (the gradients through w, u and
+    (I + A)⁻¹ to k, v, β and g for one chunk and value head): backward_chunk_tiling's widths on 2 warps."""
+    # Found by tests/test_backward.py's bf16 cases on an H200 with Triton 3.6, then each backward launch in bf16
+    # set against the same launch on the same values in float32: with 4 warps this kernel alone goes wrong in
+    # bf16 (dv and dβ off by 57-100 %, dk by 17 %, an illegal memory access at T = 300, K = V = 32), with 8 dk
+    # is NaN; with 2 warps every case is within bf16 rounding (≤ 0.6 %) of float32. FLA pins its WY backward
+    # to 2 warps on Hopper for the same Triton miscompile (BT = 64, 4 warps: wrong dk/dβ, illegal accesses).
+    return dataclasses.replace(backward_chunk_tiling(K, V, dtype), num_warps=2)
+
+
+@functools.lru_cache(maxsize=256)
 def backward_walk_tiling(K: int, V: int, dtype: str, sequence_heads: int) -> Tiling:
     """The static tiling of chunk_gated_delta_rule's backward walk (the state's gradient, chunks in reverse) for
     sequence_heads = N·HV walks: the whole K by block_v columns per program, as walk_tiling."""

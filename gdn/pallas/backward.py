@@ -385,7 +385,7 @@ def jitted_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_in
         BK=chunk.block_k, BV=chunk.block_v)
 
     dk, dv, dbeta, dg = call(
-        chunk_bwd_wy_kernel, (rows * HV,), chunk,
+        chunk_bwd_wy_kernel, (rows * HV,), problem.wy,
         (jax.ShapeDtypeStruct((tokens, HV, K), jnp.float32 if grouped else k.dtype),
          jax.ShapeDtypeStruct((tokens, HV, V), v.dtype), jax.ShapeDtypeStruct((tokens, HV), beta.dtype),
          jax.ShapeDtypeStruct((tokens, HV), jnp.float32)),

@@ -3,8 +3,9 @@
 prepare and the walk of gdn.triton.forward recompute g_c, w, u, h and v_new from the saved inputs; then
 dv_local → the backward walk (dh, dv_new, initial_state's gradient) → dqkwg (dq, dk's inter/intra part, dw, dg_c)
 → WY (dk, dv, dbeta, dg through (I + A)⁻¹ and the chunk-local cumsum). Math: gdn.common.spec (the backward of
-chunk_gated_delta_rule); tilings: tilings.backward_chunk_tiling, tilings.backward_walk_tiling. Glossary as in
-gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks, p_ pointers, b_ register tiles, BT = CHUNK_SIZE).
+chunk_gated_delta_rule); tilings: tilings.backward_chunk_tiling, tilings.backward_wy_tiling,
+tilings.backward_walk_tiling. Glossary as in gdn.triton.chunk_o (i_ program ids, o_ offsets, m_ masks, p_
+pointers, b_ register tiles, BT = CHUNK_SIZE).
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ def new_launches(problem: contract.BackwardProblem) -> BackwardLaunches | None:
                             STORE_INITIAL_STATE_GRADIENT=f.use_initial_state, IS_VARLEN=f.varlen, **sizes),
         dqkwg=KernelLaunch(chunk_bwd_dqkwg_kernel, (f.num_chunks_total * f.HV,), chunk, BK=chunk.block_k,
                            BV=chunk.block_v, IS_VARLEN=f.varlen, **sizes),
-        wy=KernelLaunch(chunk_bwd_wy_kernel, (f.num_chunks_total * f.HV,), chunk, BK=chunk.block_k,
+        wy=KernelLaunch(chunk_bwd_wy_kernel, (f.num_chunks_total * f.HV,), problem.wy, BK=chunk.block_k,
                         BV=chunk.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=f.varlen,
                         **sizes),
     )
