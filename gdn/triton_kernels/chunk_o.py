@@ -118,11 +118,13 @@ def chunk_fwd_o_kernel(
     m_v_finite = (b_v - b_v) == 0  # [BT, BV]: false for NaN and ±inf
     if tl.min(m_v_finite.to(tl.int32)) == 0:  # this tile of v holds NaN or ±inf: rare, hence the branch
         # v's non-finite entries leave the dot, where the zeros of later tokens would turn them into NaN for
-        # earlier rows, and come back where the causal sum reads them: [BT, BT] @ [BT, BV] -> [BT, BV] twice,
-        # the part without them and how many of them each o[i, c] sums over
-        b_o = b_o_inter + tl.dot(b_P, tl.where(m_v_finite, b_v, 0), input_precision=DOT_PRECISION)
-        b_reach = tl.dot(tl.where(m_A, 1.0, 0.0).to(b_v.dtype), tl.where(m_v_finite, 0.0, 1.0).to(b_v.dtype),
-                         input_precision=DOT_PRECISION)
+        # earlier rows, and come back where the causal sum reads them. v is loaded again without them rather
+        # than selected in registers, and their reach is a running count down the rows rather than a dot: Triton
+        # 3.4-3.7.0 on Hopper miscomputes 16-bit dots on some operands built in registers (bf16, seen on an H200)
+        b_v_finite = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv & m_v_finite, other=0)
+        b_o = b_o_inter + tl.dot(b_P, b_v_finite, input_precision=DOT_PRECISION)
+        # reach[i, c] = #{j <= i: v[j, c] non-finite}
+        b_reach = tl.cumsum(tl.where(m_v_finite, 0, 1), axis=0)
         b_o = tl.where(b_reach > 0, float("nan"), b_o)
     tl.store(o + ((o_t * HV + i_hv) * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
