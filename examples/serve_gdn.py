@@ -247,6 +247,16 @@ def run_torch(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[n
 
 def run_jax(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[np.ndarray]]:
     """The same engine in JAX: the decode calls jitted with the pool donated, so it is updated in place."""
+    import jax
+
+    # the layer's own float32 matmuls (projections, output) in float32, as numpy and torch run them: XLA on a GPU
+    # multiplies float32 in TF32 by default (~1e-3 relative)
+    with jax.default_matmul_precision("float32"):
+        return run_jax_engine(cfg, params, schedule)
+
+
+def run_jax_engine(cfg: Config, params: dict, schedule: Schedule) -> dict[str, list[np.ndarray]]:
+    """run_jax's engine, under the float32 matmul precision that run_jax sets."""
     import functools
 
     import jax
