@@ -126,9 +126,13 @@ def test_gradients_with_the_walk_in_pieces(backend, monkeypatch, pieces: int) ->
     skip_interpreted_shape(backend, "float32", -1)
     if backend.name == "triton":
         from gdn.triton import forward
-    else:
-        from gdn.pallas import forward
-    monkeypatch.setattr(forward, "context_pieces", lambda *_: pieces)
+        monkeypatch.setattr(forward, "context_pieces", lambda *_: pieces)
+    else:  # the Pallas forward asks the problem at trace time: traced anew, without jit's cached programs
+        import jax
+
+        from gdn.common import contract
+        monkeypatch.setattr(contract.ForwardProblem, "pieces", lambda *_: pieces)
+        jax.clear_caches()
     inputs, do, dht = backward_inputs(BACKWARD_CASES[6], "float32", seed=21)
     assert_gradients_close(backend.gradients(inputs, do, dht), reference_gradients(inputs, do, dht), "float32",
                            f"{backend.name} in {pieces} pieces")
