@@ -60,6 +60,20 @@ REASONS = {
                        "walk that keeps them on chip costs 4.8–7 µs per chunk in Triton 3.6 (tilings.FUSED_WALK). "
                        "The peers ahead run one warp-specialized kernel per chunk walk (FlashInfer SM90, jla "
                        "Mosaic GPU) with the intra-chunk factors precomputed",
+    "backward_vs_jla": "not yet profiled. The step runs the forward's three kernels, the recompute of g_c, w, u, h "
+                       "and v_new, then four backward kernels. The WY kernel runs on 2 warps "
+                       "(tilings.backward_wy_tiling): on 4, Triton 3.6 miscompiles it in bf16. The same step with "
+                       "4 warps timed 1217 µs (gdn Triton) and 1036 µs (gdn Pallas), but its bf16 gradients are "
+                       "wrong, so 2 warps cost about 430 and 360 µs of this step",
+    "serving_decode": "gdn Triton's pool step streams the states at its dense step's rate (decode.csv at N = 256: "
+                      "88 % of the copy bandwidth, the pool step 92 %), so the kernel's streaming, not the pool's "
+                      "indexing, sets the gap; gdn Pallas's kernel (the same tiling through the Pallas-Triton "
+                      "lowering) reaches 76-79 % (not yet profiled)",
+    "serving_spec": "not yet profiled: the speculative step walks its 4 tokens one after another per program and "
+                    "writes a state per token; with the fused q/k norm and gates each token adds a reduction over "
+                    "K and the gate math to that chain",
+    "serving_prefill": "not yet profiled: the pool forward gathers the 16 initial states by index in the walk and "
+                       "writes the final states back to their rows, where the dense forward reads contiguous rows",
 }
 
 
@@ -108,7 +122,7 @@ def measured_line(env: dict[str, str]) -> str:
     parts = [gpu.split(",")[0], env.get("date", "unknown date"), f"gdn {env.get('gdn git revision', 'unknown')}"]
     if "copy bandwidth" in env:
         parts.append(f"copy bandwidth {env['copy bandwidth']}")
-    return "Measured: " + ", ".join(parts) + "."
+    return "Measured: " + ", ".join(parts) + "." + (f" ({env['note']}.)" if env.get("note") else "")
 
 
 def environment_header(envs: dict[str, dict[str, str]]) -> str:
@@ -270,6 +284,9 @@ def section_backward() -> str | None:
                       num(r.get("gdn-pallas_ratio"), 2)])
     lines.append(table(["shape", "implementation", "µs (p10–p90)", "wall µs", "peak MiB", "saved MiB",
                         "gdn Triton ÷ this", "gdn Pallas ÷ this"], cells))
+    notes = [f"{r['impl']} at {r.get('label') or r['shape']}: {r['note']}." for r in rows
+             if r.get("device_us") is not None and r.get("note")]
+    lines += ["", " ".join(notes)] if notes else []
     cold = read_rows("backward_cold")
     if cold:
         lines += ["", "Cold first step (fresh process, empty Triton cache, no JAX compilation cache; compile, "
@@ -515,8 +532,11 @@ def targets() -> list[tuple[str, str, str, bool]]:
     for r in serving:
         if r["impl"] in GDN:
             limit = {"spec": 1.2, "prefill": 1.02}.get(r["case"].split("-")[0].rstrip("0123456789"), 1.05)
-            op = "chunk_gated_delta_rule" if r["case"].startswith("prefill") else "decode_step"
-            found.append(("", f"{op} from a pool, {r['case']}, {r['impl']} ≤ {limit}× the floor",
+            prefill = r["case"].startswith("prefill")
+            op = "chunk_gated_delta_rule" if prefill else "decode_step"
+            key = ("serving_prefill" if prefill
+                   else "serving_spec" if r["case"].startswith("spec") else "serving_decode")
+            found.append((key, f"{op} from a pool, {r['case']}, {r['impl']} ≤ {limit}× the floor",
                           f"{num(r['x_floor'], 3)}×", r["x_floor"] <= limit))
     replays = [r for r in serving if r.get("graph_bits_equal") is not None]
     if replays:
@@ -537,7 +557,7 @@ def targets() -> list[tuple[str, str, str, bool]]:
         jla = _row(backward, "jla-mosaic", r["shape"])
         if r["impl"] in GDN and r.get("device_us") is not None and jla and jla.get("device_us"):
             limit = 0.8 if r["impl"] == "gdn-triton" else 1.0
-            found.append(("", f"forward + backward {r['label']}, {r['impl']} ≤ {limit}× jla-mosaic",
+            found.append(("backward_vs_jla", f"forward + backward {r['label']}, {r['impl']} ≤ {limit}× jla-mosaic",
                           f"{num(r['device_us'] / jla['device_us'], 2)}×", r["device_us"] <= limit * jla["device_us"]))
     for r in read_rows("backward_cold") or []:
         if r["impl"] in GDN and r.get("first_call_s") is not None:
@@ -566,7 +586,8 @@ def render() -> str:
     parts = ["# gdn benchmark results", "",
              "The current numbers, one snapshot: each section names the command that produced it, and "
              "`python -m benchmarks.report` rebuilds this file from `benchmarks/results/` after the scripts ran. "
-             "Every comparison is within one run of one script.", "", "## Environment", "",
+             "Every comparison is within one run of one script, unless a note under its table says otherwise.", "",
+             "## Environment", "",
              environment_header(envs)]
     for section in SECTIONS:
         text = section()

@@ -67,9 +67,12 @@ def chunk_o_tiling(K: int, V: int, dtype: str) -> Tiling:
     # 128-column K step, 537 µs (the copy floor) at T = 65536. 8 warps halve the rows per warp but double
     # the layout conversions: 124 µs.
     # float32 (tf32x3 dots, 4-byte tiles): 64 V columns, 328 µs against 496 µs for 128 at T = 8192.
+    # Narrow V tiles (≤ 32 columns) run on 2 warps: with 4, Triton 3.6 on an H200 miscomputes the dot of the
+    # non-finite-v branch in bf16 (test_safety's garbage case, K = 48, V = 16 and 32: rows before the garbage
+    # off by 61-78 %), where 2 and 8 warps are exact.
     block_k = min(_next_power_of_2(max(K, MIN_HEAD_DIM)), 64)
     block_v = min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 64 if dtype == "float32" else 128)
-    return Tiling(block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
+    return Tiling(block_k=block_k, block_v=block_v, num_warps=2 if block_v <= 32 else 4, num_stages=2)
 
 
 @functools.lru_cache(maxsize=256)
