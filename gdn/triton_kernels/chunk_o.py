@@ -118,9 +118,9 @@ def chunk_fwd_o_kernel(
     m_v_finite = (b_v - b_v) == 0  # [BT, BV]: false for NaN and ±inf
     if tl.min(m_v_finite.to(tl.int32)) == 0:  # this tile of v holds NaN or ±inf: rare, hence the branch
         # v's non-finite entries leave the dot, where the zeros of later tokens would turn them into NaN for
-        # earlier rows, and come back where the causal sum reads them. v is loaded again without them rather
-        # than selected in registers, and their reach is a running count down the rows rather than a dot: Triton
-        # 3.4-3.7.0 on Hopper miscomputes 16-bit dots on some operands built in registers (bf16, seen on an H200)
+        # earlier rows, and come back where the causal sum reads them: v is loaded again without them, and
+        # their reach is a running count down the rows. (With 4 warps Triton 3.6 on an H200 miscomputes this
+        # dot in bf16 for 16- and 32-column tiles: tilings.chunk_o_tiling runs those on 2.)
         b_v_finite = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv & m_v_finite, other=0)
         b_o = b_o_inter + tl.dot(b_P, b_v_finite, input_precision=DOT_PRECISION)
         # reach[i, c] = #{j <= i: v[j, c] non-finite}
