@@ -67,12 +67,14 @@ def chunk_o_tiling(K: int, V: int, dtype: str) -> Tiling:
     # 128-column K step, 537 µs (the copy floor) at T = 65536. 8 warps halve the rows per warp but double
     # the layout conversions: 124 µs.
     # float32 (tf32x3 dots, 4-byte tiles): 64 V columns, 328 µs against 496 µs for 128 at T = 8192.
-    # Narrow V tiles (≤ 32 columns) run on 2 warps: with 4, Triton 3.6 on an H200 miscomputes the dot of the
-    # non-finite-v branch in bf16 (test_safety's garbage case, K = 48, V = 16 and 32: rows before the garbage
-    # off by 61-78 %), where 2 and 8 warps are exact.
+    # bf16 with narrow V tiles (≤ 32 columns) runs on 2 warps: with 4, Triton 3.6 on an H200 miscomputes the dot
+    # of the non-finite-v branch (test_safety's garbage case, K = 48, V = 16 and 32: rows before the garbage off
+    # by 61-78 %), where 2 and 8 warps are exact (every K 16-128 × V 16-128 of that case on 2 warps at V ≤ 32).
+    # float16 and float32 pass the same tests on 4 warps.
     block_k = min(_next_power_of_2(max(K, MIN_HEAD_DIM)), 64)
     block_v = min(_next_power_of_2(max(V, MIN_HEAD_DIM)), 64 if dtype == "float32" else 128)
-    return Tiling(block_k=block_k, block_v=block_v, num_warps=2 if block_v <= 32 else 4, num_stages=2)
+    num_warps = 2 if dtype == "bfloat16" and block_v <= 32 else 4
+    return Tiling(block_k=block_k, block_v=block_v, num_warps=num_warps, num_stages=2)
 
 
 @functools.lru_cache(maxsize=256)

@@ -120,7 +120,7 @@ def chunk_fwd_o_kernel(
         # v's non-finite entries leave the dot, where the zeros of later tokens would turn them into NaN for
         # earlier rows, and come back where the causal sum reads them: v is loaded again without them, and
         # their reach is a running count down the rows. (With 4 warps Triton 3.6 on an H200 miscomputes this
-        # dot in bf16 for 16- and 32-column tiles: tilings.chunk_o_tiling runs those on 2.)
+        # dot in bf16 for 16- and 32-column tiles: tilings.chunk_o_tiling runs bf16 there on 2.)
         b_v_finite = tl.load(v + p_v_rows[:, None] + o_v[None, :], mask=m_tv & m_v_finite, other=0)
         b_o = b_o_inter + tl.dot(b_P, b_v_finite, input_precision=DOT_PRECISION)
         # reach[i, c] = #{j <= i: v[j, c] non-finite}
