@@ -26,8 +26,8 @@ def _compiled_by_jax_0_11() -> bool:
 
 runs_the_kernel = pytest.mark.xfail(
     _compiled_by_jax_0_11(), strict=True,
-    reason="jax 0.11's Mosaic GPU layout inference rejects the kernel (an AssertionError in its divisibility check "
-           "on the staged row stores of partial chunks; seen on an H200 with jax 0.11.2)")
+    reason="jax 0.11's Mosaic GPU layout inference finds the kernel's constraint system unsatisfiable (its error "
+           "reporter then asserts on the partial chunks' row stores; seen on an H200 with jax 0.11.2)")
 """Every test that compiles and runs the kernel: expected to fail where JAX ≥ 0.11 compiles it for a GPU (the
 README's JAX status); strict, so a JAX or kernel change that makes it compile shows up as a failure here."""
 
