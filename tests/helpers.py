@@ -29,6 +29,12 @@ TOLERANCE = {
 }
 
 
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a package's version string ("3.6.0", "2.5.0.dev0+abc", "0.11.2")."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def dtype_params(dtypes: tuple[str, ...] = DTYPES) -> list:
     """dtypes as pytest parameters, all but bfloat16 marked slow: on a GPU the default selection
     (-m "not slow") runs a case matrix in bf16, the dtype the CPU interpreters cannot check; a full run takes

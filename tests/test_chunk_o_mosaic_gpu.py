@@ -12,7 +12,7 @@ import pytest
 from gdn.common import spec
 from tests.backends import BACKENDS, MosaicGpuBackend
 from tests.cases import CASES, LARGE_CASES, Case, seed_of
-from tests.helpers import assert_close, chunk_o_reference
+from tests.helpers import assert_close, chunk_o_reference, release
 
 MOSAIC = MosaicGpuBackend()
 
@@ -20,8 +20,7 @@ MOSAIC = MosaicGpuBackend()
 def _compiled_by_jax_0_11() -> bool:
     import jax
 
-    major, minor = (int(x) for x in jax.__version__.split(".")[:2])
-    return jax.default_backend() == "gpu" and (major, minor) >= (0, 11)
+    return jax.default_backend() == "gpu" and release(jax.__version__) >= (0, 11)
 
 
 runs_the_kernel = pytest.mark.xfail(

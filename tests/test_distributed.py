@@ -19,7 +19,7 @@ from gdn.common import spec
 from tests.backends import BACKENDS
 from tests.cases import ForwardCase
 from tests.distributed_ranks import JAX_SPLITS, NCCL_SPLITS, PER_TOKEN, TORCH_SPLITS, SplitCase, result_path
-from tests.helpers import assert_close
+from tests.helpers import assert_close, release
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LAUNCH_SECONDS = 300
@@ -62,13 +62,9 @@ def check_split(split: SplitCase, o_slices: list[np.ndarray], states: list[np.nd
     assert_close(states[0].astype(np.float64), state_expected, spec.FORWARD_OP, split.dtype, "final state")
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
-
-
 # The Triton interpreter before 3.9 keeps a program id as a 1-element array, and NumPy 2.5 refuses int() of one:
 # `for i_t in range(first, end)` on values derived from it raises TypeError (seen with Triton 3.6, NumPy 2.5)
-_INTERPRETER_RUNS_KERNEL_LOOPS = not (_version(triton.__version__) < (3, 9) and _version(np.__version__) >= (2, 5))
+_INTERPRETER_RUNS_KERNEL_LOOPS = not (release(triton.__version__) < (3, 9) and release(np.__version__) >= (2, 5))
 
 
 @pytest.mark.slow  # CPU processes even on a GPU machine: nothing for a GPU's quick run
