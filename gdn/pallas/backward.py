@@ -23,6 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 from gdn.common import contract, spec
 from gdn.pallas import forward
 from gdn.pallas.arrays import (
+    accumulating_dot,
     array_info,
     as_index,
     check_token_rows,
@@ -58,8 +59,7 @@ def chunk_bwd_dv_local_kernel(
     o_t = t0 + o_i
     m_t = o_t < eos
 
-    def dot(a, b):
-        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     # Sᵀ[j, i] = k_j·q_i: [BT, BK] @ [BK, BT] summed over K steps
     b_St = jnp.zeros([BT, BT], dtype=jnp.float32)
@@ -111,8 +111,7 @@ def chunk_bwd_states_kernel(
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
 
-    def dot(a, b):
-        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     def chunk(i_rev, b_dh):
         i_t = NT - 1 - i_rev
@@ -163,8 +162,7 @@ def chunk_bwd_dqkwg_kernel(
     b_g_last = g_cum[chunk_last_row(t0, eos, BT), i_hv]
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]  # causal, on the chunk's real rows
 
-    def dot(a, b):
-        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     # dP = scale·(do·v_newᵀ) ⊙ Γ: [BT, BV] @ [BV, BT] summed over V steps
     b_dP = jnp.zeros([BT, BT], dtype=jnp.float32)
@@ -241,8 +239,7 @@ def chunk_bwd_wy_kernel(
     b_kscale = b_beta * jnp.exp(b_g)  # row scale of k in w = T_c·(beta·exp(g)·k)
     m_lower = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
 
-    def dot(a, b):
-        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     # A = strictly lower (beta_i·k_i·k_j·Γ_ij) and T_c = (I + A)⁻¹, as in the forward's prepare
     b_kk = jnp.zeros([BT, BT], dtype=jnp.float32)
@@ -332,7 +329,7 @@ def jitted_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_in
     _, _, h, v_new = forward.walk(f, None, k, w, u, g_cum, starts, cu_seqlens, 1.0, pieces, store_h=True,
                                   interpret=interpret)
 
-    chunk, walk = problem.chunk, problem.walk
+    chunk, wy, walk = problem.chunk, problem.wy, problem.walk
     rows = f.num_chunks_total
     sizes = dict(T=T, H=H, HV=HV, K=K, V=V, BT=spec.CHUNK_SIZE, IS_VARLEN=f.varlen,
                  DOT_PRECISION=input_dot_precision(f.dtype, interpret))
@@ -385,14 +382,14 @@ def jitted_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_in
         BK=chunk.block_k, BV=chunk.block_v)
 
     dk, dv, dbeta, dg = call(
-        chunk_bwd_wy_kernel, (rows * HV,), problem.wy,
+        chunk_bwd_wy_kernel, (rows * HV,), wy,
         (jax.ShapeDtypeStruct((tokens, HV, K), jnp.float32 if grouped else k.dtype),
          jax.ShapeDtypeStruct((tokens, HV, V), v.dtype), jax.ShapeDtypeStruct((tokens, HV), beta.dtype),
          jax.ShapeDtypeStruct((tokens, HV), jnp.float32)),
         flat["k"], flat["v"], g.reshape(tokens, HV), flat["beta"], flat["g_cum"], dw, dv_new, dk_c, dg_c, cu, indices,
         # in place when grouped: each program reads its dk_c tile before writing it
         input_output_aliases={7: 0} if grouped else None,
-        BK=chunk.block_k, BV=chunk.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR,
+        BK=wy.block_k, BV=wy.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR,
         INVERSE_PRECISION=float32_dot_precision(interpret, f.dtype))
     dq, dk = dq.reshape(B, T, HV, K), dk.reshape(B, T, HV, K)
     if grouped:

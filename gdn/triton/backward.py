@@ -324,7 +324,7 @@ def new_launches(problem: contract.BackwardProblem) -> BackwardLaunches | None:
     f = problem.forward
     if f.num_chunks_total * f.HV == 0 or f.N * f.HV == 0 or f.B * f.T == 0:
         return None
-    chunk, walk = problem.chunk, problem.walk
+    chunk, wy, walk = problem.chunk, problem.wy, problem.walk
     sizes = dict(H=f.H, HV=f.HV, K=f.K, V=f.V, BT=spec.CHUNK_SIZE, DOT_PRECISION=tilings.dot_precision(f.dtype))
     num_v_tiles = -(-f.V // chunk.block_v)
     return BackwardLaunches(
@@ -335,8 +335,8 @@ def new_launches(problem: contract.BackwardProblem) -> BackwardLaunches | None:
                             STORE_INITIAL_STATE_GRADIENT=f.use_initial_state, IS_VARLEN=f.varlen, **sizes),
         dqkwg=KernelLaunch(chunk_bwd_dqkwg_kernel, (f.num_chunks_total * f.HV,), chunk, BK=chunk.block_k,
                            BV=chunk.block_v, IS_VARLEN=f.varlen, **sizes),
-        wy=KernelLaunch(chunk_bwd_wy_kernel, (f.num_chunks_total * f.HV,), problem.wy, BK=chunk.block_k,
-                        BV=chunk.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=f.varlen,
+        wy=KernelLaunch(chunk_bwd_wy_kernel, (f.num_chunks_total * f.HV,), wy, BK=wy.block_k,
+                        BV=wy.block_v, BS=spec.SUBBLOCK, GATE_FLOOR=spec.GATE_FLOOR, IS_VARLEN=f.varlen,
                         **sizes),
     )
 
