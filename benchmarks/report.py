@@ -531,12 +531,10 @@ def targets() -> list[tuple[str, str, str, bool]]:
     serving = read_rows("decode_serving") or []
     for r in serving:
         if r["impl"] in GDN:
-            limit = {"spec": 1.2, "prefill": 1.02}.get(r["case"].split("-")[0].rstrip("0123456789"), 1.05)
-            prefill = r["case"].startswith("prefill")
-            op = "chunk_gated_delta_rule" if prefill else "decode_step"
-            key = ("serving_prefill" if prefill
-                   else "serving_spec" if r["case"].startswith("spec") else "serving_decode")
-            found.append((key, f"{op} from a pool, {r['case']}, {r['impl']} ≤ {limit}× the floor",
+            kind = r["case"].split("-")[0].rstrip("0123456789")  # decode, spec or prefill
+            limit = {"spec": 1.2, "prefill": 1.02}.get(kind, 1.05)
+            op = "chunk_gated_delta_rule" if kind == "prefill" else "decode_step"
+            found.append((f"serving_{kind}", f"{op} from a pool, {r['case']}, {r['impl']} ≤ {limit}× the floor",
                           f"{num(r['x_floor'], 3)}×", r["x_floor"] <= limit))
     replays = [r for r in serving if r.get("graph_bits_equal") is not None]
     if replays:
