@@ -74,6 +74,15 @@ def float32_dot_precision(interpret: bool, dtype: str = "float32") -> jax.lax.Do
     return jax.lax.Precision.HIGHEST if interpret else _FLOAT32_DOTS[tilings.dot_precision(dtype)]
 
 
+def accumulating_dot(precision):
+    """The kernels' a @ b: jnp.dot of two register tiles at that JAX dot precision, accumulated in float32 (as
+    gdn.triton's tl.dot with its input_precision)."""
+    def dot(a, b):
+        return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+    return dot
+
+
 def input_dot_precision(dtype: str, interpret: bool) -> jax.lax.DotAlgorithmPreset | jax.lax.Precision | None:
     """Precision of the dots on input-dtype operands: tilings.FLOAT32_DOT_PRECISION for float32 inputs; None
     (the 16-bit tensor-core dot) for 16-bit ones."""

@@ -23,6 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import checks, contract, spec, tilings
 from gdn.pallas.arrays import (
+    accumulating_dot,
     array_info,
     as_index,
     check_token_rows,
@@ -57,8 +58,7 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
 def unit_lower_inverse(b_A, *, BT: int, BS: int, PRECISION):
     """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32 (prepare's, and the backward's
     recompute of it), as gdn.triton.forward.unit_lower_inverse forms it."""
-    def dot(a, b):
-        return jnp.dot(a, b, precision=PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(PRECISION)
 
     # D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by side:
     # column-oriented forward substitution on all blocks at once, exact float32. At step j, row j of every block
@@ -104,8 +104,7 @@ def chunk_prepare_kernel(
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
 
-    def dot(a, b, precision=DOT_PRECISION):
-        return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     b_g = plgpu.load(g.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT] per-token log-gates
     b_beta = plgpu.load(beta.at[o_t, i_hv], mask=m_t, other=0).astype(jnp.float32)  # [BT]
@@ -215,8 +214,7 @@ def chunk_walk_kernel(
     m_causal = o_i[:, None] >= o_i[None, :]
     scale = scale[0]
 
-    def dot(a, b):
-        return jnp.dot(a, b, precision=DOT_PRECISION, preferred_element_type=jnp.float32)
+    dot = accumulating_dot(DOT_PRECISION)
 
     if USE_INDICES:
         i_row, m_row = pool_row(state_indices, i_n, pool.shape[0])
