@@ -166,10 +166,8 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
     if "jla-mosaic" in jax_wanted:
         try:
             import jax
-            from jla.ops import available, linear_attention
 
-            if "mosaic_gpu" not in available("gated_deltanet"):
-                raise RuntimeError(f"jla has no mosaic_gpu gated_deltanet here ({available('gated_deltanet')})")
+            linear_attention = harness.jla_linear_attention()
 
             step_jla = jax_step(lambda j: linear_attention(
                 "gated_deltanet", j["q"], j["k"], j["v"], g=j["g"], beta=j["beta"], impl="mosaic_gpu",

@@ -112,10 +112,8 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
     if "jla-mosaic" in jax_wanted:
         try:
             import jax
-            from jla.ops import available, linear_attention
 
-            if "mosaic_gpu" not in available("gated_deltanet"):
-                raise RuntimeError(f"jla has no mosaic_gpu gated_deltanet here ({available('gated_deltanet')})")
+            linear_attention = harness.jla_linear_attention()
 
             jla_forward = jax.jit(lambda q, k, v, g, beta, s0, ids: linear_attention(
                 "gated_deltanet", q, k, v, g=g, beta=beta, impl="mosaic_gpu", initial_state=s0,

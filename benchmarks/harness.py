@@ -235,6 +235,16 @@ def jax_gpu_impls(names: Sequence[str], impls: dict[str, Impl]) -> list[str]:
     return list(names)
 
 
+def jla_linear_attention() -> Callable[..., Any]:
+    """jax-linear-attention's jla.ops.linear_attention when it has its Mosaic GPU gated_deltanet here; else an
+    ImportError or RuntimeError, which the caller turns into a not-installed row."""
+    from jla.ops import available, linear_attention
+
+    if "mosaic_gpu" not in available("gated_deltanet"):
+        raise RuntimeError(f"jla has no mosaic_gpu gated_deltanet here ({available('gated_deltanet')})")
+    return linear_attention
+
+
 def synced(impl: Impl, call: Callable[[], Any]) -> Any:
     """call() (torch: without autograd), waited for on the device."""
     if impl.framework == "torch":
