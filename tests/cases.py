@@ -104,6 +104,9 @@ CASES: list[Case] = [
     _varlen((0, 5, 63, 65, 1), 1, 2, 48, 16, gated=False),
     _varlen((130, 1, 0), 2, 2, 16, 48),
 ]
+QUICK_CASES = (0, 3, 4, 11)
+"""The CASES of a GPU's quick selection: T = 1, 63, 64 and the varlen batch with an empty and a 1-token sequence,
+gated and not, in three head sizes."""
 
 LARGE_CASES: list[Case] = [
     # model-sized heads at the benchmarks' B1 T8192 H16 and a long varlen batch: compiled GPU runs only
@@ -155,6 +158,8 @@ DECODE_CASES: list[DecodeCase] = [
     DecodeCase(N=3, H=1, HV=2, K=48, V=100),
     DecodeCase(N=1, H=2, HV=2, K=128, V=128),
 ]
+QUICK_DECODE_CASES = (1, 4)
+"""The DECODE_CASES of a GPU's quick selection: N = 3 with grouped heads, and a masked last V tile."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +296,9 @@ FORWARD_CASES: list[ForwardCase] = [
     ForwardCase(70, 1, 4, 16, 128, B=8, initial_state=False),
     forward_varlen((1, 9, 64, 2) * 4, 2, 4, 16, 128),
 ]
+QUICK_FORWARD_CASES = (0, 6)
+"""The FORWARD_CASES of a GPU's quick selection: T = 1 with grouped heads, and the varlen batch with empty and
+1-token sequences and chunk-boundary lengths (one head size: one compiled variant per backend)."""
 
 LARGE_FORWARD_CASES: list[ForwardCase] = [
     # model-sized heads: compiled GPU runs only
@@ -314,6 +322,8 @@ BACKWARD_CASES: list[ForwardCase] = [
     forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 16, 32),
     forward_varlen((65, 0, 1), 2, 4, 16, 16, initial_state=False),
 ]
+QUICK_BACKWARD_CASES = (6,)
+"""The BACKWARD_CASES of a GPU's quick selection: the varlen batch with empty and 1-token sequences."""
 
 LARGE_BACKWARD_CASES: list[ForwardCase] = [
     # model-sized heads: compiled GPU runs only (the float64 reference holds every step's state: T stays modest)

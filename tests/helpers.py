@@ -42,6 +42,14 @@ def dtype_params(dtypes: tuple[str, ...] = DTYPES) -> list:
     return [dtype if dtype == "bfloat16" else pytest.param(dtype, marks=pytest.mark.slow) for dtype in dtypes]
 
 
+def case_params(cases: list, quick: tuple[int, ...]) -> list:
+    """cases as pytest parameters (ids: their .id), all but cases[i] for i in quick marked slow: on a GPU the quick
+    selection (-m "not slow") runs the few cases that cover the edge list in few compiled variants (every new
+    head size or flag set is a kernel compile there); a full run, and every CPU run, takes them all."""
+    return [pytest.param(case, id=case.id, marks=() if i in quick else pytest.mark.slow)
+            for i, case in enumerate(cases)]
+
+
 def assert_close(out: np.ndarray, ref: np.ndarray, op: str, dtype: str, what: str = "vs reference") -> None:
     """Same shape, all finite, and max |out − ref| / max |ref| within TOLERANCE[op, dtype]."""
     assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"

@@ -19,7 +19,15 @@ import pytest
 from gdn.common import reference, spec
 from gdn.common.example import round_to
 from tests.backends import BACKENDS
-from tests.cases import BACKWARD_CASES, LARGE_BACKWARD_CASES, ForwardCase, OpInputs, seed_of, with_raw_inputs
+from tests.cases import (
+    BACKWARD_CASES,
+    LARGE_BACKWARD_CASES,
+    QUICK_BACKWARD_CASES,
+    ForwardCase,
+    OpInputs,
+    seed_of,
+    with_raw_inputs,
+)
 from tests.helpers import assert_close, skip_unsupported
 
 REFERENCE_CHECKS = ([("float32", i) for i in range(len(BACKWARD_CASES))] + [("float16", i) for i in (1, 4, 7)]
@@ -79,17 +87,19 @@ def case_reference(index: int, dtype: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype, index", [
-    pytest.param(d, i, id=f"{BACKWARD_CASES[i].id}-{d}", marks=() if d == "bfloat16" else pytest.mark.slow)
+    pytest.param(d, i, id=f"{BACKWARD_CASES[i].id}-{d}",
+                 marks=() if d == "bfloat16" and i in QUICK_BACKWARD_CASES else pytest.mark.slow)
     for d, i in REFERENCE_CHECKS])
 def test_gradients_match_reference(backend, index: int, dtype: str) -> None:
-    """Every gradient against float64 autodiff of the recurrence (on a GPU, -m 'not slow' keeps the bf16 row,
-    as for the forward's case matrices)."""
+    """Every gradient against float64 autodiff of the recurrence (on a GPU, -m 'not slow' keeps the bf16 row of
+    QUICK_BACKWARD_CASES)."""
     skip_unsupported(backend, dtype, spec.BACKWARD_OP)
     skip_interpreted_shape(backend, dtype, index)
     assert_gradients_close(case_gradients(backend.name, index, dtype), case_reference(index, dtype), dtype,
                            f"{backend.name} {BACKWARD_CASES[index].id} {dtype}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [4, 6], ids=[BACKWARD_CASES[i].id for i in (4, 6)])
 def test_gradients_with_extreme_gates(backend, index: int) -> None:
     """Per-token log-gates uniform in [−20, 0] with exact zeros among them, and a few resets: −inf and −300, below
@@ -108,6 +118,7 @@ def test_gradients_with_extreme_gates(backend, index: int) -> None:
                            f"{backend.name} {case.id} extreme gates")
 
 
+@pytest.mark.slow
 def test_gradients_without_final_state(backend) -> None:
     """output_final_state=False: no final-state gradient flows in (the walk starts from zero). The Pallas
     interpreter covers this path in test_pallas_jit_value_and_grad_varlen."""
@@ -118,6 +129,7 @@ def test_gradients_without_final_state(backend) -> None:
                            f"{backend.name} {case.id} without final state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pieces", [2, 3])
 def test_gradients_with_the_walk_in_pieces(backend, monkeypatch, pieces: int) -> None:
     """The forward and the backward's recompute of h with each sequence cut into pieces (the context-parallel
@@ -138,6 +150,7 @@ def test_gradients_with_the_walk_in_pieces(backend, monkeypatch, pieces: int) ->
                            f"{backend.name} in {pieces} pieces")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qk_l2norm, raw_gates", [(True, False), (False, True), (True, True)],
                          ids=["qk_l2norm", "raw_gates", "qk_l2norm-raw_gates"])
 def test_gradients_reach_the_raw_inputs(backend, qk_l2norm: bool, raw_gates: bool) -> None:
@@ -169,6 +182,7 @@ def test_serving_arguments_contract_with_a_gradient(backend) -> None:
         backend.gradients(inputs, do, dht)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, index", [("float32", 4), ("float32", 6), ("float16", 6)], ids=str)
 def test_backends_agree(index: int, dtype: str) -> None:
     """Triton and Pallas gradients on the same inputs within the dtype's tolerance of each other."""
@@ -179,6 +193,7 @@ def test_backends_agree(index: int, dtype: str) -> None:
     assert_gradients_close(triton, pallas, dtype, f"{BACKWARD_CASES[index].id} {dtype}, triton vs pallas")
 
 
+@pytest.mark.slow
 def test_same_bits_run_to_run(backend) -> None:
     """Grouped heads (dq, dk summed over value heads) and varlen, twice: bit-identical gradients."""
     inputs, do, dht = backward_inputs(BACKWARD_CASES[6], "float32", seed=14)
@@ -197,6 +212,7 @@ def test_backward_contract(backend) -> None:
         backend.backward(inputs, do, dht, do_dtype="float32")
 
 
+@pytest.mark.slow
 def test_pallas_jit_value_and_grad_varlen() -> None:
     """jax.jit(jax.value_and_grad) over a varlen batch with traced cu_seqlens and chunk_indices padded to a
     static length (PAD_CHUNK rows), no final state: the float64 reference's loss and gradients."""
@@ -327,6 +343,7 @@ def train_torch(loss_fn=torch_toy_loss, steps: int = TOY_STEPS) -> tuple[list[fl
     return losses, first_grads
 
 
+@pytest.mark.slow
 def test_training_loss_goes_down_the_same_in_both_backends() -> None:
     """A few SGD steps of the toy layer (grouped heads, a full and a partial chunk) in PyTorch and in JAX (one
     jitted value_and_grad): the loss falls, and the two loss curves agree."""
@@ -349,7 +366,8 @@ def test_training_loss_goes_down_the_same_in_both_backends() -> None:
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("compiler", [pytest.param("aot_eager", marks=pytest.mark.slow),
+                                      pytest.param("inductor", marks=pytest.mark.gpu)])
 def test_torch_compile_fullgraph(compiler: str) -> None:
     """torch.compile(fullgraph=True) traces the toy layer through the custom ops (fake implementations,
     registered autograd): a compiled training step gives the eager losses and gradients."""

@@ -7,21 +7,21 @@ import pytest
 
 from gdn.common import spec, tilings
 from tests.backends import BACKENDS
-from tests.cases import CASES, LARGE_CASES, Case, seed_of
-from tests.helpers import assert_close, assert_refused, chunk_o_reference, dtype_params, skip_unsupported
+from tests.cases import CASES, LARGE_CASES, QUICK_CASES, Case, seed_of
+from tests.helpers import assert_close, assert_refused, case_params, chunk_o_reference, dtype_params, skip_unsupported
 
 OP = spec.CHUNK_O_OP
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params(CASES, QUICK_CASES))
 def test_matches_reference(backend, case: Case, dtype: str) -> None:
     skip_unsupported(backend, dtype)
     inputs = case.inputs(dtype, seed=seed_of(case.id))
     assert_close(backend.run(inputs), chunk_o_reference(inputs), OP, dtype)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.seqlens], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params([c for c in CASES if c.seqlens], quick=(0,)))
 def test_varlen_with_given_and_padded_chunk_indices(backend, case: Case) -> None:
     """chunk_indices passed by the caller, and padded to a static length with PAD_CHUNK rows (h padded too)."""
     inputs = case.inputs("float32", seed=1)
@@ -42,7 +42,7 @@ def test_explicit_scale(backend) -> None:
     assert_close(backend.run(inputs), chunk_o_reference(inputs), OP, "float32")
 
 
-@pytest.mark.parametrize("case", [CASES[5], CASES[11]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params([CASES[5], CASES[11]], quick=(1,)))
 def test_deterministic(backend, case: Case) -> None:
     inputs = case.inputs("float16", seed=3)
     first = backend.run(inputs)

@@ -5,6 +5,8 @@ implementation either way), on a GPU Inductor."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.backends import BACKENDS
 from tests.cases import BACKWARD_CASES, CASES, SERVING_CASES, with_raw_inputs
 
@@ -15,6 +17,7 @@ def _compile_backend() -> str:
     return "inductor" if BACKENDS["triton"].on_gpu else "aot_eager"
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_traces_decode() -> None:
     """A layer step calling decode_step twice (a dense state, then a pool in place) compiles with
     fullgraph=True (no graph break: gdn::decode_step and gdn::decode_step_pool) and gives the eager bits."""
@@ -92,6 +95,7 @@ def test_torch_compile_fullgraph_traces_the_forward_from_a_pool() -> None:
     assert compiled_args[7].equal(args[7]) and not args[7].equal(pool.to(device)), "the pool in place"
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_gradients_of_raw_inputs() -> None:
     """A compiled loss over chunk_gated_delta_rule with use_qk_l2norm_in_kernel and the raw gates (the norm and
     the gates as torch ops before gdn::chunk_gated_delta_rule and its registered autograd): the eager gradients

@@ -11,8 +11,8 @@ from gdn.common import reference, spec
 from gdn.common.example import random_recurrent_inputs
 from tests import helpers
 from tests.backends import BACKENDS
-from tests.cases import DECODE_CASES, DecodeCase, seed_of
-from tests.helpers import assert_refused, assert_state_close, dtype_params
+from tests.cases import DECODE_CASES, QUICK_DECODE_CASES, DecodeCase, seed_of
+from tests.helpers import assert_refused, assert_state_close, case_params, dtype_params
 
 OP = spec.DECODE_OP
 
@@ -96,7 +96,7 @@ def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str = "vs r
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params(DECODE_CASES, QUICK_DECODE_CASES))
 def test_decode_matches_reference(backend, case: DecodeCase, dtype: str) -> None:
     """STEPS tokens decoded one call at a time from a random state, each call fed the last one's new state."""
     skip_unsupported(backend, dtype)

@@ -10,8 +10,16 @@ import pytest
 from gdn.common import reference, spec
 from tests import helpers
 from tests.backends import BACKENDS
-from tests.cases import FORWARD_CASES, LARGE_FORWARD_CASES, ForwardCase, OpInputs, forward_varlen, seed_of
-from tests.helpers import assert_refused, dtype_params, forward_reference, skip_unsupported
+from tests.cases import (
+    FORWARD_CASES,
+    LARGE_FORWARD_CASES,
+    QUICK_FORWARD_CASES,
+    ForwardCase,
+    OpInputs,
+    forward_varlen,
+    seed_of,
+)
+from tests.helpers import assert_refused, case_params, dtype_params, forward_reference, skip_unsupported
 
 OP = spec.FORWARD_OP
 
@@ -21,7 +29,7 @@ def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str, what: str) -> Non
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params(FORWARD_CASES, QUICK_FORWARD_CASES))
 def test_matches_recurrent_reference(backend, case: ForwardCase, dtype: str) -> None:
     skip_unsupported(backend, dtype)
     inputs = case.inputs(dtype, seed=seed_of(case.id))
@@ -70,7 +78,7 @@ def test_inverse_is_exact_for_equal_keys(backend) -> None:
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("seqlens", [(1, 64, 65, 129), (2, 63)], ids=str)
+@pytest.mark.parametrize("seqlens", [(1, 64, 65, 129), pytest.param((2, 63), marks=pytest.mark.slow)], ids=str)
 def test_prefill_then_decode_equals_forward(backend, seqlens: tuple[int, ...], dtype: str) -> None:
     """Prefill every sequence but its last token (one packed varlen call), then decode_step those last tokens
     from the prefill's final states: their o and the states after them match the forward over all tokens (a
@@ -93,7 +101,7 @@ def test_prefill_then_decode_equals_forward(backend, seqlens: tuple[int, ...], d
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", [FORWARD_CASES[4], FORWARD_CASES[6]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params([FORWARD_CASES[4], FORWARD_CASES[6]], quick=(1,)))
 def test_backends_agree(case: ForwardCase, dtype: str) -> None:
     """Triton and Pallas on the same inputs: o and final state within the dtype's tolerance of each other."""
     triton, pallas = BACKENDS["triton"], BACKENDS["pallas"]
@@ -113,6 +121,7 @@ def test_without_final_state_and_deterministic(backend) -> None:
     assert np.array_equal(o, backend.forward(inputs, output_final_state=False)[0])
 
 
+@pytest.mark.slow
 def test_pallas_under_jit_with_padded_chunk_indices() -> None:
     """jax.jit over a varlen batch: chunk_indices padded to a static length (PAD_CHUNK rows) and traced
     cu_seqlens give the eager result, bit for bit."""
@@ -213,6 +222,7 @@ def test_extreme_gates_and_beta(backend, gates: str) -> None:
     assert_close(final_state, state_ref, "float32", f"final_state, {gates}")
 
 
+@pytest.mark.slow
 def test_beta_in_the_input_dtype(backend) -> None:
     """beta may come in q's dtype (a model's sigmoid output in fp16/bf16): the same result as beta rounded to
     that dtype and passed as float32, bit for bit (the kernels read beta into float32)."""
@@ -225,6 +235,7 @@ def test_beta_in_the_input_dtype(backend) -> None:
     assert np.array_equal(o_16, o_32) and np.array_equal(state_16, state_32)
 
 
+@pytest.mark.slow
 def test_triton_reads_non_contiguous_inputs_as_their_values() -> None:
     """A transposed view is read as the tensor it is (copied once), never with the wrong strides: the same bits
     as its contiguous copy."""
@@ -271,6 +282,7 @@ def test_fused_walk_matches_the_reference(backend, pieces: int) -> None:
     assert_close(state, state_ref, "float32", "final state")
 
 
+@pytest.mark.slow
 def test_context_parallel_path_in_16_bit(backend) -> None:
     """fp16 in 3 pieces of uneven length, without the final state, against the reference."""
     skip_unsupported(backend, "float16")

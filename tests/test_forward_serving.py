@@ -11,7 +11,7 @@ import pytest
 from gdn.common import reference, spec
 from tests import helpers
 from tests.cases import ForwardCase, OpInputs, forward_varlen, seed_of
-from tests.helpers import dtype_params, skip_unsupported
+from tests.helpers import case_params, dtype_params, skip_unsupported
 
 OP = spec.FORWARD_OP
 
@@ -100,9 +100,9 @@ def test_pool_without_final_state_is_read_only(backend) -> None:
     assert state is None
 
 
-@pytest.mark.parametrize("l2norm", [False, True], ids=["gates", "gates+l2norm"])
-@pytest.mark.parametrize("case", [forward_varlen((70, 1, 0, 64), 2, 4, 32, 16), ForwardCase(130, 1, 2, 16, 32)],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("l2norm", [pytest.param(False, marks=pytest.mark.slow), True], ids=["gates", "gates+l2norm"])
+@pytest.mark.parametrize("case", case_params([forward_varlen((70, 1, 0, 64), 2, 4, 32, 16),
+                                              ForwardCase(130, 1, 2, 16, 32)], quick=(0,)))
 def test_raw_gates_and_l2norm_match_reference(backend, case: ForwardCase, l2norm: bool) -> None:
     """g = −exp(A_log)·softplus(a + dt_bias), beta = sigmoid(b) computed in the kernels, and with
     use_qk_l2norm_in_kernel raw q, k rows (norm 3) normalized there: the reference fed the same raw inputs."""

@@ -7,8 +7,8 @@ import pytest
 
 from gdn.common import spec
 from tests.backends import BACKENDS
-from tests.cases import CASES, LARGE_CASES, Case, seed_of
-from tests.helpers import TOLERANCE, assert_close, chunk_o_reference, dtype_params
+from tests.cases import CASES, LARGE_CASES, QUICK_CASES, Case, seed_of
+from tests.helpers import TOLERANCE, assert_close, case_params, chunk_o_reference, dtype_params
 
 OP = spec.CHUNK_O_OP
 
@@ -22,7 +22,7 @@ def _both(case: Case, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params(CASES, QUICK_CASES))
 def test_triton_equals_pallas(case: Case, dtype: str) -> None:
     out_triton, out_pallas, ref = _both(case, dtype)
     assert_close(out_triton, ref, OP, dtype, "triton vs reference")

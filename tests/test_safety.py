@@ -322,6 +322,7 @@ def test_other_layouts_are_copied_once(name: str, layout: str) -> None:
     assert BACKENDS["triton"].torch.equal(out, dense)
 
 
+@pytest.mark.slow
 def test_forward_reads_fused_projection_slices() -> None:
     """chunk_gated_delta_rule on the q, k, v slices of one projection and g, beta slices of another (refused as
     non-contiguous before): the bits of dense copies, final state included, and the inputs left as they were."""
