@@ -12,6 +12,7 @@ Run it after any of the scripts below; a result that is not there leaves its sec
     python -m benchmarks.warmup         # warmup.csv
     python -m benchmarks.tune_chunk_o   # tune_chunk_o.csv
     python -m benchmarks.tune_forward   # forward_stages.csv, tune_walk.csv, tune_fused.csv, tune_prepare.csv
+    python -m benchmarks.profile_forward   # forward_profile.csv (Nsight Compute)
 
 Every table says what each number is; the reading lines under a table are computed from its rows, so they stay
 true after a refresh. The targets at the end are evaluated on the same rows; a target that is not met carries
@@ -32,6 +33,8 @@ OUT = Path(__file__).resolve().parent / "RESULTS.md"
 ENV_KEYS = ("gpu (torch)", "nvidia-smi (name, driver, memory, max SM clock)", "torch cuda", "torch", "triton", "jax",
             "jaxlib", "fla-core", "jax-linear-attention", "flashinfer", "python")
 GDN = ("gdn-triton", "gdn-pallas")
+PROFILE_MIN_US = 10
+"""Kernels shorter than this (µs) are left out of the forward's profile table (layout copies, small fusions)."""
 
 REASONS = {
     # The profiler's reason for each target not met, keyed as in targets(); shown only while it is not met.
@@ -53,13 +56,18 @@ REASONS = {
                          "spills and loses",
     "chunk_o_host": "CPython calls into torch and Triton: the C launcher 4.9 µs, the per-call tensor checks 2.6, "
                     "torch.empty_like 1.8, gdn's launch checks 1.2 (python -m benchmarks.profile_chunk_o --host)",
-    "forward_vs_peer": "three kernels in sequence (forward_stages.csv at B1 T8192 H16: prepare 81 µs, the walk "
-                       "130 µs, chunk_fwd_o 70 µs): the walk is latency-bound at ≈ 1 µs per chunk (two dependent "
-                       "dots per chunk; 128 programs on 132 SMs, so the context-parallel path does not engage), and "
-                       "h [B, NT, HV, K, V] and v_new go through HBM between the walk and chunk_fwd_o; the fused "
-                       "walk that keeps them on chip costs 4.8–7 µs per chunk in Triton 3.6 (tilings.FUSED_WALK). "
-                       "The peers ahead run one warp-specialized kernel per chunk walk (FlashInfer SM90, jla "
-                       "Mosaic GPU) with the intra-chunk factors precomputed",
+    "forward_vs_peer": "Nsight Compute at B1 T8192 H16 (forward_profile.csv): gdn's sequential part matches the "
+                       "fastest peer's, its parallel parts do not. gdn's walk (138 µs: 128 programs of 4 warps, 6 % "
+                       "achieved occupancy, 1 935 cycles per chunk, stalled on fixed-latency dependencies) against "
+                       "FlashInfer CP's segment maps, fix-up and segment walks (53 + 35 + 52 µs; 8 segments of 16 "
+                       "chunks, 5 775 cycles per chunk of a full 128-column state with o); but gdn's prepare "
+                       "(81 µs: w and u for every chunk, 168 registers, 19 % occupancy, long-scoreboard stalls) "
+                       "and its separate chunk_fwd_o pass (65 µs: h and v_new back from HBM) against FlashInfer's "
+                       "21 µs factor kernel, which leaves w, u and o to the walk. Fusing o into gdn's walk in "
+                       "Triton 3.6 takes 4 760 cycles per chunk over all 128 chunks (the fused row: 354 µs, 226 "
+                       "registers), and cutting it into pieces does not pay at 128 walks (tune_forward --only "
+                       "walk, tilings.FUSED_WALK): what the peers add is warp-specialized warpgroup-MMA walks "
+                       "over segments, each chunk's o computed beside the state update",
     "backward_vs_jla": "not yet profiled. The step runs the forward's three kernels, the recompute of g_c, w, u, h "
                        "and v_new, then four backward kernels. The WY kernel runs on 2 warps "
                        "(tilings.backward_wy_tiling): on 4, Triton 3.6 miscompiles it in bf16. The same step with "
@@ -220,6 +228,14 @@ def section_chunk_o() -> str | None:
     return "\n".join(lines + [""] + reading[:3])
 
 
+def kernel_label(name: str) -> str:
+    """A profiled kernel's name without its wrappers: CuTe DSL's and FlashInfer's module prefix, Mosaic GPU's
+    suffix, and C++ template arguments."""
+    for prefix in ("kernel_cutlass_kernel_", "flashinfergdn_kernels"):
+        name = name.removeprefix(prefix)
+    return name.split("_mosaic_gpu")[0].split("(")[0].split("<")[0][:60]
+
+
 def section_forward() -> str | None:
     rows = read_rows("forward")
     if rows is None:
@@ -247,6 +263,19 @@ def section_forward() -> str | None:
         lines += ["", "Host time per call at " + host[0]["label"] + " (1000 calls back to back, no sync; "
                   "gdn-pallas called eagerly; `forward_host.csv`):", "",
                   table(["implementation", "CPU µs per call"], [[r["impl"], num(r["host_us"])] for r in host])]
+    profile = read_rows("forward_profile")
+    if profile:
+        lines += ["", "Nsight Compute, one call of each at " + profile[0]["label"] + " (`python -m "
+                  "benchmarks.profile_forward`, `forward_profile.csv`, " + measured_line(read_env("forward_profile")) +
+                  "): per kernel its time, cycles, cycles per chunk of the sequence (T / 64; a context-parallel walk "
+                  "takes fewer), achieved occupancy and the largest warp stall reasons (cycles per issued "
+                  "instruction); gdn-triton-fused is gdn Triton with the walk that computes o. jla's XLA layout "
+                  "kernels of a few µs each are left out.", "",
+                  table(["implementation", "kernel", "grid", "registers", "µs", "cycles per chunk", "occupancy %",
+                         "largest stalls"],
+                        [[r["impl"], kernel_label(r["kernel"]), r["grid"], str(r["registers"]),
+                          num(r["us"]), num(r["cycles_per_chunk"], 0), num(r["occupancy_pct"], 1), r["stalls"]]
+                         for r in profile if r["us"] >= PROFILE_MIN_US])]
     cold = read_rows("forward_cold")
     if cold:
         lines += ["", "Cold first call (fresh process, empty Triton cache, no JAX compilation cache; compile, "

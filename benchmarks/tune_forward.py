@@ -45,7 +45,8 @@ PREPARE_CANDIDATES = [tilings.Tiling(block, block, 4, 1, registers)
 PIECES = (1, 2, 4, 8)
 
 
-def _inputs(shape: shapes.Shape) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
+def forward_problem(shape: shapes.Shape) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
+    """shape's validated forward problem and its inputs (no initial state), as the sweeps call the stages."""
     t = dict(shapes.forward_inputs(shape, seed=0), initial_state=None)
     names = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
     keys = tensor_keys(names, [t.get(n) for n in names], op=spec.FORWARD_OP)
@@ -66,7 +67,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 def walk_rows(shape: shapes.Shape, fused: bool = False) -> list[dict]:
     """The whole forward at shape with every walk candidate (of the fused walk with fused) in every piece
     count."""
-    problem, t = _inputs(shape)
+    problem, t = forward_problem(shape)
     args = (t["q"], t["k"], t["v"], t["g"], t["beta"], K**-0.5, None, None, None)
     spec_pieces = problem.pieces(forward.multiprocessors(torch.device(DEVICE)))
     reference, _ = forward.forward(problem, *args, spec_pieces)
@@ -91,7 +92,7 @@ def walk_rows(shape: shapes.Shape, fused: bool = False) -> list[dict]:
 
 def prepare_rows(shape: shapes.Shape) -> list[dict]:
     """The prepare kernel alone at shape with every candidate tiling."""
-    problem, t = _inputs(shape)
+    problem, t = forward_problem(shape)
     k, v, g, beta = t["k"], t["v"], t["g"], t["beta"]
     reference = forward.prepare(problem, k, v, g, beta, None, None)[1]
     rows = []
@@ -113,7 +114,7 @@ def prepare_rows(shape: shapes.Shape) -> list[dict]:
 
 def stage_row(shape: shapes.Shape) -> dict:
     """µs of each kernel of the spec's forward at shape, and of the whole call."""
-    problem, t = _inputs(shape)
+    problem, t = forward_problem(shape)
     q, k, v, g, beta = (t[n] for n in ("q", "k", "v", "g", "beta"))
     pieces = problem.pieces(forward.multiprocessors(torch.device(DEVICE)))
     g_cum, w, u = forward.prepare(problem, k, v, g, beta, None, None)

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 SCRIPTS = ("chunk_o", "forward", "backward", "decode", "distributed", "layouts", "warmup", "tune_chunk_o",
-           "tune_forward", "profile_chunk_o", "report")
+           "tune_forward", "profile_chunk_o", "profile_forward", "report")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -91,3 +91,27 @@ def test_report_shows_the_layouts_rows(tmp_path, monkeypatch: pytest.MonkeyPatch
     text = report.section_layouts()
     assert "| B1 T512 H16 | fused | 12.5 (12.0–13.0) | 12.5 | 9.0 | — |" in text
     assert "| B1 T512 H16 | the 3 copies alone | 12.5 (12.0–13.0) | — | — | 4.0 |" in text
+
+
+def test_profile_rows_come_from_ncu_csv_by_marker() -> None:
+    """benchmarks.profile_forward reads ncu's raw CSV (header, units, one line per kernel): each kernel goes to the
+    implementation whose marker kernel precedes it, its cycles are divided by the sequence's chunks, and the three
+    largest stall reasons are named."""
+    from benchmarks import profile_forward, shapes
+
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    header = ["ID", "Kernel Name", "Grid Size", "gpu__time_duration.sum", "sm__cycles_elapsed.max",
+              "sm__warps_active.avg.pct_of_peak_sustained_active"] + [stall.format(r) for r in ("wait", "barrier",
+                                                                                                  "math", "misc")]
+    lines = [header, ["", "", "", "ns", "cycle", "%"] + ["inst"] * 4,
+             ["0", "spin_kernel", "1", "10", "1", "1", "0", "0", "0", "0"],
+             ["1", "chunk_walk_kernel", "(8, 16, 1)", "2,000", "12800", "6.1", "1.5", "9", "0.5", "2"],
+             ["2", "spin_kernel", "1", "10", "1", "1", "0", "0", "0", "0"],
+             ["3", "fused_fwd", "(132, 1, 1)", "1000", "6400", "12", "3", "0", "1", "0"]]
+    text = "==PROF== noise\n" + "\n".join(",".join(f'"{v}"' for v in line) for line in lines) + "\n"
+    shape = shapes.Shape(1, 8192, 16, 16)
+    rows = profile_forward.kernel_rows(text, shape, ["gdn-triton", "jla-mosaic"])
+    assert [(r["impl"], r["kernel"]) for r in rows] == [("gdn-triton", "chunk_walk_kernel"),
+                                                         ("jla-mosaic", "fused_fwd")]
+    assert rows[0]["us"] == 2.0 and rows[0]["cycles_per_chunk"] == 12800 / 128
+    assert rows[0]["stalls"] == "barrier 9.0; misc 2.0; wait 1.5"
