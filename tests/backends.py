@@ -225,7 +225,7 @@ class PallasBackend:
 
         args = self.convert(inputs)
         out = chunk_fwd_o(args["q"], args["k"], args["v"], args["h"], args["g"], inputs.scale,
-                          args["cu_seqlens"], args["chunk_indices"])
+                          args["cu_seqlens"], args["chunk_indices"], lowering="triton")
         return self.numpy(out)
 
     def run_on_grid(self, inputs: OpInputs, programs: int | None) -> tuple[np.ndarray, int]:

@@ -156,7 +156,7 @@ def test_unknown_lowering_is_refused() -> None:
     from gdn.pallas import chunk_fwd_o
 
     a = MOSAIC.convert(_SUPPORTED.inputs("float16"))
-    with pytest.raises(ValueError, match=r"^chunk_fwd_o: lowering: expected one of \('triton', 'mosaic_gpu', "
+    with pytest.raises(ValueError, match=r"^chunk_fwd_o: lowering: expected None or one of \('triton', 'mosaic_gpu', "
                                          r"'triton_call'\); got 'mosaic'"):
         chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], lowering="mosaic")
 

@@ -21,8 +21,8 @@ import pytest
 
 from gdn.common import spec, tilings
 from tests.backends import BACKENDS, TritonCallBackend
-from tests.cases import CASES, LARGE_CASES, Case, seed_of
-from tests.helpers import assert_close, chunk_o_reference, dtype_params
+from tests.cases import CASES, LARGE_CASES, QUICK_CASES, Case, seed_of
+from tests.helpers import assert_close, case_params, chunk_o_reference, dtype_params
 
 OP = spec.CHUNK_O_OP
 TRITON_CALL = TritonCallBackend()
@@ -180,7 +180,35 @@ def test_without_a_cuda_gpu_it_says_so() -> None:
         chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], lowering="triton_call")
 
 
+def test_the_default_is_the_triton_lowering_where_triton_call_cannot_run() -> None:
+    """The interpreter (a CPU backend, or interpret=True) and a traced scale take the Pallas-Triton lowering."""
+    import jax
+
+    from gdn.pallas.chunk_o import default_lowering
+
+    assert default_lowering(True, None) == "triton"
+    if jax.default_backend() != "gpu":
+        assert default_lowering(None, 0.5) == "triton"
+    chosen = []
+    jax.jit(lambda scale: chosen.append(default_lowering(False, scale)))(0.5)
+    assert chosen == ["triton"]
+
+
 # ------------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+def test_the_default_on_a_cuda_gpu_is_triton_call() -> None:
+    """With no lowering named, a compiled call on a CUDA GPU with triton installed runs triton_call: gdn.triton's
+    bits."""
+    from gdn.pallas import chunk_fwd_o
+    from gdn.pallas.chunk_o import default_lowering
+
+    assert default_lowering(None, None) == "triton_call"
+    inputs = CASES[3].inputs("bfloat16", seed=seed_of(CASES[3].id))
+    a = TRITON_CALL.convert(inputs)
+    out = chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], inputs.scale, a["cu_seqlens"], a["chunk_indices"])
+    assert np.array_equal(TRITON_CALL.numpy(out), BACKENDS["triton"].run(inputs))
+
 
 def _assert_triton_bits(inputs, dtype: str) -> np.ndarray:
     """o by triton_call: the bits of gdn.triton on the same inputs, and close to the float64 reference and to the
@@ -194,7 +222,7 @@ def _assert_triton_bits(inputs, dtype: str) -> np.ndarray:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", dtype_params())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", case_params(CASES, QUICK_CASES))
 def test_the_bits_of_gdn_triton(case: Case, dtype: str) -> None:
     _assert_triton_bits(case.inputs(dtype, seed=seed_of(case.id)), dtype)
 

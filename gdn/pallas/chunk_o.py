@@ -15,6 +15,7 @@ themselves are int32, so B·T must stay below 2**31 − CHUNK_SIZE (checked in t
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,23 @@ from gdn.pallas.arrays import (
 )
 
 LOWERINGS = ("triton", "mosaic_gpu", "triton_call")
-"""chunk_fwd_o's JAX paths: Pallas's Triton lowering (this module), the default; Pallas Mosaic GPU
-(gdn.pallas.chunk_o_mosaic_gpu); and gdn.triton's own Triton kernel launched through jaxlib's Triton custom call
-(gdn.pallas.triton_call). The other two are chosen explicitly until they are measured."""
+"""chunk_fwd_o's JAX paths: Pallas's Triton lowering (this module); Pallas Mosaic GPU (gdn.pallas.chunk_o_mosaic_gpu);
+and gdn.triton's own Triton kernel launched through jaxlib's Triton custom call (gdn.pallas.triton_call). Without
+one asked for, default_lowering chooses."""
+
+
+def default_lowering(interpret: bool | None, scale: float | jax.Array | None) -> str:
+    """chunk_fwd_o's JAX path when the caller names none: "triton_call" wherever it runs (compiled on a CUDA GPU,
+    triton installed, jaxlib's Triton custom call present, scale not traced), else "triton". triton_call took
+    0.60-0.87x of the Triton lowering's device time at every shape of benchmarks.chunk_o on an H200
+    (benchmarks/RESULTS.md), and gives gdn.triton's bits; Mosaic GPU does not compile there on jax 0.11."""
+    if resolve_interpret(interpret) or is_tracer(scale) or importlib.util.find_spec("triton") is None:
+        return "triton"
+    from jax._src.lib import gpu_triton  # jaxlib's bindings of the custom call (with JAX's CUDA plugin only)
+
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    cuda = capability is not None and str(capability).replace(".", "").isdigit()
+    return "triton_call" if cuda and hasattr(gpu_triton, "TritonKernelCall") else "triton"
 
 
 def chunk_span(i_tg, cu_seqlens, chunk_indices, *, T: int, BT: int, IS_VARLEN: bool):
@@ -232,7 +247,7 @@ def chunk_fwd_o(
     chunk_indices: jax.Array | np.ndarray | None = None,
     *,
     interpret: bool | None = None,
-    lowering: str = "triton",
+    lowering: str | None = None,
 ) -> jax.Array:
     """Output of chunked Gated DeltaNet: o [B, T, HV, V] in v's dtype.
 
@@ -245,17 +260,20 @@ def chunk_fwd_o(
     (gdn.common.contract). Under jax.jit (a traced cu_seqlens) chunk_indices must be passed, padded to a static
     row count (spec.max_chunk_rows). Every array argument may be traced; static under jax.jit: interpret,
     lowering, and the shapes (chunk_indices' row count with them). No derivative: jax.grad / jax.jvp raise.
-    interpret=None runs the Pallas interpreter unless the default backend is a GPU. lowering: "triton" (the
-    default, measured), "mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu: Hopper only, 16-bit inputs, K and V in
-    (64, 128); not yet measured) or "triton_call" (gdn.pallas.triton_call: gdn.triton's kernel and bits on a
-    CUDA GPU, compiled only, needs triton; scale a Python float or a concrete scalar, baked into the compiled
-    call; not yet measured). Non-finite inputs: gdn.common.spec.
+    interpret=None runs the Pallas interpreter unless the default backend is a GPU. lowering: "triton_call"
+    (gdn.pallas.triton_call: gdn.triton's kernel and bits on a CUDA GPU, compiled only, needs triton; scale a
+    Python float or a concrete scalar, baked into the compiled call), "triton" (Pallas's Triton lowering, this
+    module's kernel; the interpreter on CPU) or "mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu: Hopper only, 16-bit
+    inputs, K and V in (64, 128)); None: default_lowering (triton_call where it runs, else triton). Non-finite
+    inputs: gdn.common.spec.
 
     Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
     per shape, dtype and flag combination.
     """
-    if lowering not in LOWERINGS:
-        raise ValueError(f"{spec.CHUNK_O_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
+    if lowering is None:
+        lowering = default_lowering(interpret, scale)
+    elif lowering not in LOWERINGS:
+        raise ValueError(f"{spec.CHUNK_O_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)
     if cu_values is not None:  # varlen values on the host: check them, build chunk_indices when missing
         checked_problem(q, k, v, h, g, cu_seqlens, chunk_indices, cu_values)
