@@ -57,7 +57,7 @@ def gates_from_raw(b_a, b_b, A_log, dt_bias, i_hv, softplus_beta, softplus_thres
 
 def unit_lower_inverse(b_A, *, BT: int, BS: int, PRECISION):
     """(I + A)⁻¹ [BT, BT] float32 of a strictly lower b_A [BT, BT] float32 (prepare's, and the backward's
-    recompute of it), as gdn.triton.forward.unit_lower_inverse forms it."""
+    recompute of it), as gdn.triton_kernels.forward.unit_lower_inverse forms it."""
     dot = accumulating_dot(PRECISION)
 
     # D⁻¹ first, D = I + the NB = BT/BS diagonal BS×BS blocks of A, as [NB, BS, BS] blocks side by side:

@@ -21,6 +21,7 @@ from gdn.triton import forward
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.launcher import KernelLaunch
 from gdn.triton_kernels.chunk_o import chunk_span
+from gdn.triton_kernels.forward import unit_lower_inverse
 
 
 @triton.jit
@@ -248,7 +249,7 @@ def chunk_bwd_wy_kernel(
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     b_A = b_kk * b_beta[:, None] * tl.exp(tl.where(m_lower, b_g[:, None] - b_g[None, :], float("-inf")))
     # T_c in k's dtype for the tensor-core dots below, as w = T_c·(beta·exp(g)·k) rounds it in the forward
-    b_Ti = forward.unit_lower_inverse(b_A, BT, BS, DOT_PRECISION).to(k.dtype.element_ty)
+    b_Ti = unit_lower_inverse(b_A, BT, BS, DOT_PRECISION).to(k.dtype.element_ty)
 
     # dT = dw·(beta·exp(g) ⊙ k)ᵀ + du·(beta ⊙ v)ᵀ: [BT, BK] @ [BK, BT] and [BT, BV] @ [BV, BT]
     # dv = beta ⊙ T_cᵀ·du: [BT, BT] @ [BT, BV]
