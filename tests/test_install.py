@@ -118,26 +118,30 @@ def test_the_base_install_depends_on_numpy_and_ml_dtypes_only() -> None:
     assert "gdn[all]" in extras["test"] and "gdn[all]" in extras["bench"]
 
 
-def test_the_shared_triton_kernels_import_triton_only() -> None:
+@pytest.mark.parametrize("module", ["chunk_o", "forward"])
+def test_the_shared_triton_kernels_import_triton_only(module: str) -> None:
     """gdn.triton_kernels (launched by gdn.triton and by gdn.pallas.triton_call) needs neither torch nor JAX."""
-    out = _run_python(_IMPORT_ONLY, "gdn.triton_kernels.chunk_o")
+    out = _run_python(_IMPORT_ONLY, f"gdn.triton_kernels.{module}")
     assert "frameworks loaded triton\n" in out, out
 
 
 _TRITON_CALL = _HIDE_PACKAGES + '''
 import jax.numpy as jnp
 
-from gdn.pallas import chunk_fwd_o
+from gdn.pallas import chunk_fwd_o, chunk_gated_delta_rule
 
-q, v, h = jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 1, 1, 16, 16))
-try:
-    chunk_fwd_o(q, q, v, h, lowering="triton_call")
-except ImportError as error:
-    print("ImportError:", str(error).splitlines()[0])
+q, v, h, g = jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 1, 1, 16, 16)), jnp.zeros((1, 8, 1))
+for call in (lambda: chunk_fwd_o(q, q, v, h, lowering="triton_call"),
+             lambda: chunk_gated_delta_rule(q, q, v, g, g, lowering="triton_call")):
+    try:
+        call()
+    except ImportError as error:
+        print("ImportError:", str(error).splitlines()[0])
 '''
 
 
 def test_lowering_triton_call_without_triton_names_it() -> None:
     """A JAX-only install runs every lowering but triton_call, which says that it needs Triton."""
     out = _run_python(_TRITON_CALL, "torch,triton")
-    assert "ImportError: gdn.pallas.triton_call (lowering='triton_call') needs Triton: pip install triton\n" in out, out
+    needs = "ImportError: gdn.pallas.triton_call (lowering='triton_call') needs Triton: pip install triton\n"
+    assert out.count(needs) == 2, out

@@ -33,11 +33,17 @@ from gdn.pallas.arrays import (
     host_values,
     index_or_placeholder,
     input_dot_precision,
+    is_tracer,
     multiprocessor_count,
     resolve_interpret,
 )
 from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
+
+LOWERINGS = ("triton", "triton_call")
+"""chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU), the default; and
+gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched through jaxlib's Triton custom
+call (gdn.pallas.triton_call), chosen explicitly until it is measured."""
 
 
 def rows_finite(b_x):
@@ -558,6 +564,7 @@ def chunk_gated_delta_rule(
     dt_bias: jax.Array | None = None,
     softplus_beta: float | jax.Array = spec.SOFTPLUS_BETA,
     softplus_threshold: float | jax.Array = spec.SOFTPLUS_THRESHOLD,
+    lowering: str = "triton",
 ) -> tuple[jax.Array, jax.Array | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
@@ -592,7 +599,19 @@ def chunk_gated_delta_rule(
     device of the axis (out_specs=P() holds for it). One jax.lax.all_gather of HV·K·(K + V) float32 per device
     (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False. The serving
     arguments are refused there.
+
+    lowering (static): "triton" (the default, measured: the Pallas kernels of this module) or "triton_call"
+    (gdn.pallas.triton_call: gdn.triton's forward kernels, launch plans and bits on a CUDA GPU, compiled only,
+    needs triton; not yet measured). With "triton_call", scale, softplus_beta and softplus_threshold are baked into
+    the compiled calls (Python floats or concrete scalars; a traced one is refused), interpret=True, axis_name and
+    state_indices are refused, and the gradient is the Pallas backward's (it recomputes from the inputs alone).
     """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"{spec.FORWARD_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
+    call_scalars = None
+    if lowering == "triton_call":
+        call_scalars = triton_call_scalars(scale, softplus_beta, softplus_threshold, interpret=interpret,
+                                           axis_name=axis_name, state_indices=state_indices)
     serving = (state_indices, a, b, A_log, dt_bias)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.FORWARD_OP)
     indices = None if state_indices is None else host_values(state_indices)
@@ -609,18 +628,44 @@ def chunk_gated_delta_rule(
     body = jitted_chunk_gated_delta_rule_pool if pool_updated else jitted_chunk_gated_delta_rule
     return body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *serving, softplus_beta,
                 softplus_threshold, output_final_state=bool(output_final_state), interpret=interpret,
-                axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+                axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), call_scalars=call_scalars)
+
+
+def triton_call_scalars(scale, softplus_beta, softplus_threshold, *, interpret: bool | None, axis_name: str | None,
+                        state_indices) -> tuple[float | None, float, float]:
+    """(scale or None, softplus β, softplus threshold) as Python floats for lowering='triton_call', which bakes
+    them into its compiled calls, after its refusals: interpret=True, axis_name, state_indices, a traced scalar."""
+    refusals = (("interpret", bool(interpret), "None or False", "True", "compiled kernels only"),
+                ("axis_name", axis_name is not None, "None", repr(axis_name),
+                 "the context parallel path across devices runs the Pallas kernels"),
+                ("state_indices", state_indices is not None, "None", "an array",
+                 "a state pool is updated in place; a custom call's results are new arrays"))
+    for name, refused, expected, got, reason in refusals:
+        if refused:
+            raise ValueError(f"{spec.FORWARD_OP}: {name}: expected {expected} with lowering='triton_call' ({reason}); "
+                             f"got {got}")
+    values = []
+    for name, x in (("scale", scale), ("softplus_beta", softplus_beta), ("softplus_threshold", softplus_threshold)):
+        if is_tracer(x):
+            raise ValueError(f"{spec.FORWARD_OP}: {name}: expected a Python float or a concrete scalar with "
+                             "lowering='triton_call' (it is baked into the compiled calls); got a traced value")
+        values.append(None if x is None else float(x))
+    return tuple(values)
 
 
 def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices,
                                  a, b, A_log, dt_bias, softplus_beta, softplus_threshold, *,
                                  output_final_state: bool, interpret: bool | None, axis_name: str | None,
-                                 use_qk_l2norm_in_kernel: bool):
+                                 use_qk_l2norm_in_kernel: bool, call_scalars: tuple[float | None, float, float] | None):
     """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
     context-parallel path for the default device, then the kernels (with axis_name, across the devices of that
-    mesh axis: gdn.pallas.distributed) through differentiable_forward, or pool_forward with a state pool."""
+    mesh axis: gdn.pallas.distributed) through differentiable_forward, or pool_forward with a state pool; with
+    call_scalars (lowering='triton_call': scale or None, softplus β and threshold as Python floats, checked by
+    triton_call_scalars), through triton_call_forward."""
     problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state, None,
                               state_indices, a, b, A_log, dt_bias, use_qk_l2norm_in_kernel)
+    if call_scalars is not None and call_scalars[0] is None:
+        call_scalars = (spec.default_scale(problem.K),) + call_scalars[1:]
     if scale is None:
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
@@ -636,10 +681,12 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
     arrays = (q, k, v, gate, strength, scale, initial_state, as_index(cu_seqlens), as_index(chunk_indices), gating)
     if problem.pool_rows:
         return pool_forward(*arrays, as_index(state_indices), problem, pieces, interpret)
+    if call_scalars is not None:
+        return triton_call_forward(*arrays, problem, pieces, call_scalars)
     return differentiable_forward(*arrays, problem, pieces, interpret)
 
 
-_STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel")
+_STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel", "call_scalars")
 jitted_chunk_gated_delta_rule = jax.jit(_chunk_gated_delta_rule_body, static_argnames=_STATIC)
 """chunk_gated_delta_rule's jitted body (initial_state, when given, not modified)."""
 
@@ -673,6 +720,33 @@ def _backward(problem, pieces, interpret, inputs, cotangents):
 
 
 differentiable_forward.defvjp(_forward_keeping_inputs, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def triton_call_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
+                        problem: contract.ForwardProblem, pieces: int, call_scalars: tuple[float, float, float]):
+    """differentiable_forward with lowering='triton_call': gdn.triton's forward kernels (gdn.pallas.triton_call)
+    with call_scalars = (scale, softplus β, softplus threshold) baked in, and the Pallas backward as its vjp, which
+    recomputes everything from the inputs it keeps (scale and gating's arrays among them)."""
+    from gdn.pallas import triton_call  # triton is imported only by a call that asks for it
+
+    A_log, dt_bias = (None, None) if gating is None else gating[:2]
+    return triton_call.forward(problem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log, dt_bias,
+                               scale=call_scalars[0], softplus=call_scalars[1:], pieces=pieces,
+                               capability=triton_call.device_capability(spec.FORWARD_OP))
+
+
+def _triton_call_keeping_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, problem,
+                                pieces, call_scalars):
+    inputs = (q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating)
+    return triton_call_forward(*inputs, problem, pieces, call_scalars), inputs
+
+
+def _triton_call_backward(problem, pieces, call_scalars, inputs, cotangents):
+    return _backward(problem, pieces, False, inputs, cotangents)
+
+
+triton_call_forward.defvjp(_triton_call_keeping_inputs, _triton_call_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdn.common import contract, spec
+from gdn.common import contract, spec, tilings
 
 try:
     import triton
@@ -34,6 +34,7 @@ try:
     from triton.runtime.jit import JITFunction
 
     from gdn.triton_kernels import chunk_o as chunk_o_kernels
+    from gdn.triton_kernels import forward as forward_kernels
 except ModuleNotFoundError as error:
     if error.name != "triton":
         raise
@@ -168,3 +169,100 @@ def chunk_fwd_o(q, k, v, h, g, cu_seqlens, chunk_indices, *, problem: contract.C
                  {"o": jax.ShapeDtypeStruct(v.shape, v.dtype)}, chunk_o_kernels.constants(problem, tiling),
                  tiling.triton_options(), capability, spec.CHUNK_O_OP)
     return o
+
+
+def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, A_log, dt_bias, *,
+            softplus: tuple[float, float], capability: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stage 1 of a validated forward problem by gdn.triton_kernels.forward.chunk_prepare_kernel, launched as
+    gdn.triton.forward.prepare launches it: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
+    u [B, T, HV, V]), w and u in k's dtype. With problem.raw_gates, g and beta are the raw gates a and b, with A_log,
+    dt_bias and softplus = (β, threshold); else A_log and dt_bias are None."""
+    B, T, HV, K = problem.B, problem.T, problem.HV, problem.K
+    results = {"g_cum": jax.ShapeDtypeStruct((B, T, HV), jnp.float32),
+               "w": jax.ShapeDtypeStruct((B, T, HV, K), k.dtype), "u": jax.ShapeDtypeStruct(v.shape, v.dtype)}
+    if problem.num_chunks_total * HV == 0:
+        return tuple(jnp.zeros(x.shape, x.dtype) for x in results.values())
+    tiling = problem.prepare
+    arguments = dict(k=k, v=v, g=g, beta=beta, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens,
+                     chunk_indices=chunk_indices, softplus_beta=float(softplus[0]),
+                     softplus_threshold=float(softplus[1]), T=problem.T, N=problem.N)
+    return tuple(launch(forward_kernels.chunk_prepare_kernel, forward_kernels.prepare_grid(problem) + (1, 1),
+                        arguments, results, forward_kernels.prepare_constants(problem, tiling),
+                        tiling.triton_options(), capability, spec.FORWARD_OP))
+
+
+def _walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
+          results: dict[str, jax.ShapeDtypeStruct], scale: float, pieces: int, *, store_h: bool, capability: int,
+          mapped: int = 0) -> list[jax.Array]:
+    """One launch of gdn.triton_kernels.forward.chunk_walk_kernel in a mode (gdn.triton.forward.walk_launch's):
+    the results it writes, by name among o, final_state, h, v_new, map_m, map_n (the others absent: None)."""
+    tiling = problem.walk
+    pointers = ("o", "final_state", "h", "v_new", "map_m", "map_n")
+    arguments = dict(q=q, k=k, w=w, u=u, g_cum=g_cum, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                     chunk_offsets=chunk_offsets, state_indices=None,
+                     **{name: None for name in pointers if name not in results}, scale=float(scale), T=problem.T,
+                     NUM_PIECES=pieces, MAPPED_PIECES=mapped, H_ROWS=problem.num_chunks_total if store_h else 0,
+                     POOL_ROWS=0)
+    constants = forward_kernels.walk_constants(problem, tiling, pieces, initial=initial_state is not None,
+                                               final="final_state" in results, output_o="o" in results,
+                                               store_h=store_h, mapped=mapped)
+    return launch(forward_kernels.chunk_walk_kernel, forward_kernels.walk_grid(problem, tiling, pieces, mapped) + (1,),
+                  arguments, results, constants, tiling.triton_options(), capability, spec.FORWARD_OP)
+
+
+def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
+                 capability: int) -> jax.Array:
+    """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2), as
+    gdn.triton.forward.piece_starts: the map walk of the pieces but the last, then the combine."""
+    N, HV, K, V, mapped = problem.N, problem.HV, problem.K, problem.V, pieces - 1
+    map_m, map_n = _walk(problem, None, k, w, u, g_cum, None, cu_seqlens, None,
+                         {"map_m": jax.ShapeDtypeStruct((N * mapped, HV, K, K), jnp.float32),
+                          "map_n": jax.ShapeDtypeStruct((N * mapped, HV, K, V), jnp.float32)},
+                         1.0, pieces, store_h=False, capability=capability, mapped=mapped)
+    tiling = tilings.SCAN_TILING
+    [starts] = launch(forward_kernels.chunk_combine_kernel, forward_kernels.combine_grid(problem) + (1,),
+                      dict(map_m=map_m, map_n=map_n, initial_state=initial_state, state_indices=None,
+                           NUM_PIECES=pieces, POOL_ROWS=0),
+                      {"starts": jax.ShapeDtypeStruct((N * pieces, HV, K, V), jnp.float32)},
+                      forward_kernels.combine_constants(problem, initial_state is not None), tiling.triton_options(),
+                      capability, spec.FORWARD_OP)
+    return starts
+
+
+def forward(problem: contract.ForwardProblem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log,
+            dt_bias, *, scale: float, softplus: tuple[float, float], pieces: int, capability: int,
+            fused: bool = tilings.FUSED_WALK) -> tuple[jax.Array, jax.Array | None]:
+    """(o, final_state or None) of a validated forward problem without a state pool by gdn.triton's forward kernels
+    (gdn.triton_kernels.forward, chunk_o), launched as gdn.triton.forward.forward launches them: prepare, then in
+    that many pieces per sequence (≥ 2: the map walk and the combine first) the walk storing h and v_new, then
+    chunk_fwd_o (with fused, o from the walk itself). cu_seqlens / chunk_indices int32 when varlen, else None;
+    g, beta, A_log, dt_bias, softplus as for prepare."""
+    B, T, HV, K, V, N = problem.B, problem.T, problem.HV, problem.K, problem.V, problem.N
+    if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one
+        final_state = None
+        if problem.output_final_state:
+            final_state = jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None else initial_state
+        return jnp.zeros(v.shape, v.dtype), final_state
+    g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, A_log, dt_bias, softplus=softplus,
+                          capability=capability)
+    if pieces > 1:
+        initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces,
+                                     capability=capability)
+    results = {}
+    if fused:
+        results["o"] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    if problem.output_final_state:
+        results["final_state"] = jax.ShapeDtypeStruct((N, HV, K, V), jnp.float32)
+    chunk_offsets = None
+    if not fused:
+        results["h"] = jax.ShapeDtypeStruct((B, problem.chunks_per_row, HV, K, V), k.dtype)
+        results["v_new"] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+        if problem.varlen:  # first h row of each sequence
+            counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
+            chunk_offsets = jnp.cumsum(counts) - counts
+    walked = dict(zip(results, _walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens,
+                                     chunk_offsets, results, scale, pieces, store_h=not fused,
+                                     capability=capability)))
+    o = walked["o"] if fused else chunk_fwd_o(q, k, walked["v_new"], walked["h"], g_cum, cu_seqlens, chunk_indices,
+                                              problem=problem.chunk_o(), scale=scale, capability=capability)
+    return o, walked.get("final_state")
