@@ -190,6 +190,8 @@ STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
 
 class PallasBackend:
     name = "pallas"
+    lowering = "triton"
+    """The lowering argument of gdn.pallas.chunk_fwd_o and chunk_gated_delta_rule (the default here)."""
 
     @property
     def interpreted(self) -> bool:
@@ -225,7 +227,7 @@ class PallasBackend:
 
         args = self.convert(inputs)
         out = chunk_fwd_o(args["q"], args["k"], args["v"], args["h"], args["g"], inputs.scale,
-                          args["cu_seqlens"], args["chunk_indices"], lowering="triton")
+                          args["cu_seqlens"], args["chunk_indices"], lowering=self.lowering)
         return self.numpy(out)
 
     def run_on_grid(self, inputs: OpInputs, programs: int | None) -> tuple[np.ndarray, int]:
@@ -270,7 +272,7 @@ class PallasBackend:
         o, state = chunk_gated_delta_rule(**{n: a[n] for n in FORWARD_ARGS}, scale=inputs.scale,
                                           output_final_state=output_final_state,
                                           **{n: a.get(n) for n in FORWARD_SERVING_ARGS},
-                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, lowering=self.lowering)
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def gradients(self, inputs: OpInputs, do: np.ndarray, final_state_gradient: np.ndarray | None,
@@ -290,7 +292,7 @@ class PallasBackend:
             args = {**{n: a.get(n) for n in FORWARD_ARGS + FORWARD_SERVING_ARGS}, **dict(zip(wrt, xs))}
             return chunk_gated_delta_rule(**args, scale=inputs.scale,
                                           output_final_state=final_state_gradient is not None,
-                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, lowering=self.lowering)
 
         (o, _), vjp = jax.vjp(forward, *(a[n] for n in wrt))
         cotangents = (jnp.asarray(do, o.dtype),
@@ -352,22 +354,9 @@ class PallasBackend:
         return {name: self.numpy(x) for name, x in zip(STAGE_OUTPUTS, (g_cum, w, u, h, v_new, final_state))}
 
 
-class PallasLoweringBackend(PallasBackend):
-    """gdn.pallas.chunk_fwd_o with another lowering than the default (each its own test file)."""
-
-    lowering: str
-
-    def run(self, inputs: OpInputs) -> np.ndarray:
-        from gdn.pallas import chunk_fwd_o
-
-        args = self.convert(inputs)
-        out = chunk_fwd_o(args["q"], args["k"], args["v"], args["h"], args["g"], inputs.scale,
-                          args["cu_seqlens"], args["chunk_indices"], lowering=self.lowering)
-        return self.numpy(out)
-
-
-class MosaicGpuBackend(PallasLoweringBackend):
-    """lowering="mosaic_gpu": it takes a subset of the shapes."""
+class MosaicGpuBackend(PallasBackend):
+    """gdn.pallas.chunk_fwd_o with lowering="mosaic_gpu" (tests/test_chunk_o_mosaic_gpu.py; chunk_fwd_o only):
+    it takes a subset of the shapes."""
 
     name = "pallas-mosaic_gpu"
     lowering = "mosaic_gpu"
@@ -379,8 +368,9 @@ class MosaicGpuBackend(PallasLoweringBackend):
         return dtype in DTYPES and case.K in HEAD_DIMS and case.V in HEAD_DIMS
 
 
-class TritonCallBackend(PallasLoweringBackend):
-    """lowering="triton_call": gdn.triton's kernel launched from JAX, compiled on a CUDA GPU only."""
+class TritonCallBackend(PallasBackend):
+    """chunk_fwd_o and chunk_gated_delta_rule with lowering="triton_call" (each its own test file): gdn.triton's
+    kernels launched from JAX, compiled on a CUDA GPU only."""
 
     name = "pallas-triton_call"
     lowering = "triton_call"
