@@ -5,6 +5,8 @@ Implementations (a peer that is not installed is a "not installed" row; one that
 the error; nothing stops the run):
   gdn-triton        gdn.triton.chunk_gated_delta_rule (its public API only)
   gdn-pallas        gdn.pallas.chunk_gated_delta_rule, called as users call it (the op jits itself)
+  gdn-jax-triton    the same with lowering="triton_call": gdn-triton's kernels launched from JAX through jaxlib's
+                    Triton custom call (its o and final state should equal gdn-triton's bit for bit: rel err 0)
   fla               fla-core 0.6 fla.ops.gated_delta_rule.chunk_gated_delta_rule (takes natural-log g)
   flashinfer        FlashInfer's SM90 prefill (fi_gdn bundle: benchmarks/../shared/peers/flashinfer-gdn-sm90)
                     on its fused path (use_cp=False), inputs converted to its layout once, outside the timings
@@ -49,8 +51,8 @@ from benchmarks import harness, shapes
 from benchmarks.harness import fmt, progress
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-IMPLS = ("gdn-triton", "gdn-pallas", "fla", "flashinfer", "flashinfer-cp", "jla-mosaic")
-JAX_IMPLS = ("gdn-pallas", "jla-mosaic")
+IMPLS = ("gdn-triton", "gdn-pallas", "gdn-jax-triton", "fla", "flashinfer", "flashinfer-cp", "jla-mosaic")
+JAX_IMPLS = ("gdn-pallas", "gdn-jax-triton", "jla-mosaic")
 MISMATCH_TOL = 2e-2
 PIPELINED_CALLS = 50
 COLD_SHAPE = "B1-T8192-H16-HV16"
@@ -97,18 +99,20 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             except Exception as error:  # noqa: BLE001
                 impls[name] = harness.not_installed(name, "jax" if name in JAX_IMPLS else "torch", error)
     jax_wanted = harness.jax_gpu_impls([n for n in JAX_IMPLS if n in wanted], impls)
-    if "gdn-pallas" in jax_wanted:
-        try:
-            from gdn.pallas import chunk_gated_delta_rule as gdn_pallas
+    for name, lowering in (("gdn-pallas", "triton"), ("gdn-jax-triton", "triton_call")):
+        if name in jax_wanted:
+            try:
+                from gdn.pallas import chunk_gated_delta_rule as gdn_pallas
 
-            def make_gdn_pallas(shape: shapes.Shape, j: dict) -> Callable[[], Any]:
-                return lambda: gdn_pallas(j["q"], j["k"], j["v"], j["g"], j["beta"], initial_state=j["initial_state"],
-                                          output_final_state=True, cu_seqlens=j["cu_seqlens"],
-                                          chunk_indices=j["chunk_indices"])
+                def make_gdn_pallas(shape: shapes.Shape, j: dict, lowering: str = lowering) -> Callable[[], Any]:
+                    return lambda: gdn_pallas(j["q"], j["k"], j["v"], j["g"], j["beta"],
+                                              initial_state=j["initial_state"], output_final_state=True,
+                                              cu_seqlens=j["cu_seqlens"], chunk_indices=j["chunk_indices"],
+                                              lowering=lowering)
 
-            impls["gdn-pallas"] = harness.Impl("gdn-pallas", "jax", make_gdn_pallas)
-        except Exception as error:  # noqa: BLE001
-            impls["gdn-pallas"] = harness.not_installed("gdn-pallas", "jax", error)
+                impls[name] = harness.Impl(name, "jax", make_gdn_pallas)
+            except Exception as error:  # noqa: BLE001
+                impls[name] = harness.not_installed(name, "jax", error)
     if "jla-mosaic" in jax_wanted:
         try:
             import jax
