@@ -10,27 +10,20 @@ alike), close to the float64 reference and to the Pallas-Triton lowering."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from gdn.common import spec, tilings
+from tests import triton_call_stand_in
 from tests.backends import BACKENDS, TritonCallBackend
 from tests.cases import CASES, LARGE_CASES, QUICK_CASES, Case, seed_of
 from tests.helpers import assert_close, case_params, chunk_o_reference, dtype_params
 
 OP = spec.CHUNK_O_OP
 TRITON_CALL = TritonCallBackend()
-ROOT = Path(__file__).resolve().parent.parent
 
 _LOWER = '''
 import json
-import re
 import sys
 
 import jax
@@ -38,39 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn.common import spec
-from gdn.pallas import chunk_fwd_o, triton_call
+from gdn.pallas import chunk_fwd_o
+from tests import triton_call_stand_in
 
-recorded = {}
-
-
-class StandIn:
-    """jaxlib's gpu_triton bindings as gdn.pallas.triton_call calls them, recording their arguments."""
-
-    class TritonKernel:
-        def __init__(self, *args, **kwargs):
-            recorded["kernel"] = list(args[:4]) + [args[6], kwargs]
-            entry = re.search(r"\\.entry (\\w+)\\(([^)]*)\\)", args[4])
-            recorded["ptx"] = [re.search(r"\\.target (\\w+)", args[4]).group(1), entry.group(1),
-                               entry.group(2).count(".param")]
-
-    class TritonKernelCall:
-        def __init__(self, kernel, *grid_and_parameters):
-            recorded["grid"], recorded["parameters"] = list(grid_and_parameters[:3]), grid_and_parameters[3]
-
-        def to_proto(self, name, metadata):
-            return b"call " + name.encode()
-
-    @staticmethod
-    def create_array_parameter(bytes_to_zero, divisibility):
-        return ["array", bytes_to_zero, divisibility]
-
-    @staticmethod
-    def create_scalar_parameter(value, dtype):
-        return ["scalar", value, dtype]
-
-
-triton_call.kernel_call_library = lambda: StandIn
-triton_call.device_capability = lambda op: 90
+triton_call_stand_in.install(90)
 B, T, H, HV, K, V, dtype, h_dtype, gated, seqlens, scale = json.loads(sys.argv[1])
 cu_seqlens = None if seqlens is None else np.cumsum([0] + seqlens).astype(np.int32)
 NT = -(-T // spec.CHUNK_SIZE) if cu_seqlens is None else len(spec.prepare_chunk_indices(cu_seqlens))
@@ -84,21 +48,16 @@ def call(q, k, v, h, g):
 
 
 text = jax.jit(call).lower(*args).as_text()
-recorded["custom_calls"] = [line.strip() for line in text.splitlines() if "stablehlo.custom_call" in line]
-print(json.dumps(recorded))
+[launch] = triton_call_stand_in.launches
+print(json.dumps(dict(launch, custom_calls=triton_call_stand_in.custom_calls(text))))
 '''
 
 
 def _lowered(case: Case, dtype: str, h_dtype: str, scale: float | None) -> dict:
     """What the stand-in for jaxlib recorded while chunk_fwd_o(lowering="triton_call") was lowered for sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    setup = [case.B, case.T, case.H, case.HV, case.K, case.V, dtype, h_dtype, case.gated,
-             None if case.seqlens is None else list(case.seqlens), scale]
-    result = subprocess.run([sys.executable, "-c", _LOWER, json.dumps(setup)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    return triton_call_stand_in.lowered(_LOWER, [case.B, case.T, case.H, case.HV, case.K, case.V, dtype, h_dtype,
+                                                 case.gated, None if case.seqlens is None else list(case.seqlens),
+                                                 scale])
 
 
 @pytest.mark.parametrize("lowering", [

@@ -12,27 +12,20 @@ padded chunk indices, with the raw gates and in-kernel L2 norm; the gradient is 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from gdn.common import spec
+from tests import triton_call_stand_in
 from tests.backends import BACKENDS, TritonCallBackend
 from tests.cases import FORWARD_CASES, ForwardCase, forward_varlen, seed_of, with_raw_inputs
 from tests.helpers import assert_close, forward_reference
 
 OP = spec.FORWARD_OP
 TRITON_CALL = TritonCallBackend()
-ROOT = Path(__file__).resolve().parent.parent
 
 _LOWER = '''
 import json
-import re
 import sys
 
 import jax
@@ -40,39 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn.common import contract, spec
-from gdn.pallas import chunk_gated_delta_rule, triton_call
+from gdn.pallas import chunk_gated_delta_rule
+from tests import triton_call_stand_in
 
-recorded = []
-
-
-class StandIn:
-    """jaxlib's gpu_triton bindings as gdn.pallas.triton_call calls them, recording their arguments."""
-
-    class TritonKernel:
-        def __init__(self, *args, **kwargs):
-            entry = re.search(r"\\.entry (\\w+)\\(([^)]*)\\)", args[4])
-            recorded.append({"kernel": [args[0], args[1], args[6]], "entry": [entry.group(1),
-                                                                             entry.group(2).count(".param")]})
-
-    class TritonKernelCall:
-        def __init__(self, kernel, *grid_and_parameters):
-            recorded[-1]["grid"] = list(grid_and_parameters[:3])
-            recorded[-1]["parameters"] = [p[0] if p[0] == "array" else p for p in grid_and_parameters[3]]
-
-        def to_proto(self, name, metadata):
-            return b"call " + name.encode()
-
-    @staticmethod
-    def create_array_parameter(bytes_to_zero, divisibility):
-        return ["array", bytes_to_zero, divisibility]
-
-    @staticmethod
-    def create_scalar_parameter(value, dtype):
-        return ["scalar", value, dtype]
-
-
-triton_call.kernel_call_library = lambda: StandIn
-triton_call.device_capability = lambda op: 90
+triton_call_stand_in.install(90)
 contract.ForwardProblem.pieces = lambda problem, multiprocessors: 2
 T, H, HV, K, V, seqlens = json.loads(sys.argv[1])
 cu_seqlens = np.cumsum([0] + seqlens).astype(np.int32)
@@ -88,8 +52,8 @@ def call(q, k, v, g, beta, state):
 
 
 text = jax.jit(call).lower(q, q, v, g, g, state).as_text()
-custom_calls = [line.split(" : ")[-1] for line in text.splitlines() if "stablehlo.custom_call" in line]
-print(json.dumps({"launches": recorded, "custom_calls": custom_calls}))
+print(json.dumps({"launches": triton_call_stand_in.launches,
+                  "custom_calls": triton_call_stand_in.custom_calls(text)}))
 '''
 
 
@@ -99,12 +63,7 @@ def test_lowers_to_the_forward_kernels_in_pieces_for_sm90() -> None:
     from gdn.common import contract, tilings
 
     T, H, HV, K, V, seqlens = 200, 1, 2, 64, 32, [0, 1, 130, 69]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", _LOWER, json.dumps([T, H, HV, K, V, seqlens])], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    recorded = json.loads(result.stdout.splitlines()[-1])
+    recorded = triton_call_stand_in.lowered(_LOWER, [T, H, HV, K, V, seqlens])
     N, chunks = len(seqlens), len(spec.prepare_chunk_indices(np.cumsum([0] + seqlens)))
     problem = contract.ForwardProblem(B=1, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks, varlen=True,
                                       dtype="bfloat16", use_initial_state=True, output_final_state=True)
@@ -121,15 +80,15 @@ def test_lowers_to_the_forward_kernels_in_pieces_for_sm90() -> None:
     ]
     assert len(recorded["launches"]) == len(expected), recorded["launches"]
     for launch, (name, grid, pointers, scalars) in zip(recorded["launches"], expected):
-        assert launch["kernel"][0] == name and launch["kernel"][2] == 90
+        assert launch["kernel"][0] == name and launch["kernel"][4] == 90
         # the PTX entry: the present pointers and scalars, and Triton's global and profile scratch pointers
-        assert launch["entry"] == [name, pointers + len(scalars) + 2], launch
+        assert launch["ptx"] == ["sm_90a", name, pointers + len(scalars) + 2], launch
         assert launch["grid"] == grid, name
-        assert launch["parameters"][:pointers] == ["array"] * pointers, name
+        assert launch["parameters"][:pointers] == [["array", 0, 16]] * pointers, name
         assert [p[1] for p in launch["parameters"][pointers:]] == pytest.approx(scalars), name
     # operands -> results of each custom call: prepare 6 -> 3, map walk 5 -> 2, combine 3 -> 1, walk 7 -> 3, o 7 -> 1
-    arities = [(call.split(") -> ")[0].count("tensor<"), call.split(") -> ")[1].count("tensor<"))
-               for call in recorded["custom_calls"]]
+    signatures = [call.rsplit(" : ", 1)[1].split(") -> ") for call in recorded["custom_calls"]]
+    arities = [(operands.count("tensor<"), results.count("tensor<")) for operands, results in signatures]
     assert arities == [(6, 3), (5, 2), (3, 1), (7, 3), (7, 1)], recorded["custom_calls"]
 
 
