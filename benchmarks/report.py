@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,11 +233,12 @@ def section_chunk_o() -> str | None:
 
 
 def kernel_label(name: str) -> str:
-    """A profiled kernel's name without its wrappers: CuTe DSL's and FlashInfer's module prefix, Mosaic GPU's
-    suffix, and C++ template arguments."""
-    for prefix in ("kernel_cutlass_kernel_", "flashinfergdn_kernels"):
-        name = name.removeprefix(prefix)
-    return name.split("_mosaic_gpu")[0].split("(")[0].split("<")[0][:60]
+    """A profiled kernel's short name: the class of a CuTe DSL kernel (FlashInfer: ``kernel_cutlass_kernel_<module
+    path><Class>_object_at_…``), a Mosaic GPU kernel's name without its suffix, or a Triton kernel's name."""
+    if name.startswith("kernel_cutlass_kernel_"):
+        classes = re.findall(r"[A-Z]+[a-z][A-Za-z0-9]*", name)
+        return classes[0] if classes else name.removeprefix("kernel_cutlass_kernel_")[:60]
+    return name.split("_mosaic_gpu")[0][:60]
 
 
 def section_forward() -> str | None:
