@@ -222,7 +222,7 @@ def test_under_jit_with_padded_chunk_indices(jax_gpu) -> None:
     inputs = case.inputs("bfloat16", seed=31)
     a = TRITON_CALL.convert(inputs)
     o_eager, state_eager = TRITON_CALL.forward(inputs)
-    padded = spec.prepare_chunk_indices(case.cu_seqlens, num_rows=case.state_rows + 3)
+    padded = spec.prepare_chunk_indices(case.cu_seqlens, num_rows=len(spec.prepare_chunk_indices(case.cu_seqlens)) + 3)
 
     def forward(q, k, v, g, beta, state, cu_seqlens, chunk_indices, output_final_state):
         return chunk_gated_delta_rule(q, k, v, g, beta, inputs.scale, state, output_final_state, cu_seqlens,
