@@ -16,21 +16,20 @@ per V tile. The CTA
   1. issues every load at once with TMA into swizzled SMEM tiles: q, k [BT, K] (barrier 1), h [K, V], v [BT, V]
      and the chunk's gates g [BT] (barrier 2), so the first product starts while h and v are in flight;
   2. multiplies on the tensor cores (wgmma, float32 accumulators): A = q·kᵀ, o = q·h, then o += A·v;
-  3. writes o [BT, V] through an SMEM staging tile with TMA: one 64-row copy for a full chunk, else one copy
-     per set bit of the row count (32, 16, ..., 1 rows), so no row of the next sequence is ever written.
-A TMA load past the end of the token axis reads zeros on the GPU (unspecified in interpret mode, where it is
-NaN): nothing here relies on it. Rows of a chunk past its sequence's end hold the next sequence's tokens (or
-garbage); they reach no stored row because A is masked with where (i ≥ j) and v's rows past the end are zeroed
-in SMEM before A·v (a NaN there would otherwise survive 0·NaN).
+  3. writes o [BT, V] through a swizzled SMEM staging tile with one TMA copy.
 
-Token axes are flattened as in the Triton-lowered kernel: q, k [B·T, H, K]; v, o [B·T, HV, V]; h [B·NT, HV,
-K, V]. The gates are transposed to [HV, B·T] (padded to a multiple of 4 tokens): a TMA box needs ≥ 16
-contiguous bytes, and a chunk of one head's gates is then one 256-byte row.
+Chunk slots. A TMA copy between GMEM and a tiled SMEM tile addresses GMEM in whole tiles, so its row offset
+must be a multiple of the tile's 8 rows (JAX ≥ 0.11 rejects a copy it cannot prove aligned; an unaligned one
+would read the wrong rows). The kernel therefore reads and writes chunk c of the flattened token axis at row
+c·BT ("slots"): q, k [slots, H, K], v, o [slots, HV, V], h [B·NT, HV, K, V], the gates transposed to
+[HV, slots] (a chunk of one head's gates is one 256-byte TMA row). Dense inputs with T a multiple of BT are
+already in slots (no copy); otherwise launch gathers each chunk's tokens into its slot (slot_tokens), rows past
+the chunk's sequence zero, and scatters o back, so no row of another sequence is ever read or written.
 
 Interpret mode. JAX 0.10's Mosaic GPU interpreter has no rules for layout hints (plgpu.load with a layout,
 plgpu.broadcasted_iota) nor for wgmma with a transposed or register operand; there the three helpers below
 read SMEM plainly and multiply with jnp.dot in float32 (the values a wgmma accumulates). Everything else — the
-TMA copies and their barriers, the index math, the masks, the staged and split stores — runs as compiled.
+TMA copies and their barriers, the slot offsets, the masks, the staged store — runs as compiled.
 
 Next steps, once measured against the Triton lowering (benchmarks/chunk_o.py): a persistent grid whose CTAs
 pipeline the next item's TMA loads under this item's wgmmas (jla's scalar_gate_fused.py streams its inputs
@@ -125,43 +124,31 @@ def _dot(a, b, shape: tuple[int, int], interpret: bool, transpose_b: bool = Fals
     return lax.optimization_barrier(pl.run_scoped(accumulate, plgpu.ACC(shape, jnp.float32)))
 
 
-def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, q_s, k_s, h_s, v_s, g_s, o_s,
-                       qk_ready, hvg_ready, *, T: int, NT: int, H: int, HV: int, K: int, V: int, BT: int,
-                       USE_G: bool, IS_VARLEN: bool, INTERPRET: bool):
+def chunk_fwd_o_kernel(q, k, v, h, g, scale, o, q_s, k_s, h_s, v_s, g_row_s, g_col_s, o_s, qk_ready, hvg_ready, *,
+                       H: int, HV: int, V: int, BT: int, USE_G: bool, INTERPRET: bool):
     i_item = lax.axis_index("item")
     i_hv = lax.rem(i_item, HV)
-    i_tg = lax.div(i_item, HV)  # global chunk number = row of h
+    i_tg = lax.div(i_item, HV)  # global chunk number = row of h = chunk slot
     i_h = lax.div(i_hv, HV // H)  # the q/k head this value head reads
-    if IS_VARLEN:  # a row naming no chunk (PAD_CHUNK, out-of-range indices) gets an empty span; indices bounded
-        t0, eos = chunk_span(i_tg, cu_seqlens, chunk_indices, T=T, BT=BT, IS_VARLEN=True)
-    else:
-        t0 = lax.div(i_tg, NT) * T + lax.rem(i_tg, NT) * BT
-        eos = lax.div(i_tg, NT) * T + T
-    # t0: first token row of the chunk in the packed token axis; n_rows: its rows within the sequence
-    n_rows = jnp.clip(eos - t0, 0, BT)
+    # the slot's BT rows: a tile-aligned offset, as a TMA copy into (or out of) tiled SMEM needs
+    o_t = pl.ds(pl.multiple_of(i_tg * BT, BT), BT)
 
-    o_t = pl.ds(t0, BT)
     plgpu.copy_gmem_to_smem(q.at[o_t, i_h], q_s, qk_ready)
     plgpu.copy_gmem_to_smem(k.at[o_t, i_h], k_s, qk_ready)
     plgpu.copy_gmem_to_smem(h.at[i_tg, i_hv], h_s, hvg_ready)
     plgpu.copy_gmem_to_smem(v.at[o_t, i_hv], v_s, hvg_ready)
-    if USE_G:
-        plgpu.copy_gmem_to_smem(g.at[i_hv, o_t], g_s, hvg_ready)
+    if USE_G:  # twice: one SMEM copy per register layout (one ref read in both would be one load, in one layout)
+        plgpu.copy_gmem_to_smem(g.at[i_hv, o_t], g_row_s, hvg_ready)
+        plgpu.copy_gmem_to_smem(g.at[i_hv, o_t], g_col_s, hvg_ready)
 
     plgpu.barrier_wait(qk_ready)
     b_A = _dot(q_s, k_s, (BT, BT), INTERPRET, transpose_b=True)  # [BT, K] @ [K, BT] -> [BT, BT]: q_c k_cᵀ
     plgpu.barrier_wait(hvg_ready)
     b_o = _dot(q_s, h_s, (BT, V), INTERPRET)  # [BT, K] @ [K, V] -> [BT, V]: the inter-chunk part q_c h[c]
 
-    @pl.when(n_rows < BT)
-    def _zero_rows_past_the_sequence():
-        m_tv = _iota((BT, V), 0, INTERPRET) < n_rows
-        v_s[...] = jnp.where(m_tv, _load(v_s, WGMMA, INTERPRET), 0).astype(v_s.dtype)
-        plgpu.commit_smem()
-
     m_A = _iota((BT, BT), 0, INTERPRET) >= _iota((BT, BT), 1, INTERPRET)  # causal: j <= i
     if USE_G:
-        b_g_row, b_g_col = _load(g_s, ROWS, INTERPRET), _load(g_s, COLS, INTERPRET)  # [BT] g_i, g_j
+        b_g_row, b_g_col = _load(g_row_s, ROWS, INTERPRET), _load(g_col_s, COLS, INTERPRET)  # [BT] g_i, g_j
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * lax.broadcast_in_dim(jnp.exp(b_g_row), (BT, V), [0])
         b_gap = lax.broadcast_in_dim(b_g_row, (BT, BT), [0]) - lax.broadcast_in_dim(b_g_col, (BT, BT), [1])
@@ -174,19 +161,18 @@ def chunk_fwd_o_kernel(q, k, v, h, g, cu_seqlens, chunk_indices, scale, o, q_s, 
     b_o = b_o * b_scale + _dot((b_A * b_scale).astype(v_s.dtype), v_s, (BT, V), INTERPRET)
     o_s[...] = b_o.astype(o_s.dtype)
     plgpu.commit_smem()
-
-    @pl.when(n_rows == BT)
-    def _store_chunk():
-        plgpu.copy_smem_to_gmem(o_s, o.at[o_t, i_hv])
-
-    for rows in (32, 16, 8, 4, 2, 1):  # a partial chunk: one copy per set bit of n_rows, in order
-        start = n_rows & ~(2 * rows - 1)
-
-        @pl.when((n_rows < BT) & ((n_rows & rows) != 0))
-        def _store_rows():
-            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(start, rows)], o.at[pl.ds(t0 + start, rows), i_hv])
-
+    plgpu.copy_smem_to_gmem(o_s, o.at[o_t, i_hv])
     plgpu.wait_smem_to_gmem(0)
+
+
+def slot_tokens(problem: contract.ChunkOProblem, cu_seqlens, chunk_indices) -> jax.Array:
+    """[num_chunks_total · BT] int32: the token row (of the packed B·T axis) each chunk slot row holds, B·T for a
+    slot row past its chunk's sequence (or of a row naming no chunk: chunk_span gives it an empty span)."""
+    BT = spec.CHUNK_SIZE
+    t0, eos = chunk_span(jnp.arange(problem.num_chunks_total), cu_seqlens, chunk_indices, T=problem.T, BT=BT,
+                         IS_VARLEN=problem.varlen)  # [NC] each
+    token = t0[:, None] + jnp.arange(BT)[None, :]  # [NC, BT]
+    return jnp.where(token < eos[:, None], token, problem.B * problem.T).reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
@@ -199,31 +185,36 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
     BT = spec.CHUNK_SIZE
     rows = B * T
     dtype = v.dtype
-    if problem.gated:  # [HV, B·T + pad]: a chunk of one head's gates is one contiguous TMA row
-        # −∞ (a reset) read as spec.CUMULATIVE_GATE_FLOOR, as the Triton kernels read it (NaN stays NaN: max
-        # propagates it), in the same pass as the transpose
+    q, k, v = q.reshape(rows, H, K), k.reshape(rows, H, K), v.reshape(rows, HV, V)
+    if problem.gated:  # −∞ (a reset) read as spec.CUMULATIVE_GATE_FLOOR, as the Triton kernels read it (NaN stays)
         g = jnp.maximum(g.reshape(rows, HV), spec.CUMULATIVE_GATE_FLOOR)
-        g = jnp.pad(g.T, ((0, 0), (0, -rows % 4)))
-    else:
-        g = jnp.zeros((1, 4), jnp.float32)
-    cu_seqlens = jnp.zeros((2,), jnp.int32) if cu_seqlens is None else cu_seqlens
-    chunk_indices = jnp.zeros((1, 2), jnp.int32) if chunk_indices is None else chunk_indices
-    kernel = functools.partial(chunk_fwd_o_kernel, T=T, NT=h.shape[1], H=H, HV=HV, K=K, V=V, BT=BT,
-                               USE_G=problem.gated, IS_VARLEN=problem.varlen, INTERPRET=interpret)
-    # A NaN for every unspecified read (TMA past the token axis) in interpret mode: a leak into o fails the tests.
+    # The kernel reads chunk c's rows at c·BT (chunk slots): the token rows themselves when every chunk starts
+    # there (dense, T a multiple of BT), else gathered into slots, a slot's rows past its sequence zero.
+    in_slots = not problem.varlen and T % BT == 0
+    if not in_slots:
+        token = slot_tokens(problem, cu_seqlens, chunk_indices)
+        q, k, v = (x.at[token].get(mode="fill", fill_value=0) for x in (q, k, v))
+        if problem.gated:
+            g = g.at[token].get(mode="fill", fill_value=0)
+    # gates [HV, slots]: a chunk of one head's gates is one contiguous 256-byte TMA row
+    g = g.T if problem.gated else jnp.zeros((1, BT), jnp.float32)
+    slots = problem.num_chunks_total * BT
+    kernel = functools.partial(chunk_fwd_o_kernel, H=H, HV=HV, V=V, BT=BT, USE_G=problem.gated,
+                               INTERPRET=interpret)
+    # A NaN for every unspecified read in interpret mode (none is expected): a leak into o fails the tests.
     o = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((rows, HV, V), dtype),
+        out_type=jax.ShapeDtypeStruct((slots, HV, V), dtype),
         scratch_types=dict(
             q_s=_smem_tile((BT, K), dtype), k_s=_smem_tile((BT, K), dtype), h_s=_smem_tile((K, V), dtype),
-            v_s=_smem_tile((BT, V), dtype), g_s=plgpu.SMEM((BT,), jnp.float32),
-            o_s=plgpu.SMEM((BT, V), dtype),  # untiled: the row copies of a partial chunk start at any row
-            qk_ready=plgpu.Barrier(num_arrivals=2), hvg_ready=plgpu.Barrier(num_arrivals=3 if problem.gated else 2)),
+            v_s=_smem_tile((BT, V), dtype), o_s=_smem_tile((BT, V), dtype),
+            g_row_s=plgpu.SMEM((BT,), jnp.float32), g_col_s=plgpu.SMEM((BT,), jnp.float32),
+            qk_ready=plgpu.Barrier(num_arrivals=2), hvg_ready=plgpu.Barrier(num_arrivals=4 if problem.gated else 2)),
         grid=(problem.num_chunks_total * HV,),
         grid_names=("item",),
         interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
         kernel_name="chunk_fwd_o_kernel",
-    )(q.reshape(rows, H, K), k.reshape(rows, H, K), v.reshape(rows, HV, V),
-      h.reshape(problem.num_chunks_total, HV, K, V), g, cu_seqlens, chunk_indices,
-      jnp.asarray(scale, jnp.float32).reshape(1))
+    )(q, k, v, h.reshape(problem.num_chunks_total, HV, K, V), g, jnp.asarray(scale, jnp.float32).reshape(1))
+    if not in_slots:  # each token's row from its slot; slot rows past a sequence are dropped
+        o = jnp.zeros((rows, HV, V), dtype).at[token].set(o, mode="drop")
     return o.reshape(B, T, HV, V)
