@@ -12,23 +12,10 @@ import pytest
 from gdn.common import spec
 from tests.backends import BACKENDS, MosaicGpuBackend
 from tests.cases import CASES, LARGE_CASES, Case, seed_of
-from tests.helpers import assert_close, chunk_o_reference, release
+from tests.helpers import assert_close, chunk_o_reference
 
 MOSAIC = MosaicGpuBackend()
 
-
-def _compiled_by_jax_0_11() -> bool:
-    import jax
-
-    return jax.default_backend() == "gpu" and release(jax.__version__) >= (0, 11)
-
-
-runs_the_kernel = pytest.mark.xfail(
-    _compiled_by_jax_0_11(), strict=True,
-    reason="jax 0.11's Mosaic GPU layout inference finds the kernel's constraint system unsatisfiable (its error "
-           "reporter then asserts on the partial chunks' row stores; seen on an H200 with jax 0.11.2)")
-"""Every test that compiles and runs the kernel: expected to fail where JAX ≥ 0.11 compiles it for a GPU (the
-README's JAX status); strict, so a JAX or kernel change that makes it compile shows up as a failure here."""
 
 EDGE_CASES = [
     Case(T=1, H=1, HV=2, K=64, V=64),
@@ -40,21 +27,18 @@ EDGE_CASES = [
 CHECKED_CASES = [c for c in CASES if MOSAIC.supports_case(c, "float16")] + EDGE_CASES
 
 
-@runs_the_kernel
 @pytest.mark.parametrize("case", CHECKED_CASES, ids=lambda c: c.id)
 def test_matches_reference(case: Case) -> None:
     inputs = case.inputs("float16", seed=seed_of(case.id))
     assert_close(MOSAIC.run(inputs), chunk_o_reference(inputs), spec.CHUNK_O_OP, "float16")
 
 
-@runs_the_kernel
 @pytest.mark.parametrize("case", [CHECKED_CASES[0], EDGE_CASES[-1]], ids=lambda c: c.id)
 def test_matches_reference_bf16(case: Case) -> None:
     inputs = case.inputs("bfloat16", seed=seed_of(case.id))
     assert_close(MOSAIC.run(inputs), chunk_o_reference(inputs), spec.CHUNK_O_OP, "bfloat16")
 
 
-@runs_the_kernel
 def test_nan_in_a_neighbouring_sequence_stays_there() -> None:
     """The tail chunk of a sequence reads the next sequence's rows: a NaN there reaches no other sequence."""
     case = Case(T=140, H=1, HV=2, K=64, V=64, seqlens=(70, 30, 40))
@@ -68,7 +52,6 @@ def test_nan_in_a_neighbouring_sequence_stays_there() -> None:
     assert_close(out[:, others], clean[:, others], spec.CHUNK_O_OP, "float16", "the sequences around the NaN one")
 
 
-@runs_the_kernel
 def test_varlen_with_padded_chunk_indices() -> None:
     """chunk_indices padded with PAD_CHUNK rows, whose h rows are NaN: those programs store nothing."""
     case = EDGE_CASES[-1]
@@ -81,7 +64,6 @@ def test_varlen_with_padded_chunk_indices() -> None:
     assert_close(MOSAIC.run(padded), chunk_o_reference(inputs), spec.CHUNK_O_OP, "float16")
 
 
-@runs_the_kernel
 def test_minus_inf_gate_is_a_reset() -> None:
     """Cumulative gates −∞ from token 20 of chunk 0 and from token 100 of chunk 1 (read as the gate floor, as the
     Triton kernels read them): o finite and equal to the reference."""
@@ -94,7 +76,6 @@ def test_minus_inf_gate_is_a_reset() -> None:
     assert_close(out, chunk_o_reference(inputs), spec.CHUNK_O_OP, "float16")
 
 
-@runs_the_kernel
 def test_chunk_indices_naming_no_chunk_read_and_write_nothing() -> None:
     """Rows naming a sequence outside [0, N) or a chunk past its sequence's last, passed under a caller's jit (no
     host check): their programs store nothing, and every real chunk's rows are as the reference."""
@@ -124,7 +105,6 @@ def test_differentiation_raises_a_clear_error() -> None:
         jax.grad(lambda q: chunk_fwd_o(q, a["k"], a["v"], a["h"], a["g"], lowering="mosaic_gpu").sum())(a["q"])
 
 
-@runs_the_kernel
 def test_deterministic() -> None:
     inputs = EDGE_CASES[1].inputs("float16", seed=16)
     assert np.array_equal(MOSAIC.run(inputs), MOSAIC.run(inputs))
@@ -161,7 +141,6 @@ def test_unknown_lowering_is_refused() -> None:
         chunk_fwd_o(a["q"], a["k"], a["v"], a["h"], a["g"], lowering="mosaic")
 
 
-@runs_the_kernel
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.id)
@@ -172,7 +151,6 @@ def test_large_bf16_matches_reference_and_triton_lowering(case: Case) -> None:
     assert_close(out, triton_lowered, spec.CHUNK_O_OP, "bfloat16", "mosaic_gpu vs triton lowering")
 
 
-@runs_the_kernel
 def test_partial_chunks_write_only_their_rows() -> None:
     """The chunks in reverse order (chunk_indices and h rows reversed): a sequence's partial last chunk then runs
     after the next sequence's first chunk, whose rows it must not overwrite (in interpret mode the programs run
