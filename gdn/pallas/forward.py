@@ -43,7 +43,9 @@ from gdn.pallas.chunk_o import launch as launch_chunk_o
 LOWERINGS = ("triton", "triton_call")
 """chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU), the default; and
 gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched through jaxlib's Triton custom
-call (gdn.pallas.triton_call), chosen explicitly until it is measured."""
+call (gdn.pallas.triton_call), chosen explicitly: on an H200 it took 0.78-0.94x of the Pallas kernels' device
+time at six of benchmarks.forward's seven shapes and 1.38x at B1 T512 H16 (benchmarks/RESULTS.md); it becomes the
+default once the GPU test suite has run with it as the default."""
 
 
 def rows_finite(b_x):
@@ -600,11 +602,12 @@ def chunk_gated_delta_rule(
     (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False. The serving
     arguments are refused there.
 
-    lowering (static): "triton" (the default, measured: the Pallas kernels of this module) or "triton_call"
+    lowering (static): "triton" (the default: the Pallas kernels of this module) or "triton_call"
     (gdn.pallas.triton_call: gdn.triton's forward kernels, launch plans and bits on a CUDA GPU, compiled only,
-    needs triton; not yet measured). With "triton_call", scale, softplus_beta and softplus_threshold are baked into
-    the compiled calls (Python floats or concrete scalars; a traced one is refused), interpret=True, axis_name and
-    state_indices are refused, and the gradient is the Pallas backward's (it recomputes from the inputs alone).
+    needs triton; faster at six of the seven benchmark shapes, see LOWERINGS). With "triton_call", scale,
+    softplus_beta and softplus_threshold are baked into the compiled calls (Python floats or concrete scalars; a
+    traced one is refused), interpret=True, axis_name and state_indices are refused, and the gradient is the Pallas
+    backward's (it recomputes from the inputs alone).
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"{spec.FORWARD_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
