@@ -69,9 +69,19 @@ REASONS = {
                        "registers), and cutting it into pieces does not pay at 128 walks (tune_forward --only "
                        "walk, tilings.FUSED_WALK): what the peers add is warp-specialized warpgroup-MMA walks "
                        "over segments, each chunk's o computed beside the state update",
-    "jax_host": "JAX's own dispatch of a jitted program: the same chunk_fwd_o inside the caller's jax.jit "
+    "jax_host_chunk_fwd_o": "JAX's own dispatch of a jitted program: the same chunk_fwd_o inside the caller's jax.jit "
                 "(chunk_o_host.csv) costs about as much CPU per call on this host; the eager call adds only its "
                 "host-side argument checks",
+    "jax_host_chunk_gated_delta_rule": "JAX's dispatch of a jitted program of several kernels: jla's jitted "
+                                       "forward costs about as much CPU per call on this host (forward_host.csv)",
+    "chunk_o_triton_floor": "not profiled on the H200: the kernel moves its bytes at about 3.6 TB/s there, 85 % of "
+                            "the 4.2 TB/s copy (on an H100 profile, python -m benchmarks.profile_chunk_o, it read "
+                            "every byte once at its 3.0 TB/s copy rate)",
+    "forward_pallas": "the same kernels through jaxlib's Triton (the Pallas-Triton lowering exposes no register cap "
+                      "or load order; chunk_fwd_o alone takes about 1.5x gdn Triton's time there, benchmarks."
+                      "chunk_o); gdn Triton's own kernels launched from JAX (gdn-jax-triton, lowering='triton_call') "
+                      "take 1.00-1.03x of gdn Triton's device time at every shape but B1 T512, where JAX's "
+                      "dispatch of five custom calls dominates",
     "backward_vs_jla": "not yet profiled. The step runs the forward's three kernels, the recompute of g_c, w, u, h "
                        "and v_new, then four backward kernels. The WY kernel runs on 2 warps "
                        "(tilings.backward_wy_tiling): on 4, Triton 3.6 miscompiles it in bf16. The same step with "
@@ -529,7 +539,7 @@ def targets() -> list[tuple[str, str, str, bool]]:
           "≤ 72 µs")
     judge(chunk_o, "gdn-pallas", t8192, "device_us", 72, "chunk_o_t8192_pallas", "chunk_fwd_o B1 T8192 H16, gdn Pallas "
           "≤ 72 µs")
-    for impl, floor_key in (("gdn-triton", ""), ("gdn-pallas", "chunk_o_pallas_floor")):
+    for impl, floor_key in (("gdn-triton", "chunk_o_triton_floor"), ("gdn-pallas", "chunk_o_pallas_floor")):
         judge(chunk_o, impl, "B1-T65536-H16-HV16", "pct_floor", 93, floor_key, f"chunk_fwd_o B1 T65536 H16, {impl} "
               "≥ 93 % of the floor")
         judge(chunk_o, impl, "B8-T2048-H16-HV32", "pct_floor", 90, floor_key, f"chunk_fwd_o B8 T2048 H16 HV32, {impl} "
@@ -544,7 +554,7 @@ def targets() -> list[tuple[str, str, str, bool]]:
                       f"{num(host['gdn-triton'])} µs", host["gdn-triton"] <= 15))
     for op, times in (("chunk_fwd_o", host), ("chunk_gated_delta_rule", forward_host)):
         if "gdn-pallas" in times:
-            found.append(("jax_host" if op == "chunk_fwd_o" else "", f"{op}: an eager gdn.pallas call ≤ 30 µs of CPU "
+            found.append((f"jax_host_{op}", f"{op}: an eager gdn.pallas call ≤ 30 µs of CPU "
                           "at B1 T512",
                           f"{num(times['gdn-pallas'])} µs", times["gdn-pallas"] <= 30))
     for r in forward or []:
@@ -557,7 +567,7 @@ def targets() -> list[tuple[str, str, str, bool]]:
                           r["device_us"] <= 0.9 * peer["device_us"]))
         pallas = _row(forward, "gdn-pallas", r["shape"])
         if pallas and pallas.get("device_us") is not None:
-            found.append(("", f"forward {r['label']}, gdn Pallas ≤ 1.25× gdn Triton",
+            found.append(("forward_pallas", f"forward {r['label']}, gdn Pallas ≤ 1.25× gdn Triton",
                           f"{num(pallas['device_us'] / r['device_us'], 2)}×",
                           pallas["device_us"] <= 1.25 * r["device_us"]))
         if r.get("wall_us") is not None and "graph" in (r.get("device_method") or ""):
