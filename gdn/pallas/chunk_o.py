@@ -44,21 +44,15 @@ and gdn.triton's own Triton kernel launched through jaxlib's Triton custom call 
 one asked for, default_lowering chooses."""
 
 
-def default_lowering(q: jax.Array, v: jax.Array, h: jax.Array, cu_seqlens, interpret: bool | None,
-                     scale: float | jax.Array | None) -> str:
-    """chunk_fwd_o's JAX path when the caller names none: the fastest measured at each shape class
-    (benchmarks.chunk_o on an H200, benchmarks/RESULTS.md). "mosaic_gpu" where it reads the inputs in place
-    (chunk_o_mosaic_gpu.reads_in_place: sm_90, 16-bit, K and V of 64 or 128, dense with T a multiple of
-    CHUNK_SIZE); else "triton_call" wherever it runs (a CUDA GPU, triton installed, jaxlib's Triton custom call
-    present, scale not traced; gdn.triton's bits); else "triton" (the Pallas-Triton lowering, the interpreter on
-    CPU)."""
-    if resolve_interpret(interpret):
-        return "triton"
-    from gdn.pallas import chunk_o_mosaic_gpu  # Mosaic GPU is imported only on a GPU
-
-    if chunk_o_mosaic_gpu.reads_in_place(q, v, h, cu_seqlens is not None):
-        return "mosaic_gpu"
-    if is_tracer(scale) or importlib.util.find_spec("triton") is None:
+def default_lowering(interpret: bool | None, scale: float | jax.Array | None) -> str:
+    """chunk_fwd_o's JAX path when the caller names none: "triton_call" wherever it runs (compiled on a CUDA GPU,
+    triton installed, jaxlib's Triton custom call present, scale not traced), else "triton" (the Pallas-Triton
+    lowering; the interpreter on CPU). Measured on an H200 (benchmarks/RESULTS.md), triton_call is faster than
+    the Triton lowering at every benchmark shape but one and gives gdn.triton's bits. Mosaic GPU is faster still
+    on the dense 16-bit shapes it reads in place, but slower where it must gather (varlen, T not a multiple of
+    CHUNK_SIZE): one default for every shape keeps a padded call's bits equal to the unpadded call's
+    (pad_to_bucket), so it stays opt-in."""
+    if resolve_interpret(interpret) or is_tracer(scale) or importlib.util.find_spec("triton") is None:
         return "triton"
     from jax._src.lib import gpu_triton  # jaxlib's bindings of the custom call (with JAX's CUDA plugin only)
 
@@ -273,14 +267,14 @@ def chunk_fwd_o(
     (gdn.pallas.triton_call: gdn.triton's kernel and bits on a CUDA GPU, compiled only, needs triton; scale a
     Python float or a concrete scalar, baked into the compiled call), "triton" (Pallas's Triton lowering, this
     module's kernel; the interpreter on CPU) or "mosaic_gpu" (gdn.pallas.chunk_o_mosaic_gpu: Hopper only, 16-bit
-    inputs, K and V in (64, 128)); None: default_lowering (on an sm_90 GPU Mosaic GPU for dense 16-bit inputs it
-    reads in place, else triton_call where it runs, else triton). Non-finite inputs: gdn.common.spec.
+    inputs, K and V in (64, 128)); None: default_lowering (triton_call where it runs, else triton). Non-finite
+    inputs: gdn.common.spec.
 
     Jitted internally (jitted_chunk_fwd_o): a call outside jax.jit costs one jit dispatch, and compiles once
     per shape, dtype and flag combination.
     """
     if lowering is None:
-        lowering = default_lowering(q, v, h, cu_seqlens, interpret, scale)
+        lowering = default_lowering(interpret, scale)
     elif lowering not in LOWERINGS:
         raise ValueError(f"{spec.CHUNK_O_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.CHUNK_O_OP)

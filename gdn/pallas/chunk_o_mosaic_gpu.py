@@ -87,16 +87,6 @@ def unsupported_reason(problem: contract.ChunkOProblem, h_dtype: str, interpret:
     return None
 
 
-def reads_in_place(q: jax.Array, v: jax.Array, h: jax.Array, varlen: bool) -> bool:
-    """Whether this kernel runs chunk_fwd_o's (not yet validated) arrays compiled and without gathering them into
-    chunk slots: an sm_90 GPU, q and h of one 16-bit dtype, K and V in HEAD_DIMS, dense with T a multiple of
-    CHUNK_SIZE (q [B, T, H, K], v [B, T, HV, V])."""
-    device = jax.devices()[0]
-    return (device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0" and not varlen
-            and q.dtype == h.dtype and q.dtype.name in DTYPES and q.shape[-1] in HEAD_DIMS
-            and v.shape[-1] in HEAD_DIMS and q.shape[1] % spec.CHUNK_SIZE == 0)
-
-
 def _smem_tile(shape: tuple[int, int], dtype) -> plgpu.SMEM:
     """An SMEM tile tiled and swizzled for TMA and wgmma (the widest swizzle its rows allow)."""
     dtype = jnp.dtype(dtype)
