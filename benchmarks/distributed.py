@@ -36,7 +36,7 @@ from typing import Any
 
 from benchmarks import harness, shapes
 from benchmarks.harness import fmt, progress
-from gdn.common import contract, example, spec
+from gdn.common import example, forward_contract, spec
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -49,10 +49,10 @@ def bounds(shape: shapes.Shape, rank: int) -> tuple[int, int]:
     return shape.T * rank // WORLD_SIZE, shape.T * (rank + 1) // WORLD_SIZE
 
 
-def local_problem(shape: shapes.Shape, rank: int) -> contract.ForwardProblem:
+def local_problem(shape: shapes.Shape, rank: int) -> forward_contract.ForwardProblem:
     """The forward's problem of rank's slice as the public call validates it: the exchange's sizes."""
     start, end = bounds(shape, rank)
-    return contract.ForwardProblem(B=1, T=end - start, H=shape.H, HV=shape.HV, K=shape.K, V=shape.V, N=1,
+    return forward_contract.ForwardProblem(B=1, T=end - start, H=shape.H, HV=shape.HV, K=shape.K, V=shape.V, N=1,
                                    chunks_per_row=spec.num_chunks(end - start), varlen=False, dtype=shape.dtype,
                                    use_initial_state=True, output_final_state=False)
 

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from benchmarks import harness, shapes
-from gdn.common import contract, spec, tilings
+from gdn.common import forward_contract, spec, tilings
 from gdn.triton import forward
 from gdn.triton.arrays import array_info, tensor_keys
 from gdn.triton.chunk_o import launch as launch_chunk_o
@@ -45,12 +45,12 @@ PREPARE_CANDIDATES = [tilings.Tiling(block, block, 4, 1, registers)
 PIECES = (1, 2, 4, 8)
 
 
-def forward_problem(shape: shapes.Shape) -> tuple[contract.ForwardProblem, dict[str, torch.Tensor]]:
+def forward_problem(shape: shapes.Shape) -> tuple[forward_contract.ForwardProblem, dict[str, torch.Tensor]]:
     """shape's validated forward problem and its inputs (no initial state), as the sweeps call the stages."""
     t = dict(shapes.forward_inputs(shape, seed=0), initial_state=None)
     names = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "chunk_indices")
     keys = tensor_keys(names, [t.get(n) for n in names], op=spec.FORWARD_OP)
-    problem = contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
+    problem = forward_contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys),
                                                output_final_state=True)
     return problem, t
 

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from gdn.common import contract, spec
+from gdn.common import forward_contract, spec
 from tests.cases import OpInputs
 
 DECODE_ARGS = ("q", "k", "v", "g", "beta", "state", "state_indices", "cu_seqlens", "num_accepted_tokens", "a", "b",
@@ -156,16 +156,15 @@ class TritonBackend:
 
     @staticmethod
     def _forward_problem(a: dict, cu_seqlens_values: np.ndarray | None,
-                         output_final_state: bool) -> contract.ForwardProblem:
+                         output_final_state: bool) -> forward_contract.ForwardProblem:
         """The spec's forward problem of converted arguments, as chunk_gated_delta_rule checks them."""
         from gdn.triton.arrays import array_info, tensor_keys
 
         names = FORWARD_ARGS + ("state_indices",)
         keys = tensor_keys(names, [a.get(n) for n in names])
-        return contract.validate_forward_inputs(*(None if key is None else array_info(key) for key in keys[:-1]),
-                                                cu_seqlens_values=cu_seqlens_values,
-                                                output_final_state=output_final_state,
-                                                state_indices=None if keys[-1] is None else array_info(keys[-1]))
+        infos = [None if key is None else array_info(key) for key in keys]
+        return forward_contract.validate_forward_inputs(*infos[:-1], cu_seqlens_values=cu_seqlens_values,
+                                                        output_final_state=output_final_state, state_indices=infos[-1])
 
     def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """prepare and the walk storing its states; kernel_cu_seqlens: what the kernels read instead of the
@@ -313,7 +312,7 @@ class PallasBackend:
                         dht, inputs.scale, a["initial_state"], a["cu_seqlens"], a["chunk_indices"])
 
     def _forward_problem(self, a: dict, cu_seqlens_values: np.ndarray | None,
-                         output_final_state: bool) -> contract.ForwardProblem:
+                         output_final_state: bool) -> forward_contract.ForwardProblem:
         from gdn.pallas import forward
 
         return forward.checked_problem(*(a[n] for n in FORWARD_ARGS), output_final_state, cu_seqlens_values,

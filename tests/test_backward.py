@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import pytest
 
-from gdn.common import reference, spec
+from gdn.common import forward_contract, reference, spec
 from gdn.common.example import round_to
 from tests.backends import BACKENDS
 from tests.cases import (
@@ -142,8 +142,7 @@ def test_gradients_with_the_walk_in_pieces(backend, monkeypatch, pieces: int) ->
     else:  # the Pallas forward asks the problem at trace time: traced anew, without jit's cached programs
         import jax
 
-        from gdn.common import contract
-        monkeypatch.setattr(contract.ForwardProblem, "pieces", lambda *_: pieces)
+        monkeypatch.setattr(forward_contract.ForwardProblem, "pieces", lambda *_: pieces)
         jax.clear_caches()
     inputs, do, dht = backward_inputs(BACKWARD_CASES[6], "float32", seed=21)
     assert_gradients_close(backend.gradients(inputs, do, dht), reference_gradients(inputs, do, dht), "float32",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdn.common import spec
+from gdn.common import forward_contract, spec
 from tests import triton_call_stand_in
 from tests.backends import BACKENDS, TritonCallBackend
 from tests.cases import FORWARD_CASES, ForwardCase, forward_varlen, seed_of, with_raw_inputs
@@ -37,7 +37,7 @@ from gdn.pallas import chunk_gated_delta_rule
 from tests import triton_call_stand_in
 
 triton_call_stand_in.install(90)
-contract.ForwardProblem.pieces = lambda problem, multiprocessors: 2
+forward_contract.ForwardProblem.pieces = lambda problem, multiprocessors: 2
 T, H, HV, K, V, seqlens = json.loads(sys.argv[1])
 cu_seqlens = np.cumsum([0] + seqlens).astype(np.int32)
 q = jnp.zeros((1, T, H, K), jnp.bfloat16)
@@ -60,12 +60,12 @@ print(json.dumps({"launches": triton_call_stand_in.launches,
 def test_lowers_to_the_forward_kernels_in_pieces_for_sm90() -> None:
     """A varlen bf16 batch with an initial state and the final state, forced into 2 pieces: one custom call per
     launch of gdn.triton's forward in pieces, the kernels' pointers the present inputs, then the outputs."""
-    from gdn.common import contract, tilings
+    from gdn.common import tilings
 
     T, H, HV, K, V, seqlens = 200, 1, 2, 64, 32, [0, 1, 130, 69]
     recorded = triton_call_stand_in.lowered(_LOWER, [T, H, HV, K, V, seqlens])
     N, chunks = len(seqlens), len(spec.prepare_chunk_indices(np.cumsum([0] + seqlens)))
-    problem = contract.ForwardProblem(B=1, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks, varlen=True,
+    problem = forward_contract.ForwardProblem(B=1, T=T, H=H, HV=HV, K=K, V=V, N=N, chunks_per_row=chunks, varlen=True,
                                       dtype="bfloat16", use_initial_state=True, output_final_state=True)
     walk_tiles = -(-V // problem.walk.block_v)
     # (kernel, grid, array parameters = present pointers, scalars) of each launch, in order
@@ -198,11 +198,10 @@ def test_the_bits_of_gdn_triton_in_pieces(jax_gpu, monkeypatch, case: ForwardCas
     in both backends (more pieces than chunks included)."""
     import jax
 
-    from gdn.common import contract
     from gdn.triton import forward
 
     monkeypatch.setattr(forward, "context_pieces", lambda *_: pieces)
-    monkeypatch.setattr(contract.ForwardProblem, "pieces", lambda *_: pieces)
+    monkeypatch.setattr(forward_contract.ForwardProblem, "pieces", lambda *_: pieces)
     jax.clear_caches()  # the JAX forward asks the problem at trace time: no program traced with other pieces
     try:
         _assert_triton_bits(case.inputs("bfloat16", seed=seed_of(case.id)), "bfloat16")

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import contract, spec
+from gdn.common import forward_contract, spec
 from gdn.pallas import forward
 from gdn.pallas.arrays import (
     accumulating_dot,
@@ -311,7 +311,7 @@ def chunk_bwd_wy_kernel(
 
 @functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret"))
 def jitted_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, do, final_state_gradient, *,
-                    problem: contract.BackwardProblem, pieces: int, interpret: bool):
+                    problem: forward_contract.BackwardProblem, pieces: int, interpret: bool):
     """(dq, dk, dv, dg, dbeta, d initial_state or None) for a validated problem (cu_seqlens / chunk_indices int32
     when varlen, else None): the forward's recompute (its walk in `pieces` pieces per sequence, as the forward
     ran it), then the four kernels."""
@@ -409,7 +409,8 @@ def sum_value_heads(x: jax.Array, H: int) -> jax.Array:
     return total
 
 
-def vjp(problem: contract.ForwardProblem, pieces: int, interpret: bool, inputs: tuple, cotangents: tuple) -> tuple:
+def vjp(problem: forward_contract.ForwardProblem, pieces: int, interpret: bool, inputs: tuple,
+        cotangents: tuple) -> tuple:
     """The vjp rule of gdn.pallas.forward.differentiable_forward: the cotangents of its inputs (q, k, v, g, beta,
     scale, initial_state, cu_seqlens, chunk_indices, gating) from those of (o, final_state), its inputs being all
     it kept. The index arrays get none; scale, which o depends on through scale·q only, gets Σ q ⊙ dq / scale.
@@ -423,7 +424,8 @@ def vjp(problem: contract.ForwardProblem, pieces: int, interpret: bool, inputs: 
         (q, k, g, beta), pull_back = jax.vjp(
             functools.partial(kernel_inputs, problem.qk_l2norm, problem.raw_gates), q, k, g, beta, gating)
     plain = dataclasses.replace(problem, output_final_state=False, qk_l2norm=False, raw_gates=False)
-    backward_problem = contract.BackwardProblem(forward=plain, final_state_gradient=final_state_gradient is not None)
+    backward_problem = forward_contract.BackwardProblem(forward=plain,
+                                                        final_state_gradient=final_state_gradient is not None)
     dq, dk, dv, dg, dbeta, dh0 = jitted_backward(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, do.astype(v.dtype), final_state_gradient,
         problem=backward_problem, pieces=pieces, interpret=interpret)
@@ -479,7 +481,7 @@ def backward(
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state, "cu_seqlens": cu_seqlens,
             "chunk_indices": chunk_indices, "do": do, "final_state_gradient": final_state_gradient}
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices, op=spec.BACKWARD_OP)
-    problem = contract.validate_backward_inputs(
+    problem = forward_contract.validate_backward_inputs(
         *(array_info(name, x, op=spec.BACKWARD_OP) for name, x in args.items()), cu_seqlens_values=cu_values)
     check_token_rows(problem.forward.B, problem.forward.T, op=spec.BACKWARD_OP)
     if cu_seqlens is not None and chunk_indices is None:

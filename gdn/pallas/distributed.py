@@ -23,11 +23,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gdn.common import contract
+from gdn.common import forward_contract
 from gdn.pallas import forward
 
 
-def exchange(problem: contract.ForwardProblem, map_m, map_n, initial_state, axis_name: str, *, interpret: bool):
+def exchange(problem: forward_contract.ForwardProblem, map_m, map_n, initial_state, axis_name: str, *, interpret: bool):
     """Steps 2–3: every device's start and the final state, [axis size + 1, HV, K, V] float32 in axis order, from
     this device's map of its slice (map_m [1, HV, K, K], map_n [1, HV, K, V]) and the replicated initial state."""
     maps = jax.lax.all_gather(jnp.concatenate([map_m, map_n], axis=-1), axis_name, tiled=True)  # [size, HV, K, K + V]
@@ -36,7 +36,7 @@ def exchange(problem: contract.ForwardProblem, map_m, map_n, initial_state, axis
                            interpret=interpret)
 
 
-def context_parallel_forward(q, k, v, g, beta, scale, initial_state, *, problem: contract.ForwardProblem,
+def context_parallel_forward(q, k, v, g, beta, scale, initial_state, *, problem: forward_contract.ForwardProblem,
                              axis_name: str, pieces: int, interpret: bool):
     """(o [1, T, HV, V] of this device's slice, the whole sequence's final state [1, HV, K, V] float32 or None)
     for a problem validated on this device's slice, traced (under jitted_chunk_gated_delta_rule) inside

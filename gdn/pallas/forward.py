@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gdn.common import checks, contract, spec, tilings
+from gdn.common import checks, forward_contract, spec, tilings
 from gdn.pallas.arrays import (
     accumulating_dot,
     array_info,
@@ -337,7 +337,7 @@ def _placeholder(dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, 1, 1), dtype)
 
 
-def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
+def prepare(problem: forward_contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, *, interpret: bool,
             tiling: tilings.Tiling | None = None, gating: tuple | None = None):
     """Stage 1 for a validated problem: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
     u [B, T, HV, V]), w and u in k's dtype. cu_seqlens / chunk_indices: int32 arrays when varlen, else None.
@@ -374,7 +374,7 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
     return g_cum.reshape(B, T, HV), w.reshape(B, T, HV, K), u.reshape(B, T, HV, V)
 
 
-def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
+def _walk_call(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
                scale, pieces: int, *, output_o: bool, store_h: bool, interpret: bool, tiling: tilings.Tiling,
                mapped: int = 0, state_indices=None, pool=None):
     """One launch of the walk kernel in a mode: its six outputs (o, final_state, h, v_new, map_m, map_n),
@@ -425,7 +425,7 @@ def _walk_call(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_stat
       index_or_placeholder(chunk_offsets, (1,)), jnp.asarray(scale, jnp.float32).reshape(1))
 
 
-def piece_maps(problem: contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pieces: int, mapped: int, *,
+def piece_maps(problem: forward_contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pieces: int, mapped: int, *,
                interpret: bool, tiling: tilings.Tiling | None = None):
     """The affine state maps S_out = M·S_in + N of the first `mapped` of `pieces` pieces of every sequence:
     (M [N·mapped, HV, K, K], N [N·mapped, HV, K, V]) float32, from the map walk."""
@@ -436,7 +436,7 @@ def piece_maps(problem: contract.ForwardProblem, k, w, u, g_cum, cu_seqlens, pie
     return map_m.reshape(N * mapped, HV, K, K), map_n.reshape(N * mapped, HV, K, V)
 
 
-def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, pieces: int, *, interpret: bool,
+def combine(problem: forward_contract.ForwardProblem, map_m, map_n, initial_state, pieces: int, *, interpret: bool,
             state_indices=None):
     """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
     ([N·(pieces − 1), HV, K, K] and [N·(pieces − 1), HV, K, V]) and each sequence's initial state (or 0; with a
@@ -459,7 +459,7 @@ def combine(problem: contract.ForwardProblem, map_m, map_n, initial_state, piece
     return starts.reshape(N * pieces, HV, K, V)
 
 
-def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
+def piece_starts(problem: forward_contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
                  interpret: bool, tiling: tilings.Tiling | None = None, state_indices=None):
     """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2): the
     map walk of the pieces but the last, then the combine."""
@@ -468,7 +468,7 @@ def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state
     return combine(problem, map_m, map_n, initial_state, pieces, interpret=interpret, state_indices=state_indices)
 
 
-def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, scale, pieces: int = 1,
+def walk(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, scale, pieces: int = 1,
          store_h: bool = False, *, interpret: bool, tiling: tilings.Tiling | None = None, state_indices=None,
          pool=None):
     """The walk for a validated problem: (o [B, T, HV, V] like u or None when q is None, final_state
@@ -501,7 +501,7 @@ def walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_
     return o, final_state, (h if store_h else None), (v_new if store_h else None)
 
 
-def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool):
+def states(problem: forward_contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, *, interpret: bool):
     """The states of every chunk for the backward: (h [B, NT, HV, K, V] in k's dtype, the state each chunk starts
     from; v_new like u; final_state or None): the walk with its states stored and no o."""
     _, final_state, h, v_new = walk(problem, None, k, w, u, g_cum, initial_state, cu_seqlens, 1.0, store_h=True,
@@ -511,7 +511,7 @@ def states(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_s
 
 @functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret", "fused"))
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices=None,
-                   gating=None, *, problem: contract.ForwardProblem, pieces: int, interpret: bool,
+                   gating=None, *, problem: forward_contract.ForwardProblem, pieces: int, interpret: bool,
                    fused: bool = tilings.FUSED_WALK):
     """(o, final_state or None) of a validated problem (cu_seqlens / chunk_indices int32 when varlen, else
     None): prepare, then forward_after_prepare. state_indices (int32, a pool in initial_state) and gating
@@ -522,8 +522,8 @@ def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_ind
                                  pieces, interpret=interpret, fused=fused, state_indices=state_indices)
 
 
-def forward_after_prepare(problem: contract.ForwardProblem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens,
-                          chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK,
+def forward_after_prepare(problem: forward_contract.ForwardProblem, q, k, v, g_cum, w, u, scale, initial_state,
+                          cu_seqlens, chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK,
                           state_indices=None):
     """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
     zeros; with a pool, its rows state_indices): the walk, in that many pieces per sequence (≥ 2: through
@@ -676,7 +676,7 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
-        contract.check_context_parallel(problem, "axis_name")
+        forward_contract.check_context_parallel(problem, "axis_name")
         return distributed.context_parallel_forward(q, k, v, g, beta, scale, initial_state, problem=problem,
                                                     axis_name=axis_name, pieces=pieces, interpret=interpret)
     gating = (A_log, dt_bias, softplus_beta, softplus_threshold) if problem.raw_gates else None
@@ -701,7 +701,7 @@ place (a jit of the caller's governs donation within it)."""
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
 def differentiable_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
-                           problem: contract.ForwardProblem, pieces: int, interpret: bool):
+                           problem: forward_contract.ForwardProblem, pieces: int, interpret: bool):
     """jitted_forward with gdn.pallas.backward.vjp as its vjp: jax.grad, jax.vjp and jax.value_and_grad reach q,
     k, v, g, beta (the raw gates a, b with problem.raw_gates), scale, initial_state and gating's A_log and
     dt_bias; the forward keeps its inputs only."""
@@ -727,7 +727,8 @@ differentiable_forward.defvjp(_forward_keeping_inputs, _backward)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
 def triton_call_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
-                        problem: contract.ForwardProblem, pieces: int, call_scalars: tuple[float, float, float]):
+                        problem: forward_contract.ForwardProblem, pieces: int,
+                        call_scalars: tuple[float, float, float]):
     """differentiable_forward with lowering='triton_call': gdn.triton's forward kernels (gdn.pallas.triton_call)
     with call_scalars = (scale, softplus β, softplus threshold) baked in, and the Pallas backward as its vjp, which
     recomputes everything from the inputs it keeps (scale and gating's arrays among them)."""
@@ -754,7 +755,7 @@ triton_call_forward.defvjp(_triton_call_keeping_inputs, _triton_call_backward)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12, 13))
 def pool_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, state_indices,
-                 problem: contract.ForwardProblem, pieces: int, interpret: bool):
+                 problem: forward_contract.ForwardProblem, pieces: int, interpret: bool):
     """jitted_forward from the state pool initial_state at rows state_indices; differentiating it raises (the
     pool is updated in place: no gradient)."""
     return jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices, gating,
@@ -771,13 +772,13 @@ pool_forward.defvjp(_pool_forward_refused, _pool_forward_refused)
 
 def checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state: bool,
                     cu_seqlens_values: np.ndarray | None = None, state_indices=None, a=None, b=None, A_log=None,
-                    dt_bias=None, use_qk_l2norm_in_kernel: bool = False) -> contract.ForwardProblem:
+                    dt_bias=None, use_qk_l2norm_in_kernel: bool = False) -> forward_contract.ForwardProblem:
     """chunk_gated_delta_rule's contract check (values of cu_seqlens too when given): the validated problem."""
     args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state,
             "cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices, "state_indices": state_indices, "a": a,
             "b": b, "A_log": A_log, "dt_bias": dt_bias}
     info = {name: array_info(name, x, op=spec.FORWARD_OP) for name, x in args.items()}
-    problem = contract.validate_forward_inputs(
+    problem = forward_contract.validate_forward_inputs(
         **info, cu_seqlens_values=cu_seqlens_values, output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     check_token_rows(problem.B, problem.T, op=spec.FORWARD_OP)

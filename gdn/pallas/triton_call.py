@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdn.common import contract, spec, tilings
+from gdn.common import contract, forward_contract, spec, tilings
 
 try:
     import triton
@@ -171,7 +171,7 @@ def chunk_fwd_o(q, k, v, h, g, cu_seqlens, chunk_indices, *, problem: contract.C
     return o
 
 
-def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, A_log, dt_bias, *,
+def prepare(problem: forward_contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_indices, A_log, dt_bias, *,
             softplus: tuple[float, float], capability: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stage 1 of a validated forward problem by gdn.triton_kernels.forward.chunk_prepare_kernel, launched as
     gdn.triton.forward.prepare launches it: (g_c [B, T, HV] float32 with NaN on poison rows, w [B, T, HV, K],
@@ -191,7 +191,7 @@ def prepare(problem: contract.ForwardProblem, k, v, g, beta, cu_seqlens, chunk_i
                         tiling.triton_options(), capability, spec.FORWARD_OP))
 
 
-def _walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
+def _walk(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets,
           results: dict[str, jax.ShapeDtypeStruct], scale: float, pieces: int, *, store_h: bool, capability: int,
           mapped: int = 0) -> list[jax.Array]:
     """One launch of gdn.triton_kernels.forward.chunk_walk_kernel in a mode (gdn.triton.forward.walk_launch's):
@@ -210,7 +210,7 @@ def _walk(problem: contract.ForwardProblem, q, k, w, u, g_cum, initial_state, cu
                   arguments, results, constants, tiling.triton_options(), capability, spec.FORWARD_OP)
 
 
-def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
+def piece_starts(problem: forward_contract.ForwardProblem, k, w, u, g_cum, initial_state, cu_seqlens, pieces: int, *,
                  capability: int) -> jax.Array:
     """The true initial state of every piece of every sequence, [N·pieces, HV, K, V] float32 (pieces ≥ 2), as
     gdn.triton.forward.piece_starts: the map walk of the pieces but the last, then the combine."""
@@ -229,7 +229,7 @@ def piece_starts(problem: contract.ForwardProblem, k, w, u, g_cum, initial_state
     return starts
 
 
-def forward(problem: contract.ForwardProblem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log,
+def forward(problem: forward_contract.ForwardProblem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log,
             dt_bias, *, scale: float, softplus: tuple[float, float], pieces: int, capability: int,
             fused: bool = tilings.FUSED_WALK) -> tuple[jax.Array, jax.Array | None]:
     """(o, final_state or None) of a validated forward problem without a state pool by gdn.triton's forward kernels

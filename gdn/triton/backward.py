@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn.common import contract, spec, tilings
+from gdn.common import forward_contract, spec, tilings
 from gdn.triton import forward
 from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
 from gdn.triton.launcher import KernelLaunch
@@ -320,7 +320,7 @@ class BackwardLaunches:
     wy: KernelLaunch
 
 
-def new_launches(problem: contract.BackwardProblem) -> BackwardLaunches | None:
+def new_launches(problem: forward_contract.BackwardProblem) -> BackwardLaunches | None:
     """The backward's launches for a validated problem, None when it has no chunk or no sequence."""
     f = problem.forward
     if f.num_chunks_total * f.HV == 0 or f.N * f.HV == 0 or f.B * f.T == 0:
@@ -368,7 +368,7 @@ def backward(
     args = (q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, do, final_state_gradient)
     keys = tensor_keys(_ARG_NAMES, args, op=spec.BACKWARD_OP)
     cu_values = host_cu_seqlens(cu_seqlens, chunk_indices)
-    problem, launches = planned(contract.validate_backward_inputs, new_launches, keys, cu_values)
+    problem, launches = planned(forward_contract.validate_backward_inputs, new_launches, keys, cu_values)
     if cu_seqlens is not None and chunk_indices is None:
         chunk_indices = torch.from_numpy(spec.prepare_chunk_indices(cu_values)).to(q.device)
     scale = spec.default_scale(problem.forward.K) if scale is None else float(scale)
@@ -376,7 +376,7 @@ def backward(
                      final_state_gradient)
 
 
-def gradients(problem: contract.BackwardProblem, launches: BackwardLaunches | None, q: torch.Tensor,
+def gradients(problem: forward_contract.BackwardProblem, launches: BackwardLaunches | None, q: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
               initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
               chunk_indices: torch.Tensor | None, do: torch.Tensor, final_state_gradient: torch.Tensor | None,

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from gdn.common import contract, spec
+from gdn.common import forward_contract, spec
 from gdn.triton import forward
 
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -40,7 +40,7 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return gathered
 
 
-def exchange(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
+def exchange(problem: forward_contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
              initial_state: torch.Tensor | None, group: dist.ProcessGroup) -> torch.Tensor:
     """Steps 2–4: every rank's start and the final state, [world_size + 1, HV, K, V] float32 in rank order, from
     this rank's map of its slice (map_m [1, HV, K, K], map_n [1, HV, K, V]); initial_state read on rank 0 only."""
@@ -51,13 +51,14 @@ def exchange(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch
     return forward.combine(problem, maps[..., :K].contiguous(), maps[..., K:].contiguous(), None, maps.shape[0] + 1)
 
 
-def context_parallel_forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             g: torch.Tensor, beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None,
-                             group: dist.ProcessGroup, pieces: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def context_parallel_forward(problem: forward_contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, scale: float,
+                             initial_state: torch.Tensor | None, group: dist.ProcessGroup,
+                             pieces: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o [1, T, HV, V] of this rank's slice, the whole sequence's final state [1, HV, K, V] float32 or None) for
     a problem validated on this rank's slice; initial_state is read on the group's rank 0 only. pieces: the
     in-GPU pieces of the local walk."""
-    contract.check_context_parallel(problem, "group")
+    forward_contract.check_context_parallel(problem, "group")
     if torch.is_grad_enabled():
         for name, x in zip(("q", "k", "v", "g", "beta", "initial_state"), (q, k, v, g, beta, initial_state)):
             if x is not None and x.requires_grad:

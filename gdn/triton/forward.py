@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from gdn.common import checks, contract, spec, tilings
+from gdn.common import checks, forward_contract, spec, tilings
 from gdn.common.contract import ArrayInfo
 from gdn.triton.arrays import check_device, host_cu_seqlens, layout_keys, planned, refuse_grad, tensor_keys
 from gdn.triton.chunk_o import launch as launch_chunk_o
@@ -45,14 +45,14 @@ NO_RAW_GATING = RawGating(None, None)
 
 
 @cached_plan
-def prepare_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
+def prepare_launch(problem: forward_contract.ForwardProblem, tiling: tilings.Tiling) -> KernelLaunch:
     """The prepare kernel's launch for a validated problem with chunks, cached per (problem, tiling)."""
     return KernelLaunch(chunk_prepare_kernel, forward_kernels.prepare_grid(problem), tiling,
                         **forward_kernels.prepare_constants(problem, tiling))
 
 
 @cached_plan
-def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
+def walk_launch(problem: forward_contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
                 final: bool, output_o: bool, store_h: bool, mapped: int = 0) -> KernelLaunch:
     """The walk kernel's launch for a validated problem in that many pieces, cached. mapped > 0: the map walk
     of the first `mapped` pieces over [M | N]'s K + V columns."""
@@ -62,13 +62,13 @@ def walk_launch(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces
 
 
 @cached_plan
-def combine_launch(problem: contract.ForwardProblem, initial: bool) -> KernelLaunch:
+def combine_launch(problem: forward_contract.ForwardProblem, initial: bool) -> KernelLaunch:
     """The combine kernel's launch for a validated problem, cached."""
     return KernelLaunch(chunk_combine_kernel, forward_kernels.combine_grid(problem), tilings.SCAN_TILING,
                         **forward_kernels.combine_constants(problem, initial))
 
 
-def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+def prepare(problem: forward_contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             beta: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None,
             tiling: tilings.Tiling | None = None, gating: RawGating | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ def prepare(problem: contract.ForwardProblem, k: torch.Tensor, v: torch.Tensor, 
     return g_cum, w, u
 
 
-def piece_maps(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+def piece_maps(problem: forward_contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
                g_cum: torch.Tensor, cu_seqlens: torch.Tensor | None, pieces: int, mapped: int,
                tiling: tilings.Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine state maps S_out = M·S_in + N of the first `mapped` of `pieces` pieces of every sequence:
@@ -101,7 +101,7 @@ def piece_maps(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tenso
     return map_m, map_n
 
 
-def combine(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
+def combine(problem: forward_contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.Tensor,
             initial_state: torch.Tensor | None, pieces: int,
             state_indices: torch.Tensor | None = None) -> torch.Tensor:
     """Every piece's true initial state [N·pieces, HV, K, V] float32 from the maps of all pieces but the last
@@ -114,7 +114,7 @@ def combine(problem: contract.ForwardProblem, map_m: torch.Tensor, map_n: torch.
     return starts
 
 
-def piece_starts(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+def piece_starts(problem: forward_contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
                  g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                  pieces: int, tiling: tilings.Tiling | None = None,
                  state_indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +124,7 @@ def piece_starts(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Ten
     return combine(problem, map_m, map_n, initial_state, pieces, state_indices)
 
 
-def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tensor, w: torch.Tensor,
+def walk(problem: forward_contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tensor, w: torch.Tensor,
          u: torch.Tensor, g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
          scale: float, pieces: int = 1, store_h: bool = False, tiling: tilings.Tiling | None = None,
          state_indices: torch.Tensor | None = None, pool: torch.Tensor | None = None,
@@ -156,8 +156,8 @@ def walk(problem: contract.ForwardProblem, q: torch.Tensor | None, k: torch.Tens
     return o, final_state, h, v_new
 
 
-def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g_cum: torch.Tensor,
-           initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+def states(problem: forward_contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+           g_cum: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The states of every chunk for the backward: (h [B, NT, HV, K, V] in k's dtype, the state each chunk starts
     from; v_new like u; final_state or None): the walk with its states stored and no o."""
@@ -165,11 +165,11 @@ def states(problem: contract.ForwardProblem, k: torch.Tensor, w: torch.Tensor, u
     return h, v_new, final_state
 
 
-def forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-            beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-            chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
-            prepare_tiling: tilings.Tiling | None = None, walk_tiling: tilings.Tiling | None = None,
-            state_indices: torch.Tensor | None = None,
+def forward(problem: forward_contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            g: torch.Tensor, beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None, pieces: int = 1,
+            fused: bool = tilings.FUSED_WALK, prepare_tiling: tilings.Tiling | None = None,
+            walk_tiling: tilings.Tiling | None = None, state_indices: torch.Tensor | None = None,
             gating: RawGating | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o, final_state or None) of a validated problem: prepare, then forward_after_prepare. The tilings default
     to the problem's (benchmarks pass others); state_indices (a pool in initial_state) and gating (the raw
@@ -179,7 +179,7 @@ def forward(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, 
                                  pieces, fused, walk_tiling, state_indices)
 
 
-def forward_after_prepare(problem: contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def forward_after_prepare(problem: forward_contract.ForwardProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           g_cum: torch.Tensor, w: torch.Tensor, u: torch.Tensor, scale: float,
                           initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                           chunk_indices: torch.Tensor | None, pieces: int = 1, fused: bool = tilings.FUSED_WALK,
@@ -212,12 +212,12 @@ def multiprocessors(device: torch.device) -> int | None:
 
 
 @cached_plan
-def context_pieces(problem: contract.ForwardProblem, device: torch.device) -> int:
+def context_pieces(problem: forward_contract.ForwardProblem, device: torch.device) -> int:
     """problem.pieces on that device, cached per call signature."""
     return problem.pieces(multiprocessors(device))
 
 
-def _no_plan(problem: contract.ForwardProblem) -> None:
+def _no_plan(problem: forward_contract.ForwardProblem) -> None:
     """The forward plans nothing beyond its problem: its launches are cached per (problem, tiling, flags)."""
 
 
@@ -225,11 +225,11 @@ def validate(q: ArrayInfo, k: ArrayInfo, v: ArrayInfo, g: ArrayInfo | None, beta
              initial_state: ArrayInfo | None, cu_seqlens: ArrayInfo | None, chunk_indices: ArrayInfo | None,
              state_indices: ArrayInfo | None, a: ArrayInfo | None, b: ArrayInfo | None, A_log: ArrayInfo | None,
              dt_bias: ArrayInfo | None, cu_seqlens_values: tuple[int, ...] | None, output_final_state: bool,
-             use_qk_l2norm_in_kernel: bool) -> contract.ForwardProblem:
-    """contract.validate_forward_inputs on the arrays in _ARG_NAMES' order, then the options (what
+             use_qk_l2norm_in_kernel: bool) -> forward_contract.ForwardProblem:
+    """forward_contract.validate_forward_inputs on the arrays in _ARG_NAMES' order, then the options (what
     arrays.planned calls it with), and the check that the kernels can run on q's device."""
     check_device(torch.device(q.device), spec.FORWARD_OP)
-    return contract.validate_forward_inputs(
+    return forward_contract.validate_forward_inputs(
         q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, cu_seqlens_values, output_final_state,
         state_indices=state_indices, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)

@@ -17,7 +17,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from gdn.common import contract, spec, tilings
+from gdn.common import forward_contract, spec, tilings
 from gdn.triton_kernels.chunk_o import STRIDE_NAMES, chunk_span
 
 
@@ -336,12 +336,12 @@ def chunk_combine_kernel(
 
 
 
-def prepare_grid(problem: contract.ForwardProblem) -> tuple[int]:
+def prepare_grid(problem: forward_contract.ForwardProblem) -> tuple[int]:
     """chunk_prepare_kernel's 1-D grid for a validated problem: one program per (chunk, value head)."""
     return (problem.num_chunks_total * problem.HV,)
 
 
-def prepare_constants(problem: contract.ForwardProblem, tiling: tilings.Tiling) -> dict[str, Any]:
+def prepare_constants(problem: forward_contract.ForwardProblem, tiling: tilings.Tiling) -> dict[str, Any]:
     """chunk_prepare_kernel's constexpr arguments for a validated problem with a tiling: what every launcher of it
     specializes on (with the tiling's Triton options and the dtypes of its arrays)."""
     return dict(H=problem.H, HV=problem.HV, K=problem.K, V=problem.V, **dict(zip(STRIDE_NAMES, problem.row_strides)),
@@ -350,7 +350,7 @@ def prepare_constants(problem: contract.ForwardProblem, tiling: tilings.Tiling) 
                 QK_L2NORM_EPS=spec.QK_L2NORM_EPS, DOT_PRECISION=tilings.dot_precision(problem.dtype))
 
 
-def walk_grid(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, mapped: int = 0,
+def walk_grid(problem: forward_contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, mapped: int = 0,
               ) -> tuple[int, int]:
     """chunk_walk_kernel's 2-D grid (V tile, sequence·piece·value head) for a validated problem in that many pieces;
     mapped > 0: the map walk of the first `mapped` pieces, over [M | N]'s K + V columns."""
@@ -358,7 +358,7 @@ def walk_grid(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: 
     return num_tiles + (-(-problem.K // tiling.block_v) if mapped else 0), rows
 
 
-def walk_constants(problem: contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
+def walk_constants(problem: forward_contract.ForwardProblem, tiling: tilings.Tiling, pieces: int, *, initial: bool,
                    final: bool, output_o: bool, store_h: bool, mapped: int = 0) -> dict[str, Any]:
     """chunk_walk_kernel's constexpr arguments for a validated problem in that many pieces with a tiling: initial /
     final whether it reads initial_state / stores the final state, output_o whether it computes o, store_h whether
@@ -371,12 +371,12 @@ def walk_constants(problem: contract.ForwardProblem, tiling: tilings.Tiling, pie
                 DOT_PRECISION=tilings.dot_precision(problem.dtype))
 
 
-def combine_grid(problem: contract.ForwardProblem) -> tuple[int, int]:
+def combine_grid(problem: forward_contract.ForwardProblem) -> tuple[int, int]:
     """chunk_combine_kernel's 2-D grid (V tile of tilings.SCAN_TILING, sequence·value head)."""
     return -(-problem.V // tilings.SCAN_TILING.block_v), problem.N * problem.HV
 
 
-def combine_constants(problem: contract.ForwardProblem, initial: bool) -> dict[str, Any]:
+def combine_constants(problem: forward_contract.ForwardProblem, initial: bool) -> dict[str, Any]:
     """chunk_combine_kernel's constexpr arguments for a validated problem (its tiling: tilings.SCAN_TILING);
     initial: whether it reads initial_state."""
     return dict(HV=problem.HV, K=problem.K, V=problem.V, BK=problem.walk.block_k,
