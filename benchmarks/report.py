@@ -59,19 +59,19 @@ REASONS = {
                     "torch.empty_like 1.8, gdn's launch checks 1.2 (python -m benchmarks.profile_chunk_o --host)",
     "forward_vs_peer": "Nsight Compute at B1 T8192 H16 (forward_profile.csv): gdn's sequential part matches the "
                        "fastest peer's, its parallel parts do not. gdn's walk (138 µs: 128 programs of 4 warps, 6 % "
-                       "achieved occupancy, 1 935 cycles per chunk, stalled on fixed-latency dependencies) against "
-                       "FlashInfer CP's segment maps, fix-up and segment walks (53 + 35 + 52 µs; 8 segments of 16 "
-                       "chunks, 5 775 cycles per chunk of a full 128-column state with o); but gdn's prepare "
-                       "(81 µs: w and u for every chunk, 168 registers, 19 % occupancy, long-scoreboard stalls) "
+                       "achieved occupancy, 1 944 cycles per chunk, stalled on fixed-latency dependencies) against "
+                       "FlashInfer CP's segment maps, fix-up and segment walks (53 + 37 + 51 µs; 8 segments of 16 "
+                       "chunks, 5 739 cycles per chunk of a full 128-column state with o); but gdn's prepare "
+                       "(81 µs: w and u for every chunk, 168 registers, 18 % occupancy, long-scoreboard stalls) "
                        "and its separate chunk_fwd_o pass (65 µs: h and v_new back from HBM) against FlashInfer's "
                        "21 µs factor kernel, which leaves w, u and o to the walk. Fusing o into gdn's walk in "
-                       "Triton 3.6 takes 4 760 cycles per chunk over all 128 chunks (the fused row: 354 µs, 226 "
+                       "Triton 3.6 takes 4 724 cycles per chunk over all 128 chunks (the fused row: 353 µs, 226 "
                        "registers), and cutting it into pieces does not pay at 128 walks (tune_forward --only "
                        "walk, tilings.FUSED_WALK): what the peers add is warp-specialized warpgroup-MMA walks "
                        "over segments, each chunk's o computed beside the state update",
-    "jax_host_chunk_fwd_o": "JAX's own dispatch of a jitted program: the same chunk_fwd_o inside the caller's jax.jit "
-                "(chunk_o_host.csv) costs about as much CPU per call on this host; the eager call adds only its "
-                "host-side argument checks",
+    "jax_host_chunk_fwd_o": "JAX's own dispatch of a jitted program: the same chunk_fwd_o inside the caller's "
+                            "jax.jit (chunk_o_host.csv) costs about as much CPU per call on this host; the eager call "
+                            "adds only its host-side argument checks",
     "jax_host_chunk_gated_delta_rule": "JAX's dispatch of a jitted program of several kernels: jla's jitted "
                                        "forward costs about as much CPU per call on this host (forward_host.csv)",
     "chunk_o_triton_floor": "not profiled on the H200: the kernel moves its bytes at about 3.6 TB/s there, 85 % of "
