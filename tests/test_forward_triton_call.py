@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdn.common import contract, spec
+from gdn.common import forward_contract, spec
 from gdn.pallas import chunk_gated_delta_rule
 from tests import triton_call_stand_in
 
