@@ -118,6 +118,13 @@ def as_index(x) -> jax.Array | None:
     return None if x is None else jnp.asarray(x, jnp.int32)
 
 
+def first_chunk_rows(cu_seqlens: jax.Array) -> jax.Array:
+    """[N] each sequence's first row of h (or dh) in a varlen batch, on the device: the exclusive cumulative sum of
+    the sequences' chunk counts ceil((cu_seqlens[n + 1] − cu_seqlens[n]) / CHUNK_SIZE)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
+    return jnp.cumsum(counts) - counts
+
+
 def index_or_placeholder(x, shape: tuple[int, ...]) -> jax.Array:
     """An int32 index array for a kernel ref, or, for None, an int32 placeholder of the given shape that the
     kernel's static flags never read."""

@@ -28,6 +28,7 @@ from gdn.pallas.arrays import (
     as_index,
     check_token_rows,
     compiler_params,
+    first_chunk_rows,
     float32_dot_precision,
     host_cu_seqlens,
     index_or_placeholder,
@@ -357,9 +358,8 @@ def jitted_backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_in
                     BK=chunk.block_k, BV=chunk.block_v, NV=num_v_tiles)
 
     chunk_offsets = None
-    if f.varlen:  # first dh row of each sequence
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
-        chunk_offsets = jnp.cumsum(counts) - counts
+    if f.varlen:
+        chunk_offsets = first_chunk_rows(cu_seqlens)
     dht = (jnp.zeros((1, 1, 1), jnp.float32) if final_state_gradient is None
            else final_state_gradient.reshape(N * HV, K, V))
     dh, dv_new, dh0 = call(

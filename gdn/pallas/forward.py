@@ -28,6 +28,7 @@ from gdn.pallas.arrays import (
     as_index,
     check_token_rows,
     compiler_params,
+    first_chunk_rows,
     float32_dot_precision,
     host_cu_seqlens,
     host_values,
@@ -486,9 +487,8 @@ def walk(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, initial_st
         return (None if q is None else jnp.zeros(u.shape, u.dtype)), final, h, (
             jnp.zeros(u.shape, u.dtype) if store_h else None)
     chunk_offsets = None
-    if store_h and problem.varlen:  # first h row of each sequence
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
-        chunk_offsets = jnp.cumsum(counts) - counts
+    if store_h and problem.varlen:
+        chunk_offsets = first_chunk_rows(cu_seqlens)
     o, final_state, h, v_new, _, _ = _walk_call(
         problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_offsets, scale, pieces, output_o=q is not None,
         store_h=store_h, interpret=interpret, tiling=tiling or problem.walk, state_indices=state_indices, pool=pool)

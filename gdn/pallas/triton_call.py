@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn.common import contract, forward_contract, spec, tilings
+from gdn.pallas.arrays import first_chunk_rows
 
 try:
     import triton
@@ -257,9 +258,8 @@ def forward(problem: forward_contract.ForwardProblem, q, k, v, g, beta, initial_
     if not fused:
         results["h"] = jax.ShapeDtypeStruct((B, problem.chunks_per_row, HV, K, V), k.dtype)
         results["v_new"] = jax.ShapeDtypeStruct(v.shape, v.dtype)
-        if problem.varlen:  # first h row of each sequence
-            counts = (cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1) // spec.CHUNK_SIZE
-            chunk_offsets = jnp.cumsum(counts) - counts
+        if problem.varlen:
+            chunk_offsets = first_chunk_rows(cu_seqlens)
     walked = dict(zip(results, _walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens,
                                      chunk_offsets, results, scale, pieces, store_h=not fused,
                                      capability=capability)))

@@ -126,6 +126,13 @@ def planned(contract: Callable[..., Problem], plan: Callable[[Problem], Plan], k
     return problem, plan(problem)
 
 
+def first_chunk_rows(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N] each sequence's first row of h (or dh) in a varlen batch, on the device (no host sync): the exclusive
+    cumulative sum of the sequences' chunk counts ceil((cu_seqlens[n + 1] − cu_seqlens[n]) / CHUNK_SIZE)."""
+    counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE, rounding_mode="floor")
+    return torch.cumsum(counts, 0) - counts
+
+
 def host_cu_seqlens(cu_seqlens: torch.Tensor | None, chunk_indices: torch.Tensor | None) -> tuple[int, ...] | None:
     """The values of cu_seqlens for the contract check and for building chunk_indices: read when it is on the
     host, or when chunk_indices is missing (then a device→host copy, a sync); None when not read."""

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from gdn.common import forward_contract, spec, tilings
 from gdn.triton import forward
-from gdn.triton.arrays import host_cu_seqlens, planned, tensor_keys
+from gdn.triton.arrays import first_chunk_rows, host_cu_seqlens, planned, tensor_keys
 from gdn.triton.launcher import KernelLaunch
 from gdn.triton_kernels.chunk_o import chunk_span
 from gdn.triton_kernels.forward import unit_lower_inverse
@@ -403,10 +403,8 @@ def gradients(problem: forward_contract.BackwardProblem, launches: BackwardLaunc
     launches.dv_local(q, k, g_cum, do, dv_local, cu_seqlens, chunk_indices, scale, T, f.N)
 
     chunk_offsets = None
-    if f.varlen:  # first dh row of each sequence, on the device: no host sync
-        counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
-                           rounding_mode="floor")
-        chunk_offsets = torch.cumsum(counts, 0) - counts
+    if f.varlen:
+        chunk_offsets = first_chunk_rows(cu_seqlens)
     dh = torch.empty_like(h)
     dv_new = torch.empty_like(v)
     dh0 = torch.empty_like(initial_state) if f.use_initial_state else None

@@ -20,7 +20,15 @@ import torch
 
 from gdn.common import checks, forward_contract, spec, tilings
 from gdn.common.contract import ArrayInfo
-from gdn.triton.arrays import check_device, host_cu_seqlens, layout_keys, planned, refuse_grad, tensor_keys
+from gdn.triton.arrays import (
+    check_device,
+    first_chunk_rows,
+    host_cu_seqlens,
+    layout_keys,
+    planned,
+    refuse_grad,
+    tensor_keys,
+)
 from gdn.triton.chunk_o import launch as launch_chunk_o
 from gdn.triton.launcher import KernelLaunch, cached_plan
 from gdn.triton_kernels import forward as forward_kernels
@@ -143,10 +151,8 @@ def walk(problem: forward_contract.ForwardProblem, q: torch.Tensor | None, k: to
     if store_h:
         h = torch.empty((B, problem.chunks_per_row, HV, K, V), dtype=k.dtype, device=k.device)
         v_new = torch.empty_like(u)
-        if problem.varlen:  # first h row of each sequence, on the device: no host sync
-            counts = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + spec.CHUNK_SIZE - 1, spec.CHUNK_SIZE,
-                               rounding_mode="floor")
-            chunk_offsets = torch.cumsum(counts, 0) - counts
+        if problem.varlen:
+            chunk_offsets = first_chunk_rows(cu_seqlens)
     if N * HV == 0:
         return o, final_state, h, v_new
     walk_launch(problem, tiling or problem.walk, pieces, initial=initial_state is not None,

@@ -335,7 +335,6 @@ def chunk_combine_kernel(
         tl.store(starts + ((i_n * NUM_PIECES + i_p + 1) * HV + i_hv).to(tl.int64) * (K * V) + p_kv, b_s, mask=m_kv)
 
 
-
 def prepare_grid(problem: forward_contract.ForwardProblem) -> tuple[int]:
     """chunk_prepare_kernel's 1-D grid for a validated problem: one program per (chunk, value head)."""
     return (problem.num_chunks_total * problem.HV,)
