@@ -5,12 +5,17 @@ CPU: the lowering for sm_90 in a fresh interpreter without TRITON_INTERPRET — 
 for sm_90 and the calls are built against a stand-in for jaxlib's bindings (they exist with JAX's CUDA plugin only),
 which records what it is given: a varlen batch forced into 2 pieces lowers to prepare, the map walk, the combine,
 the walk and chunk_fwd_o, each a custom call taking its inputs and returning its outputs, with gdn.triton's grids.
-And the refusals. GPU: o and the final state bit-identical to gdn.triton's on the same inputs (the same kernels,
-compiled alike, launched by the same plans), close to the float64 reference; in pieces, under a caller's jit with
-padded chunk indices, with the raw gates and in-kernel L2 norm; the gradient is the Pallas backward's.
+And the refusals, and the default path (lowering=None: default_forward_lowering), triton_call where chunk_fwd_o's
+default is, the Pallas kernels for a state pool, axis_name and traced softplus scalars. GPU: o and the final state
+bit-identical to gdn.triton's on the same inputs (the same kernels, compiled alike, launched by the same plans),
+close to the float64 reference; in pieces, under a caller's jit with padded chunk indices, with the raw gates and
+in-kernel L2 norm; the gradient is the Pallas backward's; the default call's bits are triton_call's, a state pool's
+and a traced scale's the Pallas kernels'.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -104,7 +109,6 @@ def _forward(a: dict, **options):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"lowering": "mosaic_gpu"}, r"lowering: expected one of \('triton', 'triton_call'\); got 'mosaic_gpu'"),
     ({"interpret": True}, r"interpret: expected None or False with lowering='triton_call' \(compiled kernels "
                           r"only\); got True"),
     ({"axis_name": "x"}, r"axis_name: expected None with lowering='triton_call' \(the context parallel path "
@@ -112,10 +116,18 @@ def _forward(a: dict, **options):
     ({"state_indices": np.arange(7, dtype=np.int32)},
      r"state_indices: expected None with lowering='triton_call' \(a state pool is updated in place; a custom "
      r"call's results are new arrays\); got an array"),
-], ids=["unknown-lowering", "interpret", "axis_name", "state_pool"])
+], ids=["interpret", "axis_name", "state_pool"])
 def test_refusals(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"^{OP}: {message}$"):
         _forward(_jax_args(), **{"lowering": "triton_call", **options})
+
+
+def test_an_unknown_lowering_is_refused() -> None:
+    from gdn.pallas.forward import LOWERINGS
+
+    with pytest.raises(ValueError, match=f"^{OP}: lowering: expected None or one of {re.escape(str(LOWERINGS))}; "
+                                         "got 'pallas'$"):
+        _forward(_jax_args(), lowering="pallas")
 
 
 @pytest.mark.parametrize("name", ["scale", "softplus_beta"])
@@ -147,6 +159,102 @@ def test_without_a_cuda_gpu_it_says_so() -> None:
     with pytest.raises(ValueError, match=rf"^{OP}: lowering='triton_call' runs compiled Triton kernels on a CUDA "
                                          f"GPU; JAX's default device is {jax.default_backend()}"):
         _forward(_jax_args(), lowering="triton_call")
+
+
+# The default path (lowering=None): default_forward_lowering. chunk_o.default_lowering answers "triton" off a CUDA
+# GPU; stood in for here by a GPU's answer, "triton_call", to check the forward's own fallbacks.
+_PLAIN_CALL = {"interpret": None, "scale": 0.5, "softplus_beta": spec.SOFTPLUS_BETA,
+               "softplus_threshold": spec.SOFTPLUS_THRESHOLD, "axis_name": None, "state_indices": None}
+
+
+@pytest.fixture
+def triton_call_runs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """chunk_o.default_lowering answering "triton_call", as on a CUDA GPU with triton; the (interpret, scale) it
+    was asked with."""
+    from gdn.pallas import chunk_o
+
+    asked = []
+    monkeypatch.setattr(chunk_o, "default_lowering", lambda interpret, scale: asked.append((interpret, scale)) or
+                        "triton_call")
+    return asked
+
+
+def test_the_default_off_a_cuda_gpu_is_the_pallas_kernels() -> None:
+    import jax
+
+    from gdn.pallas.forward import default_forward_lowering
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("JAX's default device is a GPU")
+    assert default_forward_lowering(**_PLAIN_CALL) == "triton"
+
+
+def test_the_default_is_triton_call_where_chunk_fwd_o_defaults_to_it(triton_call_runs: list) -> None:
+    from gdn.pallas.forward import default_forward_lowering
+
+    assert default_forward_lowering(**_PLAIN_CALL) == "triton_call"
+    assert triton_call_runs == [(None, 0.5)]
+
+
+@pytest.mark.parametrize("reason", ["axis_name", "state_indices", "softplus_beta", "softplus_threshold"])
+def test_the_default_falls_back_to_the_pallas_kernels(triton_call_runs: list, reason: str) -> None:
+    """A state pool, axis_name, or a traced softplus scalar (triton_call bakes them into its compiled calls): the
+    Pallas kernels, whatever chunk_fwd_o's default is."""
+    import jax
+
+    from gdn.pallas.forward import default_forward_lowering
+
+    if reason in ("axis_name", "state_indices"):
+        chosen = [default_forward_lowering(**{**_PLAIN_CALL, reason: "seq" if reason == "axis_name" else
+                                              np.zeros(3, np.int32)})]
+    else:
+        chosen = []
+        jax.jit(lambda x: chosen.append(default_forward_lowering(**{**_PLAIN_CALL, reason: x})))(1.0)
+    assert chosen == ["triton"]
+
+
+def test_a_call_without_lowering_takes_the_default_path(monkeypatch: pytest.MonkeyPatch,
+                                                        triton_call_runs: list) -> None:
+    """chunk_gated_delta_rule(lowering=None) reaches the body default_forward_lowering names: triton_call's (its
+    scalars baked in) for a plain call, the Pallas kernels' (no scalars) for a state pool and axis_name, and with
+    lowering='triton'. The jitted bodies are recorders here: nothing is compiled."""
+    from gdn.pallas import forward
+
+    bodies = []
+
+    def recorder(name: str):
+        def body(*arrays, call_scalars, **static):
+            bodies.append((name, call_scalars))
+            return None, None
+        return body
+
+    monkeypatch.setattr(forward, "jitted_chunk_gated_delta_rule", recorder("plain"))
+    monkeypatch.setattr(forward, "jitted_chunk_gated_delta_rule_pool", recorder("pool"))
+    a = _jax_args()
+    _forward(a)
+    _forward(a, axis_name="seq")
+    _forward(a, state_indices=np.arange(len(a["cu_seqlens"]) - 1, dtype=np.int32))
+    _forward(a, lowering="triton")
+    softplus = (float(spec.SOFTPLUS_BETA), float(spec.SOFTPLUS_THRESHOLD))
+    assert bodies == [("plain", (None,) + softplus), ("plain", None), ("pool", None), ("plain", None)]
+
+
+def test_warmup_forward_warms_the_lowering_later_calls_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """warmup_forward passes lowering on (None: the default later calls resolve to as well)."""
+    import jax.numpy as jnp
+
+    from gdn.pallas import forward
+
+    lowerings = []
+
+    def call(*arrays, lowering, **options):
+        lowerings.append(lowering)
+        return jnp.zeros(1), None
+
+    monkeypatch.setattr(forward, "chunk_gated_delta_rule", call)
+    forward.warmup_forward("float16", 32, 32, HV=2, H=1)
+    forward.warmup_forward("float16", 32, 32, HV=2, H=1, lowering="triton")
+    assert lowerings == [None, "triton"]
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
@@ -254,10 +362,52 @@ def test_the_bits_of_gdn_triton_with_raw_inputs(jax_gpu, qk_l2norm: bool, raw_ga
 
 
 @pytest.mark.gpu
+def test_the_default_on_a_cuda_gpu_is_triton_call(jax_gpu) -> None:
+    """With no lowering named, a plain call runs triton_call: o and the final state have its bits (gdn.triton's).
+    A state pool and a traced scale under a caller's jit fall back to the Pallas kernels: their bits, close to the
+    float64 reference."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule
+    from gdn.pallas.forward import default_forward_lowering
+
+    assert default_forward_lowering(**{**_PLAIN_CALL, "scale": None}) == "triton_call"
+    inputs = FORWARD_CASES[6].inputs("bfloat16", seed=37)
+    a = TRITON_CALL.convert(inputs)
+    o, state = _forward(a)
+    o_call, state_call = _forward(a, lowering="triton_call")
+    assert np.array_equal(np.asarray(o), np.asarray(o_call)) and np.array_equal(np.asarray(state),
+                                                                                np.asarray(state_call))
+    o_ref, state_ref = forward_reference(inputs)
+
+    # a pool whose row n is sequence n's initial state (each call consumes the pool it is given: a copy)
+    indices = np.arange(len(inputs.arrays["cu_seqlens"]) - 1, dtype=np.int32)
+    o_pool, pool = _forward(dict(a, initial_state=jnp.array(a["initial_state"])), state_indices=indices)
+    o_pallas, pool_pallas = _forward(dict(a, initial_state=jnp.array(a["initial_state"])), state_indices=indices,
+                                     lowering="triton")
+    assert np.array_equal(np.asarray(o_pool), np.asarray(o_pallas))
+    assert np.array_equal(np.asarray(pool), np.asarray(pool_pallas))
+    assert_close(TRITON_CALL.numpy(o_pool), o_ref, OP, "bfloat16", "o, state pool")
+    assert_close(TRITON_CALL.numpy(pool), state_ref, OP, "bfloat16", "final state, state pool")
+
+    def traced_scale(lowering: str | None):
+        return jax.jit(lambda q, k, v, g, beta, state, scale: chunk_gated_delta_rule(
+            q, k, v, g, beta, scale, state, True, inputs.arrays["cu_seqlens"], lowering=lowering))
+
+    args = [a[n] for n in ("q", "k", "v", "g", "beta", "initial_state")] + [spec.default_scale(FORWARD_CASES[6].K)]
+    o_traced, state_traced = traced_scale(None)(*args)
+    o_pallas, state_pallas = traced_scale("triton")(*args)
+    assert np.array_equal(np.asarray(o_traced), np.asarray(o_pallas))
+    assert np.array_equal(np.asarray(state_traced), np.asarray(state_pallas))
+    assert_close(TRITON_CALL.numpy(o_traced), o_ref, OP, "bfloat16", "o, traced scale")
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_gradients_are_the_pallas_backwards(jax_gpu) -> None:
     """jax.vjp through lowering='triton_call' runs the Pallas backward on the same inputs and cotangents: the
-    gradients of the default lowering, bit for bit (the backward recomputes from the inputs alone)."""
+    gradients of lowering='triton', bit for bit (the backward recomputes from the inputs alone)."""
     inputs = FORWARD_CASES[6].inputs("bfloat16", seed=34)
     rng = np.random.default_rng(35)
     do = rng.standard_normal(inputs.arrays["v"].shape).astype(np.float32)

@@ -1,5 +1,6 @@
 """chunk_gated_delta_rule for JAX: the chunked Gated DeltaNet forward in Pallas kernels (Triton lowering on GPU),
-the same algorithm, names and grids as gdn.triton.forward.
+the same algorithm, names and grids as gdn.triton.forward; on a CUDA GPU the default path launches gdn.triton's own
+kernels instead where it can (LOWERINGS).
 
 prepare (g_c, w and u per chunk, all chunks in parallel) → walk (per sequence, value head and V tile, the chunks
 in order with S in registers, storing h and v_new) → chunk_fwd_o; with few walks, the context-parallel path (map
@@ -22,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gdn.common import checks, forward_contract, spec, tilings
+from gdn.pallas import chunk_o
 from gdn.pallas.arrays import (
     accumulating_dot,
     array_info,
@@ -42,11 +44,11 @@ from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
 
 LOWERINGS = ("triton", "triton_call")
-"""chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU), the default; and
-gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched through jaxlib's Triton custom
-call (gdn.pallas.triton_call), chosen explicitly: on an H200 it took 0.78-0.94x of the Pallas kernels' device
-time at six of benchmarks.forward's seven shapes and 1.38x at B1 T512 H16 (benchmarks/RESULTS.md); it becomes the
-default once the GPU test suite has run with it as the default."""
+"""chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU, the interpreter on
+CPU), which run every call; and gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched
+through jaxlib's Triton custom call (gdn.pallas.triton_call), which on an H200 took 0.78-0.94x of the Pallas kernels'
+device time at six of benchmarks.forward's seven shapes and 1.38x at B1 T512 H16 (benchmarks/RESULTS.md). Without
+one asked for, default_forward_lowering chooses: triton_call wherever it runs, else the Pallas kernels."""
 
 
 def rows_finite(b_x):
@@ -566,7 +568,7 @@ def chunk_gated_delta_rule(
     dt_bias: jax.Array | None = None,
     softplus_beta: float | jax.Array = spec.SOFTPLUS_BETA,
     softplus_threshold: float | jax.Array = spec.SOFTPLUS_THRESHOLD,
-    lowering: str = "triton",
+    lowering: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The chunked Gated DeltaNet forward (prefill): (o [B, T, HV, V] in v's dtype, final_state or None).
 
@@ -602,15 +604,20 @@ def chunk_gated_delta_rule(
     (gdn.pallas.distributed). Pallas kernels declare no varying mesh axes, hence check_vma=False. The serving
     arguments are refused there.
 
-    lowering (static): "triton" (the default: the Pallas kernels of this module) or "triton_call"
-    (gdn.pallas.triton_call: gdn.triton's forward kernels, launch plans and bits on a CUDA GPU, compiled only,
-    needs triton; faster at six of the seven benchmark shapes, see LOWERINGS). With "triton_call", scale,
-    softplus_beta and softplus_threshold are baked into the compiled calls (Python floats or concrete scalars; a
-    traced one is refused), interpret=True, axis_name and state_indices are refused, and the gradient is the Pallas
-    backward's (it recomputes from the inputs alone).
+    lowering (static): "triton_call" (gdn.pallas.triton_call: gdn.triton's forward kernels, launch plans and bits
+    on a CUDA GPU, compiled only, needs triton; faster at six of the seven benchmark shapes, see LOWERINGS),
+    "triton" (the Pallas kernels of this module and their bits; the interpreter on CPU), or None, the default:
+    default_forward_lowering, "triton_call" wherever it runs (compiled on a CUDA GPU with triton and jaxlib's
+    Triton custom call, no state pool, no axis_name, scale and the softplus scalars not traced), else "triton".
+    Asked for by name, "triton_call" refuses interpret=True, axis_name, state_indices and a traced scale,
+    softplus_beta or softplus_threshold (Python floats or concrete scalars, baked into the compiled calls). Its
+    gradient is the Pallas backward's (it recomputes from the inputs alone).
     """
-    if lowering not in LOWERINGS:
-        raise ValueError(f"{spec.FORWARD_OP}: lowering: expected one of {LOWERINGS}; got {lowering!r}")
+    if lowering is None:
+        lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold, axis_name=axis_name,
+                                            state_indices=state_indices)
+    elif lowering not in LOWERINGS:
+        raise ValueError(f"{spec.FORWARD_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
     call_scalars = None
     if lowering == "triton_call":
         call_scalars = triton_call_scalars(scale, softplus_beta, softplus_threshold, interpret=interpret,
@@ -632,6 +639,17 @@ def chunk_gated_delta_rule(
     return body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *serving, softplus_beta,
                 softplus_threshold, output_final_state=bool(output_final_state), interpret=interpret,
                 axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), call_scalars=call_scalars)
+
+
+def default_forward_lowering(interpret: bool | None, scale, softplus_beta, softplus_threshold, *,
+                             axis_name: str | None, state_indices) -> str:
+    """chunk_gated_delta_rule's path when the caller names none: "triton_call" where chunk_fwd_o's default is
+    (chunk_o.default_lowering: compiled on a CUDA GPU, triton and jaxlib's Triton custom call present, scale not
+    traced) and the call is one it takes (no state pool, no axis_name, softplus β and threshold not traced: they
+    are baked into its compiled calls); else "triton", the Pallas kernels of this module."""
+    if state_indices is not None or axis_name is not None or is_tracer(softplus_beta) or is_tracer(softplus_threshold):
+        return "triton"
+    return chunk_o.default_lowering(interpret, scale)
 
 
 def triton_call_scalars(scale, softplus_beta, softplus_threshold, *, interpret: bool | None, axis_name: str | None,
@@ -798,11 +816,13 @@ def warmup_forward(
     beta_dtype: str | jnp.dtype = "float32",
     lengths: tuple[int, ...] = (spec.CHUNK_SIZE,),
     interpret: bool | None = None,
+    lowering: str | None = None,
 ) -> None:
-    """Compile the programs that later chunk_gated_delta_rule calls with these dtypes, sizes and flags need:
-    one per T in ``lengths`` (B = 1; varlen: one sequence of T tokens), as gdn.pallas.warmup does for
-    chunk_fwd_o. Pad real inputs to those lengths with gdn.pallas.pad_forward_to_bucket. Warms calls made
-    outside a caller's own jax.jit."""
+    """Compile the programs that later chunk_gated_delta_rule calls with these dtypes, sizes, flags, interpret and
+    lowering need (None: the path default_forward_lowering resolves such calls to; scale and the softplus scalars
+    at their defaults, which triton_call bakes into its programs): one per T in ``lengths`` (B = 1; varlen: one
+    sequence of T tokens), as gdn.pallas.warmup does for chunk_fwd_o. Pad real inputs to those lengths with
+    gdn.pallas.pad_forward_to_bucket. Warms calls made outside a caller's own jax.jit."""
     for T in lengths:
         call = spec.warmup_arguments(T, H, HV, K, V, True, varlen)
         q = jnp.zeros(call["q"], dtype)
@@ -810,5 +830,5 @@ def warmup_forward(
         o, _ = chunk_gated_delta_rule(
             q, q, jnp.zeros(call["v"], dtype), jnp.zeros(call["g"], jnp.float32), jnp.zeros(call["beta"], beta_dtype),
             initial_state=state, output_final_state=output_final_state, cu_seqlens=call["cu_seqlens"],
-            chunk_indices=call["chunk_indices"], interpret=interpret)
+            chunk_indices=call["chunk_indices"], interpret=interpret, lowering=lowering)
         o.block_until_ready()
