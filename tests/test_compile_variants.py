@@ -112,7 +112,8 @@ def test_warmup_compiles_everything_later_calls_need() -> None:
 
 
 def test_pallas_warmup_covers_every_padded_length() -> None:
-    """After gdn.pallas.warmup over the buckets, calls at any T padded with pad_to_bucket compile nothing."""
+    """After gdn.pallas.warmup over the buckets, calls at any T padded with pad_to_bucket compile nothing (the
+    default path for both: triton_call on a CUDA GPU, the Pallas kernels elsewhere)."""
     import jax.numpy as jnp
 
     import gdn.pallas
@@ -180,7 +181,8 @@ def test_forward_warmup_covers_the_context_parallel_path(initial_state: bool, ou
 def test_pallas_forward_warmup_covers_every_padded_length() -> None:
     """After gdn.pallas.warmup_forward over the buckets, forward calls at any T padded with
     pad_forward_to_bucket compile nothing, and their real rows of o and their final state are the unpadded
-    call's, bit for bit (a padding token has beta = 0 and g = 0: S passes it unchanged)."""
+    call's, bit for bit (a padding token has beta = 0 and g = 0: S passes it unchanged). Warmup, padded and unpadded
+    calls take the same default path: triton_call on a CUDA GPU, the Pallas kernels elsewhere."""
     import jax.numpy as jnp
 
     import gdn.pallas
