@@ -279,7 +279,9 @@ def _pallas_prefill_pool_row(t: dict[str, Any], pool0: Any, rows: np.ndarray,
 
     @jax.jit
     def dense_call(state: Any) -> tuple[Any, Any]:
-        return chunk_gated_delta_rule(*inputs, initial_state=state, output_final_state=True, **varlen)
+        # the Pallas kernels, which a pool call runs (the default on dense states is triton_call on a CUDA GPU)
+        return chunk_gated_delta_rule(*inputs, initial_state=state, output_final_state=True, **varlen,
+                                      lowering="triton")
 
     @functools.partial(jax.jit, donate_argnums=0)
     def pool_call(pool: Any) -> tuple[Any, Any]:

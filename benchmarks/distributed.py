@@ -6,8 +6,9 @@ inputs from benchmarks.shapes.forward_inputs, the same values on every rank, JAX
           process per GPU, each its half of the sequence, NCCL. This script launches the 2 ranks torchrun-style
           (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; env:// rendezvous); under torchrun itself,
           ``torchrun --nproc-per-node 2 -m benchmarks.distributed --role torch-rank`` runs the same ranks.
-  jax     gdn.pallas.chunk_gated_delta_rule under jax.jit on 1 device, and in one process over 2 devices inside
-          jax.shard_map(check_vma=False) with axis_name, the sequence axis sharded over a 1-D mesh.
+  jax     gdn.pallas.chunk_gated_delta_rule's Pallas kernels (lowering="triton") under jax.jit on 1 device, and in
+          one process over 2 devices inside jax.shard_map(check_vma=False) with axis_name, the sequence axis
+          sharded over a 1-D mesh.
 Measured: the median time per call with its 10th–90th percentiles (torch: CUDA events around each call after a
 barrier, the slower rank's time; JAX: wall time per call, 10 pipelined calls per block_until_ready), the
 speed-up of 2 GPUs over 1, and the exchange — all-gather of the maps and the combine,
@@ -210,8 +211,10 @@ def jax_process(shape: shapes.Shape, reps: int, result_file: Path) -> None:
     sharded = [jax.device_put(a[n], NamedSharding(mesh, spec)) for n, spec in zip(names, specs)]
 
     def call(q, k, v, g, beta, initial_state, axis_name=None):
+        # the Pallas kernels on 1 device too: those the axis_name path runs (the 1-device default on a CUDA GPU is
+        # triton_call)
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
-                                      axis_name=axis_name)
+                                      axis_name=axis_name, lowering="triton")
 
     one_device = jax.jit(call)
     two_devices = jax.jit(jax.shard_map(lambda *args: call(*args, axis_name="seq"), mesh=mesh, in_specs=specs,

@@ -190,7 +190,9 @@ STAGE_OUTPUTS = ("g_cum", "w", "u", "h", "v_new", "final_state")
 class PallasBackend:
     name = "pallas"
     lowering = "triton"
-    """The lowering argument of gdn.pallas.chunk_fwd_o and chunk_gated_delta_rule (the default here)."""
+    """The lowering argument of gdn.pallas.chunk_fwd_o and chunk_gated_delta_rule: pinned to the Pallas kernels, whose
+    bits every call of this backend then has (the ops' default, None, runs triton_call on a CUDA GPU, and the Pallas
+    kernels for a state pool)."""
 
     @property
     def interpreted(self) -> bool:
