@@ -26,10 +26,7 @@ c·BT ("slots"): q, k [slots, H, K], v, o [slots, HV, V], h [B·NT, HV, K, V], t
 already in slots (no copy); otherwise launch gathers each chunk's tokens into its slot (slot_tokens), rows past
 the chunk's sequence zero, and scatters o back, so no row of another sequence is ever read or written.
 
-Interpret mode. JAX 0.10's Mosaic GPU interpreter has no rules for layout hints (plgpu.load with a layout,
-plgpu.broadcasted_iota) nor for wgmma with a transposed or register operand; there the three helpers below
-read SMEM plainly and multiply with jnp.dot in float32 (the values a wgmma accumulates). Everything else — the
-TMA copies and their barriers, the slot offsets, the masks, the staged store — runs as compiled.
+Interpret mode: gdn.pallas.mosaic_gpu_tiles (the helpers that stand in for layout hints and wgmma there).
 
 Next steps, once measured against the Triton lowering (benchmarks/chunk_o.py): a persistent grid whose CTAs
 pipeline the next item's TMA loads under this item's wgmmas (jla's scalar_gate_fused.py streams its inputs
@@ -49,26 +46,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gdn.common import contract, spec
 from gdn.pallas.chunk_o import chunk_span
-
-HEAD_DIMS = (64, 128)
-"""K and V this kernel takes (those of jla's Mosaic GPU kernels, measured on H100/H200): one 128-byte-swizzled
-16-bit tile row of 64 or 128 elements, a whole tile per TMA copy and per wgmma."""
-DTYPES = ("float16", "bfloat16")
-"""wgmma's 16-bit inputs; float32 needs the three-pass TF32 dots of the Triton lowering (tilings)."""
-
-LOWERING = "lowering='mosaic_gpu'"
-"""How the error messages name this path."""
-
-WGMMA = plgpu.Layout.WGMMA
-ROWS = WGMMA.reduce(1)  # one value per row of a WGMMA tile
-COLS = WGMMA.reduce(0)  # one value per column
-
-# Mosaic GPU interpret mode's parameters: jax.experimental.pallas.mosaic_gpu.InterpretGPUParams from JAX 0.11,
-# only under jax._src before. The one place that knows both.
-try:
-    InterpretGPUParams = plgpu.InterpretGPUParams
-except AttributeError:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from gdn.pallas.mosaic_gpu_tiles import (
+    COLS,
+    DTYPES,
+    HEAD_DIMS,
+    LOWERING,
+    ROWS,
+    InterpretGPUParams,
+    device_reason,
+    dot,
+    iota,
+    load,
+    smem_tile,
+)
 
 
 def unsupported_reason(problem: contract.ChunkOProblem, h_dtype: str, interpret: bool) -> str | None:
@@ -80,48 +70,7 @@ def unsupported_reason(problem: contract.ChunkOProblem, h_dtype: str, interpret:
         return f"h: expected the dtype of q ({problem.dtype}) with {LOWERING}; got {h_dtype}"
     if problem.K not in HEAD_DIMS or problem.V not in HEAD_DIMS:
         return f"K, V: expected each in {HEAD_DIMS} with {LOWERING}; got K = {problem.K}, V = {problem.V}"
-    if not interpret:
-        device = jax.devices()[0]
-        if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
-            return f"device: expected an sm_90 GPU (wgmma) or interpret=True with {LOWERING}; got {device.device_kind}"
-    return None
-
-
-def _smem_tile(shape: tuple[int, int], dtype) -> plgpu.SMEM:
-    """An SMEM tile tiled and swizzled for TMA and wgmma (the widest swizzle its rows allow)."""
-    dtype = jnp.dtype(dtype)
-    swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
-                                                plgpu.SwizzleTransform(swizzle)))
-
-
-def _load(ref, layout, interpret: bool) -> jax.Array:
-    """An SMEM ref's values in registers, in the given layout (a plain read in interpret mode)."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
-
-
-def _iota(shape: tuple[int, int], dim: int, interpret: bool) -> jax.Array:
-    """Row (dim 0) or column (dim 1) index of every element of a WGMMA-layout tile."""
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
-
-
-def _dot(a, b, shape: tuple[int, int], interpret: bool, transpose_b: bool = False) -> jax.Array:
-    """a·b (a·bᵀ with transpose_b) accumulated in float32 on the tensor cores; a an SMEM tile or 16-bit registers
-    in the WGMMA layout, b an SMEM tile."""
-    if interpret:
-        a = a if isinstance(a, jax.Array) else a[...]
-        b = b[...]
-        return jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
-
-    def accumulate(acc):
-        plgpu.wgmma(acc, a, b.T if transpose_b else b)
-        return acc[...]
-
-    # The barrier keeps LLVM from scheduling arithmetic on the accumulator before the wgmma wait (which has no
-    # data dependency on the registers); jla's _common.matmul saw stale, zeroed products without it.
-    return lax.optimization_barrier(pl.run_scoped(accumulate, plgpu.ACC(shape, jnp.float32)))
+    return device_reason(interpret)
 
 
 def chunk_fwd_o_kernel(q, k, v, h, g, scale, o, q_s, k_s, h_s, v_s, g_row_s, g_col_s, o_s, qk_ready, hvg_ready, *,
@@ -142,13 +91,13 @@ def chunk_fwd_o_kernel(q, k, v, h, g, scale, o, q_s, k_s, h_s, v_s, g_row_s, g_c
         plgpu.copy_gmem_to_smem(g.at[i_hv, o_t], g_col_s, hvg_ready)
 
     plgpu.barrier_wait(qk_ready)
-    b_A = _dot(q_s, k_s, (BT, BT), INTERPRET, transpose_b=True)  # [BT, K] @ [K, BT] -> [BT, BT]: q_c k_cᵀ
+    b_A = dot(q_s, k_s, (BT, BT), INTERPRET, transpose_b=True)  # [BT, K] @ [K, BT] -> [BT, BT]: q_c k_cᵀ
     plgpu.barrier_wait(hvg_ready)
-    b_o = _dot(q_s, h_s, (BT, V), INTERPRET)  # [BT, K] @ [K, V] -> [BT, V]: the inter-chunk part q_c h[c]
+    b_o = dot(q_s, h_s, (BT, V), INTERPRET)  # [BT, K] @ [K, V] -> [BT, V]: the inter-chunk part q_c h[c]
 
-    m_A = _iota((BT, BT), 0, INTERPRET) >= _iota((BT, BT), 1, INTERPRET)  # causal: j <= i
+    m_A = iota((BT, BT), 0, INTERPRET) >= iota((BT, BT), 1, INTERPRET)  # causal: j <= i
     if USE_G:
-        b_g_row, b_g_col = _load(g_row_s, ROWS, INTERPRET), _load(g_col_s, COLS, INTERPRET)  # [BT] g_i, g_j
+        b_g_row, b_g_col = load(g_row_s, ROWS, INTERPRET), load(g_col_s, COLS, INTERPRET)  # [BT] g_i, g_j
         # o_inter_i *= exp(g_i); A[i, j] *= exp(g_i − g_j) for j <= i, formed inside exp so nothing overflows
         b_o = b_o * lax.broadcast_in_dim(jnp.exp(b_g_row), (BT, V), [0])
         b_gap = lax.broadcast_in_dim(b_g_row, (BT, BT), [0]) - lax.broadcast_in_dim(b_g_col, (BT, BT), [1])
@@ -158,21 +107,25 @@ def chunk_fwd_o_kernel(q, k, v, h, g, scale, o, q_s, k_s, h_s, v_s, g_row_s, g_c
 
     # [BT, BT] @ [BT, V] -> [BT, V]: the intra-chunk part, scale folded in before the cast to v's dtype
     b_scale = scale[0]
-    b_o = b_o * b_scale + _dot((b_A * b_scale).astype(v_s.dtype), v_s, (BT, V), INTERPRET)
+    b_o = b_o * b_scale + dot((b_A * b_scale).astype(v_s.dtype), v_s, (BT, V), INTERPRET)
     o_s[...] = b_o.astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o.at[o_t, i_hv])
     plgpu.wait_smem_to_gmem(0)
 
 
-def slot_tokens(problem: contract.ChunkOProblem, cu_seqlens, chunk_indices) -> jax.Array:
-    """[num_chunks_total · BT] int32: the token row (of the packed B·T axis) each chunk slot row holds, B·T for a
-    slot row past its chunk's sequence (or of a row naming no chunk: chunk_span gives it an empty span)."""
+def slot_tokens(problem: contract.ChunkOProblem, cu_seqlens, chunk_indices) -> tuple[jax.Array, jax.Array]:
+    """Two [num_chunks_total · BT] int32 maps from chunk slot rows to token rows (of the packed B·T axis): the
+    token each slot row holds, B·T for a row past its chunk's sequence (or of a row naming no chunk: chunk_span
+    gives it an empty span); and the token whose gate it holds, the chunk's last token for a row past the
+    sequence (B·T for a chunk with no tokens), so that a partial chunk's last gate row is its true last gate."""
     BT = spec.CHUNK_SIZE
     t0, eos = chunk_span(jnp.arange(problem.num_chunks_total), cu_seqlens, chunk_indices, T=problem.T, BT=BT,
                          IS_VARLEN=problem.varlen)  # [NC] each
     token = t0[:, None] + jnp.arange(BT)[None, :]  # [NC, BT]
-    return jnp.where(token < eos[:, None], token, problem.B * problem.T).reshape(-1)
+    past = problem.B * problem.T
+    gate_token = jnp.where(eos[:, None] > t0[:, None], jnp.minimum(token, eos[:, None] - 1), past)
+    return jnp.where(token < eos[:, None], token, past).reshape(-1), gate_token.reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "interpret"))
@@ -192,7 +145,7 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
     # there (dense, T a multiple of BT), else gathered into slots, a slot's rows past its sequence zero.
     in_slots = not problem.varlen and T % BT == 0
     if not in_slots:
-        token = slot_tokens(problem, cu_seqlens, chunk_indices)
+        token, _ = slot_tokens(problem, cu_seqlens, chunk_indices)
         q, k, v = (x.at[token].get(mode="fill", fill_value=0) for x in (q, k, v))
         if problem.gated:
             g = g.at[token].get(mode="fill", fill_value=0)
@@ -206,8 +159,8 @@ def launch(q, k, v, h, g, scale, cu_seqlens, chunk_indices, *, problem: contract
         kernel,
         out_type=jax.ShapeDtypeStruct((slots, HV, V), dtype),
         scratch_types=dict(
-            q_s=_smem_tile((BT, K), dtype), k_s=_smem_tile((BT, K), dtype), h_s=_smem_tile((K, V), dtype),
-            v_s=_smem_tile((BT, V), dtype), o_s=_smem_tile((BT, V), dtype),
+            q_s=smem_tile((BT, K), dtype), k_s=smem_tile((BT, K), dtype), h_s=smem_tile((K, V), dtype),
+            v_s=smem_tile((BT, V), dtype), o_s=smem_tile((BT, V), dtype),
             g_row_s=plgpu.SMEM((BT,), jnp.float32), g_col_s=plgpu.SMEM((BT,), jnp.float32),
             qk_ready=plgpu.Barrier(num_arrivals=2), hvg_ready=plgpu.Barrier(num_arrivals=4 if problem.gated else 2)),
         grid=(problem.num_chunks_total * HV,),
