@@ -7,6 +7,8 @@ the error; nothing stops the run):
   gdn-pallas        gdn.pallas.chunk_gated_delta_rule, called as users call it (the op jits itself)
   gdn-jax-triton    the same with lowering="triton_call": gdn-triton's kernels launched from JAX through jaxlib's
                     Triton custom call (its o and final state should equal gdn-triton's bit for bit: rel err 0)
+  gdn-mosaic        the same with lowering="mosaic_gpu": the Pallas prepare and piece maps, then the walk with o
+                    computed in it in Pallas Mosaic GPU (gdn.pallas.forward_mosaic_gpu)
   fla               fla-core 0.6 fla.ops.gated_delta_rule.chunk_gated_delta_rule (takes natural-log g)
   flashinfer        FlashInfer's SM90 prefill (fi_gdn bundle: benchmarks/../shared/peers/flashinfer-gdn-sm90)
                     on its fused path (use_cp=False), inputs converted to its layout once, outside the timings
@@ -51,8 +53,8 @@ from benchmarks import harness, shapes
 from benchmarks.harness import fmt, progress
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-IMPLS = ("gdn-triton", "gdn-pallas", "gdn-jax-triton", "fla", "flashinfer", "flashinfer-cp", "jla-mosaic")
-JAX_IMPLS = ("gdn-pallas", "gdn-jax-triton", "jla-mosaic")
+IMPLS = ("gdn-triton", "gdn-pallas", "gdn-jax-triton", "gdn-mosaic", "fla", "flashinfer", "flashinfer-cp", "jla-mosaic")
+JAX_IMPLS = ("gdn-pallas", "gdn-jax-triton", "gdn-mosaic", "jla-mosaic")
 MISMATCH_TOL = 2e-2
 PIPELINED_CALLS = 50
 COLD_SHAPE = "B1-T8192-H16-HV16"
@@ -99,7 +101,7 @@ def load_impls(wanted: list[str]) -> dict[str, harness.Impl]:
             except Exception as error:  # noqa: BLE001
                 impls[name] = harness.not_installed(name, "jax" if name in JAX_IMPLS else "torch", error)
     jax_wanted = harness.jax_gpu_impls([n for n in JAX_IMPLS if n in wanted], impls)
-    for name, lowering in (("gdn-pallas", "triton"), ("gdn-jax-triton", "triton_call")):
+    for name, lowering in (("gdn-pallas", "triton"), ("gdn-jax-triton", "triton_call"), ("gdn-mosaic", "mosaic_gpu")):
         if name in jax_wanted:
             try:
                 from gdn.pallas import chunk_gated_delta_rule as gdn_pallas

@@ -139,7 +139,8 @@ class TritonBackend:
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
                           fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The forward with each sequence cut into that many pieces (the context-parallel path from 2 on),
-        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK)."""
+        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK); with
+        lowering="mosaic_gpu", the Mosaic GPU walk."""
         from gdn.triton import forward
 
         a = self.convert(inputs)
@@ -323,7 +324,8 @@ class PallasBackend:
     def forward_in_pieces(self, inputs: OpInputs, pieces: int, output_final_state: bool = True,
                           fused: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The forward with each sequence cut into that many pieces (the context-parallel path from 2 on),
-        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK)."""
+        whatever tilings.context_pieces would choose; fused: o from the walk (tilings.FUSED_WALK); with
+        lowering="mosaic_gpu", the Mosaic GPU walk."""
         from gdn.pallas import forward
         from gdn.pallas.arrays import as_index, resolve_interpret
 
@@ -334,7 +336,8 @@ class PallasBackend:
         o, state = forward.jitted_forward(
             a["q"], a["k"], a["v"], a["g"], a["beta"], scale, a["initial_state"], as_index(a["cu_seqlens"]),
             None if cu is None else as_index(spec.prepare_chunk_indices(cu)), as_index(a.get("state_indices")),
-            problem=problem, pieces=pieces, interpret=resolve_interpret(None), fused=fused)
+            problem=problem, pieces=pieces, interpret=resolve_interpret(None), fused=fused,
+            walk_lowering="mosaic_gpu" if self.lowering == "mosaic_gpu" else "triton")
         return self.numpy(o), None if state is None else self.numpy(state)
 
     def stages(self, inputs: OpInputs, kernel_cu_seqlens: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -356,15 +359,16 @@ class PallasBackend:
 
 
 class MosaicGpuBackend(PallasBackend):
-    """gdn.pallas.chunk_fwd_o with lowering="mosaic_gpu" (tests/test_chunk_o_mosaic_gpu.py; chunk_fwd_o only):
-    it takes a subset of the shapes."""
+    """gdn.pallas.chunk_fwd_o and chunk_gated_delta_rule with lowering="mosaic_gpu" (tests/test_chunk_o_mosaic_gpu.py,
+    tests/test_forward_mosaic_gpu.py): Mosaic GPU interpret mode on CPU, compiled on an sm_90 GPU; it takes a
+    subset of the shapes."""
 
     name = "pallas-mosaic_gpu"
     lowering = "mosaic_gpu"
 
     @staticmethod
     def supports_case(case, dtype: str) -> bool:
-        from gdn.pallas.chunk_o_mosaic_gpu import DTYPES, HEAD_DIMS
+        from gdn.pallas.mosaic_gpu_tiles import DTYPES, HEAD_DIMS
 
         return dtype in DTYPES and case.K in HEAD_DIMS and case.V in HEAD_DIMS
 

@@ -196,6 +196,15 @@ and 2136 for the staged path (tune_forward --only stages: the walk storing h tak
 The fused walk is kept for that measurement."""
 
 
+MOSAIC_GPU_WALK_BLOCK_V = 64
+"""V columns per CTA of the Mosaic GPU fused walk (gdn.pallas.forward_mosaic_gpu): Sᵀ [64, K] float32 in one
+warpgroup's registers (64 per thread at K = 128), as jla's and FlashQLA's Hopper forwards hold it; V = 128 runs
+two CTAs per sequence piece and value head."""
+
+MOSAIC_GPU_SMEM_BYTES = 220 * 1024
+"""SMEM a Mosaic GPU kernel of gdn's plans for (sm_90 has 227 KiB per CTA; Mosaic GPU keeps some for itself)."""
+
+
 MAX_PIECES = 8
 """Pieces per sequence, at most, of the forward's context-parallel path."""
 

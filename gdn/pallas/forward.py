@@ -43,12 +43,14 @@ from gdn.pallas.arrays import (
 from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
 
-LOWERINGS = ("triton", "triton_call")
+LOWERINGS = ("triton", "triton_call", "mosaic_gpu")
 """chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU, the interpreter on
 CPU), which run every call; and gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched
 through jaxlib's Triton custom call (gdn.pallas.triton_call), which on an H200 took 0.78-0.94x of the Pallas kernels'
 device time at six of benchmarks.forward's seven shapes and 1.38x at B1 T512 H16 (benchmarks/RESULTS.md). Without
-one asked for, default_forward_lowering chooses: triton_call wherever it runs, else the Pallas kernels."""
+one asked for, default_forward_lowering chooses: triton_call wherever it runs, else the Pallas kernels. The third,
+"mosaic_gpu", asked for by name, runs prepare and the piece maps here and the walk with o computed in it in Pallas
+Mosaic GPU (gdn.pallas.forward_mosaic_gpu: sm_90, 16-bit, K and V of 64 or 128)."""
 
 
 def rows_finite(b_x):
@@ -511,32 +513,39 @@ def states(problem: forward_contract.ForwardProblem, k, w, u, g_cum, initial_sta
     return h, v_new, final_state
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret", "fused"))
+@functools.partial(jax.jit, static_argnames=("problem", "pieces", "interpret", "fused", "walk_lowering"))
 def jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices=None,
                    gating=None, *, problem: forward_contract.ForwardProblem, pieces: int, interpret: bool,
-                   fused: bool = tilings.FUSED_WALK):
+                   fused: bool = tilings.FUSED_WALK, walk_lowering: str = "triton"):
     """(o, final_state or None) of a validated problem (cu_seqlens / chunk_indices int32 when varlen, else
     None): prepare, then forward_after_prepare. state_indices (int32, a pool in initial_state) and gating
     ((A_log, dt_bias, softplus β, softplus threshold), g and beta holding the raw gates a and b) as the
     problem's flags say."""
     g_cum, w, u = prepare(problem, k, v, g, beta, cu_seqlens, chunk_indices, interpret=interpret, gating=gating)
     return forward_after_prepare(problem, q, k, v, g_cum, w, u, scale, initial_state, cu_seqlens, chunk_indices,
-                                 pieces, interpret=interpret, fused=fused, state_indices=state_indices)
+                                 pieces, interpret=interpret, fused=fused, state_indices=state_indices,
+                                 walk_lowering=walk_lowering)
 
 
 def forward_after_prepare(problem: forward_contract.ForwardProblem, q, k, v, g_cum, w, u, scale, initial_state,
                           cu_seqlens, chunk_indices, pieces: int, *, interpret: bool, fused: bool = tilings.FUSED_WALK,
-                          state_indices=None):
+                          state_indices=None, walk_lowering: str = "triton"):
     """(o, final_state or None) from prepare's (g_c, w, u) and each sequence's start (initial_state, or None for
     zeros; with a pool, its rows state_indices): the walk, in that many pieces per sequence (≥ 2: through
     piece_starts); then chunk_fwd_o on the walk's h and v_new, or with fused, o from the walk itself
-    (tilings.FUSED_WALK)."""
+    (tilings.FUSED_WALK); with walk_lowering="mosaic_gpu", o from the Mosaic GPU walk (a problem it supports)."""
     pool = initial_state if problem.pool_rows else None
-    if pieces > 1 and problem.B * problem.T > 0 and problem.N * problem.HV > 0:
+    has_tokens = problem.B * problem.T > 0 and problem.N * problem.HV > 0
+    if pieces > 1 and has_tokens:
         initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces, interpret=interpret,
                                      state_indices=state_indices)
     else:
         pieces = 1
+    if walk_lowering == "mosaic_gpu" and has_tokens:
+        from gdn.pallas import forward_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
+
+        return forward_mosaic_gpu.fused_walk(problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_indices,
+                                             scale, pieces, interpret=interpret)
     o, final_state, h, v_new = walk(problem, q if fused else None, k, w, u, g_cum, initial_state, cu_seqlens, scale,
                                     pieces, store_h=not fused, interpret=interpret, state_indices=state_indices,
                                     pool=pool)
@@ -619,6 +628,9 @@ def chunk_gated_delta_rule(
     elif lowering not in LOWERINGS:
         raise ValueError(f"{spec.FORWARD_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
     call_scalars = None
+    if lowering == "mosaic_gpu" and axis_name is not None:
+        raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected None with lowering='mosaic_gpu' (the context "
+                         f"parallel path across devices runs the Pallas kernels); got {axis_name!r}")
     if lowering == "triton_call":
         call_scalars = triton_call_scalars(scale, softplus_beta, softplus_threshold, interpret=interpret,
                                            axis_name=axis_name, state_indices=state_indices)
@@ -638,7 +650,8 @@ def chunk_gated_delta_rule(
     body = jitted_chunk_gated_delta_rule_pool if pool_updated else jitted_chunk_gated_delta_rule
     return body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, *serving, softplus_beta,
                 softplus_threshold, output_final_state=bool(output_final_state), interpret=interpret,
-                axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), call_scalars=call_scalars)
+                axis_name=axis_name, use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), call_scalars=call_scalars,
+                walk_lowering="mosaic_gpu" if lowering == "mosaic_gpu" else "triton")
 
 
 def default_forward_lowering(interpret: bool | None, scale, softplus_beta, softplus_threshold, *,
@@ -677,12 +690,14 @@ def triton_call_scalars(scale, softplus_beta, softplus_threshold, *, interpret: 
 def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, state_indices,
                                  a, b, A_log, dt_bias, softplus_beta, softplus_threshold, *,
                                  output_final_state: bool, interpret: bool | None, axis_name: str | None,
-                                 use_qk_l2norm_in_kernel: bool, call_scalars: tuple[float | None, float, float] | None):
+                                 use_qk_l2norm_in_kernel: bool, call_scalars: tuple[float | None, float, float] | None,
+                                 walk_lowering: str = "triton"):
     """chunk_gated_delta_rule's body: the contract check at trace time (on shapes and dtypes), the pieces of the
     context-parallel path for the default device, then the kernels (with axis_name, across the devices of that
     mesh axis: gdn.pallas.distributed) through differentiable_forward, or pool_forward with a state pool; with
     call_scalars (lowering='triton_call': scale or None, softplus β and threshold as Python floats, checked by
-    triton_call_scalars), through triton_call_forward."""
+    triton_call_scalars), through triton_call_forward; walk_lowering="mosaic_gpu" (lowering='mosaic_gpu'), with
+    the Mosaic GPU walk, after its check (gdn.pallas.forward_mosaic_gpu.unsupported_reason)."""
     problem = checked_problem(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, output_final_state, None,
                               state_indices, a, b, A_log, dt_bias, use_qk_l2norm_in_kernel)
     if call_scalars is not None and call_scalars[0] is None:
@@ -691,6 +706,12 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
     pieces = problem.pieces(None if interpret else multiprocessor_count())
+    if walk_lowering == "mosaic_gpu":
+        from gdn.pallas import forward_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
+
+        reason = forward_mosaic_gpu.unsupported_reason(problem, interpret)
+        if reason is not None:
+            raise ValueError(f"{spec.FORWARD_OP}: {reason}")
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
@@ -704,10 +725,11 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
         return pool_forward(*arrays, as_index(state_indices), problem, pieces, interpret)
     if call_scalars is not None:
         return triton_call_forward(*arrays, problem, pieces, call_scalars)
-    return differentiable_forward(*arrays, problem, pieces, interpret)
+    return differentiable_forward(*arrays, problem, pieces, interpret, walk_lowering)
 
 
-_STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel", "call_scalars")
+_STATIC = ("output_final_state", "interpret", "axis_name", "use_qk_l2norm_in_kernel", "call_scalars",
+           "walk_lowering")
 jitted_chunk_gated_delta_rule = jax.jit(_chunk_gated_delta_rule_body, static_argnames=_STATIC)
 """chunk_gated_delta_rule's jitted body (initial_state, when given, not modified)."""
 
@@ -717,21 +739,27 @@ jitted_chunk_gated_delta_rule_pool = jax.jit(_chunk_gated_delta_rule_body, stati
 place (a jit of the caller's governs donation within it)."""
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def differentiable_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
-                           problem: forward_contract.ForwardProblem, pieces: int, interpret: bool):
+                           problem: forward_contract.ForwardProblem, pieces: int, interpret: bool,
+                           walk_lowering: str = "triton"):
     """jitted_forward with gdn.pallas.backward.vjp as its vjp: jax.grad, jax.vjp and jax.value_and_grad reach q,
     k, v, g, beta (the raw gates a, b with problem.raw_gates), scale, initial_state and gating's A_log and
-    dt_bias; the forward keeps its inputs only."""
+    dt_bias; the forward keeps its inputs only (the backward recomputes with the Pallas kernels whichever walk
+    the forward ran)."""
     return jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating=gating,
-                          problem=problem, pieces=pieces, interpret=interpret)
+                          problem=problem, pieces=pieces, interpret=interpret, walk_lowering=walk_lowering)
 
 
 def _forward_keeping_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, problem,
-                            pieces, interpret):
+                            pieces, interpret, walk_lowering):
     out = jitted_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating=gating,
-                         problem=problem, pieces=pieces, interpret=interpret)
+                         problem=problem, pieces=pieces, interpret=interpret, walk_lowering=walk_lowering)
     return out, (q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating)
+
+
+def _differentiable_backward(problem, pieces, interpret, walk_lowering, inputs, cotangents):
+    return _backward(problem, pieces, interpret, inputs, cotangents)
 
 
 def _backward(problem, pieces, interpret, inputs, cotangents):
@@ -740,7 +768,7 @@ def _backward(problem, pieces, interpret, inputs, cotangents):
     return backward.vjp(problem, pieces, interpret, inputs, cotangents)
 
 
-differentiable_forward.defvjp(_forward_keeping_inputs, _backward)
+differentiable_forward.defvjp(_forward_keeping_inputs, _differentiable_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))

@@ -1,0 +1,157 @@
+"""chunk_gated_delta_rule with lowering="mosaic_gpu" (gdn.pallas.forward_mosaic_gpu: the walk with o computed in
+it, in Pallas Mosaic GPU, after the Pallas prepare): against the float64 recurrence on the edge shapes at the head
+sizes it takes (T = 1, 63, 64, 65, 300, varlen with empty and 1-token sequences, grouped heads, with and without
+an initial state), in pieces (the context-parallel path), with the raw gates and the in-kernel L2 norm, close to
+the Pallas walk's o; its gradient is the Pallas backward's, bit for bit; the calls it refuses. Mosaic GPU
+interpret mode on CPU (one thread runs the three warpgroups' roles in order); compiled on an sm_90 GPU, where the
+model-sized cases run too (slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gdn.common import spec
+from tests.backends import BACKENDS, MosaicGpuBackend
+from tests.cases import LARGE_FORWARD_CASES, ForwardCase, forward_varlen, seed_of, with_raw_inputs
+from tests.helpers import assert_close, case_params, forward_reference
+
+OP = spec.FORWARD_OP
+MOSAIC = MosaicGpuBackend()
+
+MOSAIC_CASES: list[ForwardCase] = [
+    ForwardCase(1, 1, 2, 64, 64),
+    ForwardCase(63, 1, 2, 64, 128, B=2, initial_state=False),
+    ForwardCase(64, 2, 2, 128, 64),
+    ForwardCase(65, 1, 2, 64, 64, B=2),
+    ForwardCase(300, 1, 1, 64, 64),
+    forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 64, 64),
+    forward_varlen((65, 0, 1), 2, 4, 64, 128, initial_state=False),
+]
+QUICK_MOSAIC_CASES = (0, 5)
+"""The quick selection on a GPU: T = 1 with grouped heads, and the varlen batch (one head size)."""
+
+
+def _gpu_only():
+    import jax
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("model-sized cases run compiled on an sm_90 GPU only")
+
+
+@pytest.mark.parametrize("case", case_params(MOSAIC_CASES, QUICK_MOSAIC_CASES))
+def test_matches_recurrent_reference(case: ForwardCase) -> None:
+    inputs = case.inputs("float16", seed=seed_of(case.id))
+    o, state = MOSAIC.forward(inputs)
+    o_ref, state_ref = forward_reference(inputs)
+    assert_close(o, o_ref, OP, "float16", "o")
+    assert_close(state, state_ref, OP, "float16", "final state")
+
+
+@pytest.mark.parametrize("case", [MOSAIC_CASES[3], MOSAIC_CASES[6]], ids=lambda c: c.id)
+def test_matches_recurrent_reference_bf16(case: ForwardCase) -> None:
+    inputs = case.inputs("bfloat16", seed=seed_of(case.id))
+    o, state = MOSAIC.forward(inputs)
+    o_ref, state_ref = forward_reference(inputs)
+    assert_close(o, o_ref, OP, "bfloat16", "o")
+    assert_close(state, state_ref, OP, "bfloat16", "final state")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LARGE_FORWARD_CASES, ids=lambda c: c.id)
+def test_model_sized_cases(case: ForwardCase) -> None:
+    """Model-sized heads, a ragged batch and one long sequence (cut into pieces on the GPU), bf16."""
+    _gpu_only()
+    inputs = case.inputs("bfloat16", seed=seed_of(case.id))
+    o, state = MOSAIC.forward(inputs)
+    o_ref, state_ref = forward_reference(inputs)
+    assert_close(o, o_ref, OP, "bfloat16", "o")
+    assert_close(state, state_ref, OP, "bfloat16", "final state")
+
+
+@pytest.mark.parametrize("pieces", [2, 4])
+def test_in_pieces(pieces: int) -> None:
+    """Each sequence cut into pieces walked from their true starts (the Pallas map walk and combine), one of
+    them shorter than the pieces (the empty pieces walk no chunk and pass their start on)."""
+    case = forward_varlen((300, 3, 0, 129), 1, 2, 64, 64)
+    inputs = case.inputs("float16", seed=seed_of(case.id))
+    o, state = MOSAIC.forward_in_pieces(inputs, pieces)
+    o_ref, state_ref = forward_reference(inputs)
+    assert_close(o, o_ref, OP, "float16", "o")
+    assert_close(state, state_ref, OP, "float16", "final state")
+
+
+def test_with_raw_gates_and_in_kernel_l2_norm() -> None:
+    case = MOSAIC_CASES[5]
+    inputs = with_raw_inputs(case.inputs("float16", seed=41), 42, raw_qk=True, raw_gates=True)
+    o, state = MOSAIC.forward(inputs, use_qk_l2norm_in_kernel=True)
+    o_pallas, state_pallas = BACKENDS["pallas"].forward(inputs, use_qk_l2norm_in_kernel=True)
+    assert_close(o, o_pallas, OP, "float16", "o vs the Pallas kernels'")
+    assert_close(state, state_pallas, OP, "float16", "final state vs the Pallas kernels'")
+
+
+def test_close_to_the_pallas_walk() -> None:
+    """The same prepare, the same walk math: o and the final state within float16 rounding of the Pallas
+    kernels' (wgmma's float32 sums in their own order), the final state nearly equal."""
+    case = MOSAIC_CASES[4]
+    inputs = case.inputs("float16", seed=43)
+    o, state = MOSAIC.forward(inputs)
+    o_pallas, state_pallas = BACKENDS["pallas"].forward(inputs)
+    np.testing.assert_allclose(o, o_pallas, rtol=0, atol=4e-3 * np.abs(o_pallas).max())
+    np.testing.assert_allclose(state, state_pallas, rtol=0, atol=1e-3 * np.abs(state_pallas).max())
+
+
+def test_gradients_are_the_pallas_backwards() -> None:
+    """The forward keeps its inputs only and the backward recomputes with the Pallas kernels: the same
+    gradients, bit for bit, as lowering='triton'."""
+    case = MOSAIC_CASES[6]
+    inputs = case.inputs("float16", seed=44)
+    rng = np.random.default_rng(45)
+    do = rng.standard_normal((case.B, case.T, case.HV, case.V)).astype(np.float32)
+    dht = rng.standard_normal((case.N, case.HV, case.K, case.V)).astype(np.float32)
+    grads = MOSAIC.gradients(inputs, do, dht)
+    expected = BACKENDS["pallas"].gradients(inputs, do, dht)
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], expected[name], err_msg=name)
+
+
+def test_same_bits_run_to_run() -> None:
+    inputs = MOSAIC_CASES[5].inputs("float16", seed=46)
+    first, second = MOSAIC.forward(inputs), MOSAIC.forward(inputs)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+def _call(**options):
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule
+
+    dtype = options.pop("dtype", jnp.float16)
+    K, V = options.pop("K", 64), 64
+    q = jnp.zeros((1, 64, 1, K), dtype)
+    v = jnp.zeros((1, 64, 1, V), dtype)
+    g = jnp.zeros((1, 64, 1), jnp.float32)
+    return chunk_gated_delta_rule(q, q, v, g, g, lowering="mosaic_gpu", **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dtype="float32"), r"q: expected dtype in \('float16', 'bfloat16'\) with lowering='mosaic_gpu'"),
+    (dict(K=32), r"K, V: expected each in \(64, 128\) with lowering='mosaic_gpu'; got K = 32, V = 64"),
+    (dict(axis_name="seq"), r"axis_name: expected None with lowering='mosaic_gpu'"),
+    (dict(initial_state=np.zeros((2, 1, 64, 64), np.float32), state_indices=np.zeros(1, np.int32)),
+     r"state_indices: expected None with lowering='mosaic_gpu'"),
+], ids=["float32", "K32", "axis_name", "state_pool"])
+def test_refusals(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{OP}: {message}"):
+        _call(**options)
+
+
+def test_off_an_sm90_gpu_it_says_so() -> None:
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("JAX's default device is a GPU")
+    with pytest.raises(ValueError, match=rf"^{OP}: device: expected an sm_90 GPU \(wgmma\) or interpret=True"):
+        _call(interpret=False)
