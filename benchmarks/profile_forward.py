@@ -27,7 +27,7 @@ from benchmarks import forward, harness, shapes, tune_forward
 from gdn.common import spec
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-IMPLS = ("gdn-triton", "gdn-triton-fused", "flashinfer", "flashinfer-cp", "jla-mosaic")
+IMPLS = ("gdn-triton", "gdn-triton-fused", "gdn-mosaic", "flashinfer", "flashinfer-cp", "jla-mosaic")
 DEFAULT_SHAPES = "B1-T8192-H16-HV16"
 SECTIONS = ("LaunchStats", "Occupancy", "WarpStateStats", "SpeedOfLight")
 MARKER_KERNEL = "spin_kernel"

@@ -155,3 +155,65 @@ def test_off_an_sm90_gpu_it_says_so() -> None:
         pytest.skip("JAX's default device is a GPU")
     with pytest.raises(ValueError, match=rf"^{OP}: device: expected an sm_90 GPU \(wgmma\) or interpret=True"):
         _call(interpret=False)
+
+
+# The default path (lowering=None, gdn.pallas.forward.default_forward_lowering): where triton_call runs, the Mosaic
+# GPU walk for dense inputs it takes. Off a GPU both answers are stood in for here.
+_PLAIN_CALL = {"interpret": None, "scale": 0.5, "softplus_beta": spec.SOFTPLUS_BETA,
+               "softplus_threshold": spec.SOFTPLUS_THRESHOLD, "axis_name": None, "state_indices": None}
+
+
+@pytest.mark.parametrize("triton_call_runs, mosaic_takes, dense, expected", [
+    (True, True, True, "mosaic_gpu"),
+    (True, True, False, "triton_call"),
+    (True, False, True, "triton_call"),
+    (False, True, True, "triton"),
+], ids=["dense", "varlen", "not-taken", "no-triton_call"])
+def test_the_default_takes_the_mosaic_walk_for_dense_inputs(monkeypatch: pytest.MonkeyPatch, triton_call_runs: bool,
+                                                             mosaic_takes: bool, dense: bool, expected: str) -> None:
+    from gdn.pallas import chunk_o, forward_mosaic_gpu
+    from gdn.pallas.forward import default_forward_lowering
+
+    monkeypatch.setattr(chunk_o, "default_lowering",
+                        lambda interpret, scale: "triton_call" if triton_call_runs else "triton")
+    monkeypatch.setattr(forward_mosaic_gpu, "takes", lambda dtype, K, V: mosaic_takes)
+    dense_inputs = ("bfloat16", 128, 128) if dense else None
+    assert default_forward_lowering(**_PLAIN_CALL, dense_inputs=dense_inputs) == expected
+
+
+@pytest.mark.gpu
+def test_the_default_on_an_sm90_gpu() -> None:
+    """Dense bf16 inputs: the default call has lowering='mosaic_gpu''s bits, and a call padded to its bucket
+    (gdn.pallas.pad_forward_to_bucket) gives the same bits on the real rows and the same final state; a varlen
+    call keeps triton_call's."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule, pad_forward_to_bucket
+    from gdn.pallas.forward_mosaic_gpu import takes
+
+    if jax.default_backend() != "gpu" or not takes("bfloat16", 64, 64):
+        pytest.skip("needs an sm_90 GPU")
+    case = ForwardCase(100, 1, 2, 64, 64)
+    inputs = case.inputs("bfloat16", seed=47)
+    a = MOSAIC.convert(inputs)
+    names = ("q", "k", "v", "g", "beta")
+    o, state = chunk_gated_delta_rule(*(a[n] for n in names), initial_state=a["initial_state"],
+                                      output_final_state=True)
+    o_mosaic, state_mosaic = chunk_gated_delta_rule(*(a[n] for n in names), initial_state=a["initial_state"],
+                                                    output_final_state=True, lowering="mosaic_gpu")
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_mosaic))
+    np.testing.assert_array_equal(np.asarray(state), np.asarray(state_mosaic))
+    padded = pad_forward_to_bucket(*(np.asarray(inputs.arrays[n]).astype(inputs.dtypes[n]) for n in names))
+    o_padded, state_padded = chunk_gated_delta_rule(*(jnp.asarray(x) for x in padded),
+                                                    initial_state=a["initial_state"], output_final_state=True)
+    np.testing.assert_array_equal(np.asarray(o_padded)[:, :case.T], np.asarray(o))
+    np.testing.assert_array_equal(np.asarray(state_padded), np.asarray(state))
+
+    varlen = forward_varlen((40, 60), 1, 2, 64, 64).inputs("bfloat16", seed=48)
+    v = MOSAIC.convert(varlen)
+    args = [v[n] for n in names]
+    kwargs = dict(initial_state=v["initial_state"], output_final_state=True, cu_seqlens=varlen.arrays["cu_seqlens"])
+    o_default, _ = chunk_gated_delta_rule(*args, **kwargs)
+    o_call, _ = chunk_gated_delta_rule(*args, **kwargs, lowering="triton_call")
+    np.testing.assert_array_equal(np.asarray(o_default), np.asarray(o_call))

@@ -87,10 +87,10 @@ class ForwardProblem:
                              num_sequences=self.N, strides=self.row_strides[:4] + (self.HV * self.V, self.V),
                              qk_l2norm=self.qk_l2norm)
 
-    def pieces(self, multiprocessors: int | None) -> int:
+    def pieces(self, multiprocessors: int | None, walk_block_v: int | None = None) -> int:
         """Pieces per sequence of the context-parallel path on a GPU with that many SMs (tilings.context_pieces;
-        1: the plain walk)."""
-        walks = self.N * self.HV * -(-self.V // self.walk.block_v)
+        1: the plain walk), for a walk of walk_block_v V columns per program (default: the walk tiling's)."""
+        walks = self.N * self.HV * -(-self.V // (walk_block_v or self.walk.block_v))
         return context_pieces(walks, self.K, self.num_chunks_total / max(self.N, 1), multiprocessors)
 
 

@@ -623,15 +623,20 @@ def chunk_gated_delta_rule(
     gradient is the Pallas backward's (it recomputes from the inputs alone).
     """
     if lowering is None:
+        dense_inputs = None if cu_seqlens is not None else (np.dtype(q.dtype).name, q.shape[-1], v.shape[-1])
         lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold, axis_name=axis_name,
-                                            state_indices=state_indices)
+                                            state_indices=state_indices, dense_inputs=dense_inputs)
     elif lowering not in LOWERINGS:
         raise ValueError(f"{spec.FORWARD_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
     call_scalars = None
     if lowering == "mosaic_gpu" and axis_name is not None:
         raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected None with lowering='mosaic_gpu' (the context "
                          f"parallel path across devices runs the Pallas kernels); got {axis_name!r}")
-    if lowering == "triton_call":
+    stages_lowering = lowering
+    if lowering == "mosaic_gpu":  # prepare and the piece maps: gdn.triton's kernels where triton_call runs
+        stages_lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold,
+                                                   axis_name=axis_name, state_indices=state_indices)
+    if stages_lowering == "triton_call":
         call_scalars = triton_call_scalars(scale, softplus_beta, softplus_threshold, interpret=interpret,
                                            axis_name=axis_name, state_indices=state_indices)
     serving = (state_indices, a, b, A_log, dt_bias)
@@ -655,14 +660,29 @@ def chunk_gated_delta_rule(
 
 
 def default_forward_lowering(interpret: bool | None, scale, softplus_beta, softplus_threshold, *,
-                             axis_name: str | None, state_indices) -> str:
+                             axis_name: str | None, state_indices, dense_inputs: tuple[str, int, int] | None = None
+                             ) -> str:
     """chunk_gated_delta_rule's path when the caller names none: "triton_call" where chunk_fwd_o's default is
     (chunk_o.default_lowering: compiled on a CUDA GPU, triton and jaxlib's Triton custom call present, scale not
     traced) and the call is one it takes (no state pool, no axis_name, softplus β and threshold not traced: they
-    are baked into its compiled calls); else "triton", the Pallas kernels of this module."""
+    are baked into its compiled calls), and there "mosaic_gpu" for dense inputs (no cu_seqlens) whose (dtype, K, V)
+    dense_inputs names and the Mosaic GPU walk takes on this device (gdn.pallas.forward_mosaic_gpu.takes); else
+    "triton", the Pallas kernels of this module.
+
+    Measured on an H200 (benchmarks/RESULTS.md, bf16, K = V = 128): on every dense shape the Mosaic GPU walk after
+    triton_call's prepare is the fastest JAX path (1.03-1.65x gdn.triton's device time from 8192 tokens on, and
+    ahead of triton_call at B1 T512); on the varlen batch it is slower than triton_call (its chunks are gathered
+    into tile-aligned slots). Padding (gdn.pallas.pad_forward_to_bucket) keeps a dense call dense and a varlen call
+    varlen, so a padded call takes the path of the call it stands for."""
     if state_indices is not None or axis_name is not None or is_tracer(softplus_beta) or is_tracer(softplus_threshold):
         return "triton"
-    return chunk_o.default_lowering(interpret, scale)
+    lowering = chunk_o.default_lowering(interpret, scale)
+    if lowering == "triton_call" and dense_inputs is not None:
+        from gdn.pallas import forward_mosaic_gpu  # Mosaic GPU is imported only where triton_call runs
+
+        if forward_mosaic_gpu.takes(*dense_inputs):
+            return "mosaic_gpu"
+    return lowering
 
 
 def triton_call_scalars(scale, softplus_beta, softplus_threshold, *, interpret: bool | None, axis_name: str | None,
@@ -712,6 +732,8 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
         reason = forward_mosaic_gpu.unsupported_reason(problem, interpret)
         if reason is not None:
             raise ValueError(f"{spec.FORWARD_OP}: {reason}")
+        # pieces enough to fill the GPU with the Mosaic walk's CTAs (BV columns each)
+        pieces = problem.pieces(None if interpret else multiprocessor_count(), tilings.MOSAIC_GPU_WALK_BLOCK_V)
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
@@ -724,7 +746,7 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
     if problem.pool_rows:
         return pool_forward(*arrays, as_index(state_indices), problem, pieces, interpret)
     if call_scalars is not None:
-        return triton_call_forward(*arrays, problem, pieces, call_scalars)
+        return triton_call_forward(*arrays, problem, pieces, call_scalars, walk_lowering)
     return differentiable_forward(*arrays, problem, pieces, interpret, walk_lowering)
 
 
@@ -771,28 +793,30 @@ def _backward(problem, pieces, interpret, inputs, cotangents):
 differentiable_forward.defvjp(_forward_keeping_inputs, _differentiable_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def triton_call_forward(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating,
                         problem: forward_contract.ForwardProblem, pieces: int,
-                        call_scalars: tuple[float, float, float]):
+                        call_scalars: tuple[float, float, float], walk_lowering: str = "triton"):
     """differentiable_forward with lowering='triton_call': gdn.triton's forward kernels (gdn.pallas.triton_call)
     with call_scalars = (scale, softplus β, softplus threshold) baked in, and the Pallas backward as its vjp, which
-    recomputes everything from the inputs it keeps (scale and gating's arrays among them)."""
+    recomputes everything from the inputs it keeps (scale and gating's arrays among them). walk_lowering=
+    "mosaic_gpu" (lowering='mosaic_gpu' where triton_call runs): its prepare and piece maps, then the Mosaic GPU
+    walk."""
     from gdn.pallas import triton_call  # triton is imported only by a call that asks for it
 
     A_log, dt_bias = (None, None) if gating is None else gating[:2]
     return triton_call.forward(problem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log, dt_bias,
                                scale=call_scalars[0], softplus=call_scalars[1:], pieces=pieces,
-                               capability=triton_call.device_capability(spec.FORWARD_OP))
+                               capability=triton_call.device_capability(spec.FORWARD_OP), walk_lowering=walk_lowering)
 
 
 def _triton_call_keeping_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating, problem,
-                                pieces, call_scalars):
+                                pieces, call_scalars, walk_lowering):
     inputs = (q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_indices, gating)
-    return triton_call_forward(*inputs, problem, pieces, call_scalars), inputs
+    return triton_call_forward(*inputs, problem, pieces, call_scalars, walk_lowering), inputs
 
 
-def _triton_call_backward(problem, pieces, call_scalars, inputs, cotangents):
+def _triton_call_backward(problem, pieces, call_scalars, walk_lowering, inputs, cotangents):
     return _backward(problem, pieces, False, inputs, cotangents)
 
 

@@ -77,6 +77,11 @@ def unsupported_reason(problem: forward_contract.ForwardProblem, interpret: bool
     return device_reason(interpret)
 
 
+def takes(dtype: str, K: int, V: int) -> bool:
+    """Whether the walk takes q of this dtype with these K and V on JAX's default device (compiled)."""
+    return dtype in DTYPES and K in HEAD_DIMS and V in HEAD_DIMS and device_reason(False) is None
+
+
 def stages(K: int, dtype) -> int:
     """Input stages of the memory warpgroup's pipeline: the most (2 to 4) whose SMEM fits beside the fixed
     tiles within tilings.MOSAIC_GPU_SMEM_BYTES."""
@@ -321,6 +326,8 @@ def fused_walk(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, init
             state_ready=plgpu.Barrier(), done=plgpu.Barrier(num_arrivals=3)),
         grid=(state_rows * HV * num_v,),
         grid_names=("item",),
+        # exp through ex2.approx: the [BT, BT] and [BV, BT] gate factors of every chunk sit on the chains
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         num_threads=1 if interpret else 3,
         thread_name="wg",
         # A NaN for every unspecified read in interpret mode (none is expected): a leak into o fails the tests.

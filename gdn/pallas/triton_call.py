@@ -232,12 +232,13 @@ def piece_starts(problem: forward_contract.ForwardProblem, k, w, u, g_cum, initi
 
 def forward(problem: forward_contract.ForwardProblem, q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, A_log,
             dt_bias, *, scale: float, softplus: tuple[float, float], pieces: int, capability: int,
-            fused: bool = tilings.FUSED_WALK) -> tuple[jax.Array, jax.Array | None]:
+            fused: bool = tilings.FUSED_WALK, walk_lowering: str = "triton") -> tuple[jax.Array, jax.Array | None]:
     """(o, final_state or None) of a validated forward problem without a state pool by gdn.triton's forward kernels
     (gdn.triton_kernels.forward, chunk_o), launched as gdn.triton.forward.forward launches them: prepare, then in
     that many pieces per sequence (≥ 2: the map walk and the combine first) the walk storing h and v_new, then
-    chunk_fwd_o (with fused, o from the walk itself). cu_seqlens / chunk_indices int32 when varlen, else None;
-    g, beta, A_log, dt_bias, softplus as for prepare."""
+    chunk_fwd_o (with fused, o from the walk itself; with walk_lowering="mosaic_gpu", from the Mosaic GPU walk,
+    gdn.pallas.forward_mosaic_gpu). cu_seqlens / chunk_indices int32 when varlen, else None; g, beta, A_log,
+    dt_bias, softplus as for prepare."""
     B, T, HV, K, V, N = problem.B, problem.T, problem.HV, problem.K, problem.V, problem.N
     if B * T == 0 or N * HV == 0:  # no tokens: the final state is the initial one
         final_state = None
@@ -249,6 +250,11 @@ def forward(problem: forward_contract.ForwardProblem, q, k, v, g, beta, initial_
     if pieces > 1:
         initial_state = piece_starts(problem, k, w, u, g_cum, initial_state, cu_seqlens, pieces,
                                      capability=capability)
+    if walk_lowering == "mosaic_gpu":
+        from gdn.pallas import forward_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
+
+        return forward_mosaic_gpu.fused_walk(problem, q, k, w, u, g_cum, initial_state, cu_seqlens, chunk_indices,
+                                             scale, pieces, interpret=False)
     results = {}
     if fused:
         results["o"] = jax.ShapeDtypeStruct(v.shape, v.dtype)
