@@ -80,8 +80,17 @@ REASONS = {
     "forward_pallas": "the same kernels through jaxlib's Triton (the Pallas-Triton lowering exposes no register cap "
                       "or load order; chunk_fwd_o alone takes about 1.5x gdn Triton's time there, benchmarks."
                       "chunk_o); gdn Triton's own kernels launched from JAX (gdn-jax-triton, lowering='triton_call') "
-                      "take 1.00-1.03x of gdn Triton's device time at every shape but B1 T512, where JAX's "
+                      "take 1.00-1.04x of gdn Triton's device time at every shape but B1 T512, where JAX's "
                       "dispatch of five custom calls dominates",
+    "jax_default_chunk_o": "the same compiled kernel as gdn-triton (gdn-jax-triton gives its bits): JAX's device "
+                           "time is the jit wall of pipelined calls, which keeps XLA's dispatch between programs "
+                           "(see chunk_o_pallas_floor), where gdn-triton's is a CUDA graph's replay; not profiled "
+                           "through triton_call on the H200",
+    "jax_default_forward": "at B1 T512 the JAX calls' dispatch gaps dominate: gdn-jax-triton runs gdn-triton's very "
+                           "kernels and takes 3.2x its time there, the Mosaic GPU path 2.3x; from 8192 tokens on the "
+                           "Mosaic GPU walk beats gdn Triton's walk plus chunk_fwd_o (Nsight Compute at B1 T8192 "
+                           "H16, forward_profile.csv: the map walk and combine 127 µs and the walk with o 57 µs "
+                           "over 128 CTAs of 4 pieces, against 137 + 65 µs), and its prepare is gdn Triton's (82 µs)",
     "backward_vs_jla": "not yet profiled. The step runs the forward's three kernels, the recompute of g_c, w, u, h "
                        "and v_new, then four backward kernels. The WY kernel runs on 2 warps "
                        "(tilings.backward_wy_tiling): on 4, Triton 3.6 miscompiles it in bf16. The same step with "
@@ -202,7 +211,7 @@ def timing_methods(rows: list[dict[str, Any]]) -> str:
 
 
 def best_peer(rows: list[dict[str, Any]], shape: str) -> dict[str, Any] | None:
-    peers = [r for r in rows if r["shape"] == shape and r["impl"] not in GDN and r.get("device_us")
+    peers = [r for r in rows if r["shape"] == shape and not r["impl"].startswith("gdn-") and r.get("device_us")
              and r.get("check") != "MISMATCH"]
     return min(peers, key=lambda r: r["device_us"]) if peers else None
 
@@ -273,6 +282,13 @@ def section_forward() -> str | None:
     over = [pallas[r["shape"]] / r["device_us"] for r in triton if r["shape"] in pallas]
     if over:
         reading.append(f"gdn Pallas takes {num(min(over), 2)}–{num(max(over), 2)}× gdn Triton's time.")
+    default = [(r, d) for r in triton if (d := _row(rows, jax_default_forward(r["shape"]), r["shape"]))
+               and d.get("device_us")]
+    if default:
+        ratios = [d["device_us"] / r["device_us"] for r, d in default]
+        reading.append(f"The JAX default (gdn-mosaic on dense inputs, gdn-jax-triton on varlen batches: "
+                       f"gdn.pallas.forward.default_forward_lowering) takes {num(min(ratios), 2)}–"
+                       f"{num(max(ratios), 2)}× gdn Triton's time.")
     host = read_rows("forward_host")
     if host:
         lines += ["", "Host time per call at " + host[0]["label"] + " (1000 calls back to back, no sync; "
@@ -517,6 +533,12 @@ def section_tilings() -> str | None:
 
 # ---------------------------------------------------------------------------------------------- targets
 
+def jax_default_forward(shape: str) -> str:
+    """The benchmark row of chunk_gated_delta_rule's JAX default at a benchmark shape on an H200 (bf16, K = V =
+    128): the Mosaic GPU walk for dense inputs, triton_call for varlen batches."""
+    return "gdn-jax-triton" if shape.startswith("varlen") else "gdn-mosaic"
+
+
 def _row(rows: list[dict[str, Any]] | None, impl: str, shape: str) -> dict[str, Any] | None:
     return next((r for r in rows or [] if r["impl"] == impl and r["shape"] == shape), None)
 
@@ -547,6 +569,12 @@ def targets() -> list[tuple[str, str, str, bool]]:
         judge(chunk_o, impl, "B1-T8192-H2-HV8", "pct_floor", 85, "chunk_o_few_heads", f"chunk_fwd_o B1 T8192 H2 HV8, "
               f"{impl} ≥ 85 % of the floor")
     judge(chunk_o, "gdn-triton", t512, "device_us", 10, "chunk_o_t512", "chunk_fwd_o B1 T512 H16, gdn Triton ≤ 10 µs")
+    for r in chunk_o or []:
+        default = _row(chunk_o, "gdn-jax-triton", r["shape"])
+        if r["impl"] == "gdn-triton" and r.get("device_us") and default and default.get("device_us"):
+            found.append(("jax_default_chunk_o", f"chunk_fwd_o {r['label']}, the JAX default (gdn-jax-triton) ≤ 1.0× "
+                          "gdn Triton", f"{num(default['device_us'] / r['device_us'], 2)}×",
+                          default["device_us"] <= r["device_us"]))
     host = {r["impl"]: r["host_us"] for r in read_rows("chunk_o_host") or []}
     forward_host = {r["impl"]: r["host_us"] for r in read_rows("forward_host") or []}
     if "gdn-triton" in host:
@@ -570,6 +598,11 @@ def targets() -> list[tuple[str, str, str, bool]]:
             found.append(("forward_pallas", f"forward {r['label']}, gdn Pallas ≤ 1.25× gdn Triton",
                           f"{num(pallas['device_us'] / r['device_us'], 2)}×",
                           pallas["device_us"] <= 1.25 * r["device_us"]))
+        default = _row(forward, jax_default_forward(r["shape"]), r["shape"])
+        if default and default.get("device_us") is not None:
+            found.append(("jax_default_forward", f"forward {r['label']}, the JAX default ({default['impl']}) ≤ 1.0× "
+                          "gdn Triton", f"{num(default['device_us'] / r['device_us'], 2)}×",
+                          default["device_us"] <= r["device_us"]))
         if r.get("wall_us") is not None and "graph" in (r.get("device_method") or ""):
             found.append(("", f"forward {r['label']}, gdn Triton wall − device ≤ 25 µs",
                           f"{num(r['wall_us'] - r['device_us'])} µs", r["wall_us"] - r["device_us"] <= 25))

@@ -1,6 +1,7 @@
 """gdn for JAX: Pallas kernels (Triton lowering on GPU, interpreter elsewhere). Importing this never imports torch
 or the triton package (the lowering is JAX's own); on a CUDA GPU with triton installed, chunk_fwd_o and
-chunk_gated_delta_rule launch gdn.triton's own kernels by default (gdn.pallas.triton_call), importing triton then.
+chunk_gated_delta_rule launch gdn.triton's own kernels by default (gdn.pallas.triton_call), importing triton then,
+and on sm_90 a dense 16-bit chunk_gated_delta_rule walks in Pallas Mosaic GPU (gdn.pallas.forward_mosaic_gpu).
 
 Every op is jitted internally (a call outside jax.jit costs what a jitted one does) and may be called under a
 caller's jax.jit:

@@ -1,10 +1,12 @@
 """chunk_fwd_o for JAX with Pallas Mosaic GPU (Hopper, sm_90): the same math and contract as gdn.pallas.chunk_o,
-chosen with ``gdn.pallas.chunk_fwd_o(..., lowering="mosaic_gpu")``; the Triton lowering stays the default.
+chosen with ``gdn.pallas.chunk_fwd_o(..., lowering="mosaic_gpu")`` (the default is chunk_o.default_lowering's).
 
-Status: checked against the float64 reference in Mosaic GPU interpret mode (CPU); the compiled kernel has not
-run on a GPU yet, so it is neither measured nor chosen anywhere by default. Index arrays are bounded and −∞ gates
-read as spec.CUMULATIVE_GATE_FLOOR as in the Triton kernels; of gdn.common.spec's non-finite rule, a NaN or ±inf
-in v reaches this chunk's earlier rows too (0·NaN in A·v: the Triton kernels' count of non-finite v is not here).
+Status: checked against the float64 reference in Mosaic GPU interpret mode (CPU) and compiled on an H200, and
+measured there (benchmarks/RESULTS.md): faster than triton_call on the dense 16-bit shapes it reads in place,
+slower where it gathers, so it is opt-in (gdn.pallas.chunk_o.default_lowering says why). Index arrays are bounded
+and −∞ gates read as spec.CUMULATIVE_GATE_FLOOR as in the Triton kernels; of gdn.common.spec's non-finite rule, a
+NaN or ±inf in v reaches this chunk's earlier rows too (0·NaN in A·v: the Triton kernels' count of non-finite v is
+not here).
 
 Glossary (as in the Triton-lowered kernel): i_ program ids, o_ offsets, m_ masks, b_ register tiles, _s shared
 memory (SMEM) tiles; BT = CHUNK_SIZE rows of a chunk. Math and layouts: gdn.common.spec.
@@ -30,8 +32,8 @@ Interpret mode: gdn.pallas.mosaic_gpu_tiles (the helpers that stand in for layou
 
 Next steps, once measured against the Triton lowering (benchmarks/chunk_o.py): a persistent grid whose CTAs
 pipeline the next item's TMA loads under this item's wgmmas (jla's scalar_gate_fused.py streams its inputs
-from a producer warpgroup into 2–4 SMEM stages), q·kᵀ shared by the grouped value heads of a chunk, and the
-forward's fused walk (tilings.FUSED_WALK) in the same style.
+from a producer warpgroup into 2–4 SMEM stages, as gdn.pallas.forward_mosaic_gpu does) and q·kᵀ shared by the
+grouped value heads of a chunk.
 """
 
 from __future__ import annotations

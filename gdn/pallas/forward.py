@@ -44,13 +44,12 @@ from gdn.pallas.chunk_o import chunk_span
 from gdn.pallas.chunk_o import launch as launch_chunk_o
 
 LOWERINGS = ("triton", "triton_call", "mosaic_gpu")
-"""chunk_gated_delta_rule's JAX paths: the Pallas kernels of this module (Triton lowering on GPU, the interpreter on
-CPU), which run every call; and gdn.triton's own forward kernels (gdn.triton_kernels.forward and chunk_o) launched
-through jaxlib's Triton custom call (gdn.pallas.triton_call), which on an H200 took 0.78-0.94x of the Pallas kernels'
-device time at six of benchmarks.forward's seven shapes and 1.38x at B1 T512 H16 (benchmarks/RESULTS.md). Without
-one asked for, default_forward_lowering chooses: triton_call wherever it runs, else the Pallas kernels. The third,
-"mosaic_gpu", asked for by name, runs prepare and the piece maps here and the walk with o computed in it in Pallas
-Mosaic GPU (gdn.pallas.forward_mosaic_gpu: sm_90, 16-bit, K and V of 64 or 128)."""
+"""chunk_gated_delta_rule's JAX paths: "triton", the Pallas kernels of this module (Triton lowering on GPU, the
+interpreter on CPU), which run every call; "triton_call", gdn.triton's own forward kernels (gdn.triton_kernels.forward
+and chunk_o) launched through jaxlib's Triton custom call (gdn.pallas.triton_call); and "mosaic_gpu", prepare and
+the piece maps by triton_call where it runs (else by this module), then the walk with o computed in it in Pallas
+Mosaic GPU (gdn.pallas.forward_mosaic_gpu: sm_90, 16-bit, K and V of 64 or 128). Without one asked for,
+default_forward_lowering chooses from their measurements (benchmarks/RESULTS.md)."""
 
 
 def rows_finite(b_x):
@@ -614,13 +613,16 @@ def chunk_gated_delta_rule(
     arguments are refused there.
 
     lowering (static): "triton_call" (gdn.pallas.triton_call: gdn.triton's forward kernels, launch plans and bits
-    on a CUDA GPU, compiled only, needs triton; faster at six of the seven benchmark shapes, see LOWERINGS),
-    "triton" (the Pallas kernels of this module and their bits; the interpreter on CPU), or None, the default:
-    default_forward_lowering, "triton_call" wherever it runs (compiled on a CUDA GPU with triton and jaxlib's
-    Triton custom call, no state pool, no axis_name, scale and the softplus scalars not traced), else "triton".
-    Asked for by name, "triton_call" refuses interpret=True, axis_name, state_indices and a traced scale,
-    softplus_beta or softplus_threshold (Python floats or concrete scalars, baked into the compiled calls). Its
-    gradient is the Pallas backward's (it recomputes from the inputs alone).
+    on a CUDA GPU, compiled only, needs triton), "mosaic_gpu" (the walk with o in Pallas Mosaic GPU after
+    triton_call's prepare and piece maps, or this module's where triton_call does not run; sm_90 or interpret
+    mode, float16 / bfloat16, K and V of 64 or 128, no state pool, no axis_name), "triton" (the Pallas kernels of
+    this module and their bits; the interpreter on CPU), or None, the default: default_forward_lowering, where
+    triton_call runs (compiled on a CUDA GPU with triton and jaxlib's Triton custom call, no state pool, no
+    axis_name, scale and the softplus scalars not traced) "mosaic_gpu" for dense inputs it takes and "triton_call"
+    for the rest, else "triton". Asked for by name, "triton_call" refuses interpret=True, axis_name, state_indices
+    and a traced scale, softplus_beta or softplus_threshold (Python floats or concrete scalars, baked into the
+    compiled calls). The gradient is the Pallas backward's whatever the lowering (it recomputes from the inputs
+    alone).
     """
     if lowering is None:
         dense_inputs = None if cu_seqlens is not None else (np.dtype(q.dtype).name, q.shape[-1], v.shape[-1])
