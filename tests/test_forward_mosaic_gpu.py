@@ -1,8 +1,10 @@
 """chunk_gated_delta_rule with lowering="mosaic_gpu" (gdn.pallas.forward_mosaic_gpu: the walk with o computed in
-it, in Pallas Mosaic GPU, after the Pallas prepare): against the float64 recurrence on the edge shapes at the head
-sizes it takes (T = 1, 63, 64, 65, 300, varlen with empty and 1-token sequences, grouped heads, with and without
-an initial state), in pieces (the context-parallel path), with the raw gates and the in-kernel L2 norm, close to
-the Pallas walk's o; its gradient is the Pallas backward's, bit for bit; the calls it refuses. Mosaic GPU
+it, in Pallas Mosaic GPU, after triton_call's prepare on a GPU and the Pallas one in interpret mode): against the
+float64 recurrence on the edge shapes at the head sizes it takes (T = 1, 63, 64, 65, 300, varlen with empty and
+1-token sequences, grouped heads, with and without an initial state or the final state, sequences of 0 to 5
+chunks at K = 128, −∞ and −80 gates), in pieces (the context-parallel path), with the raw gates and the in-kernel
+L2 norm, close to the Pallas walk's o; the same bits run to run; its gradient is the Pallas backward's, bit for
+bit; tokens without chunk rows; the calls it refuses; the default path (dense inputs on sm_90). Mosaic GPU
 interpret mode on CPU (one thread runs the three warpgroups' roles in order); compiled on an sm_90 GPU, where the
 model-sized cases run too (slow)."""
 
@@ -27,6 +29,8 @@ MOSAIC_CASES: list[ForwardCase] = [
     ForwardCase(300, 1, 1, 64, 64),
     forward_varlen((0, 1, 64, 100, 1, 0, 70), 1, 2, 64, 64),
     forward_varlen((65, 0, 1), 2, 4, 64, 128, initial_state=False),
+    ForwardCase(300, 1, 1, 128, 64),  # K = 128: two input stages, refilled over 5 chunks
+    forward_varlen((0, 1, 64, 129, 192, 320), 1, 2, 128, 128),  # 0, 1, 1, 3, 3 and 5 chunks per sequence
 ]
 QUICK_MOSAIC_CASES = (0, 5)
 """The quick selection on a GPU: T = 1 with grouped heads, and the varlen batch (one head size)."""
@@ -39,22 +43,22 @@ def _gpu_only():
         pytest.skip("model-sized cases run compiled on an sm_90 GPU only")
 
 
-@pytest.mark.parametrize("case", case_params(MOSAIC_CASES, QUICK_MOSAIC_CASES))
-def test_matches_recurrent_reference(case: ForwardCase) -> None:
-    inputs = case.inputs("float16", seed=seed_of(case.id))
+def _assert_matches_reference(case: ForwardCase, dtype: str) -> None:
+    inputs = case.inputs(dtype, seed=seed_of(case.id))
     o, state = MOSAIC.forward(inputs)
     o_ref, state_ref = forward_reference(inputs)
-    assert_close(o, o_ref, OP, "float16", "o")
-    assert_close(state, state_ref, OP, "float16", "final state")
+    assert_close(o, o_ref, OP, dtype, "o")
+    assert_close(state, state_ref, OP, dtype, "final state")
+
+
+@pytest.mark.parametrize("case", case_params(MOSAIC_CASES, QUICK_MOSAIC_CASES))
+def test_matches_recurrent_reference(case: ForwardCase) -> None:
+    _assert_matches_reference(case, "float16")
 
 
 @pytest.mark.parametrize("case", [MOSAIC_CASES[3], MOSAIC_CASES[6]], ids=lambda c: c.id)
 def test_matches_recurrent_reference_bf16(case: ForwardCase) -> None:
-    inputs = case.inputs("bfloat16", seed=seed_of(case.id))
-    o, state = MOSAIC.forward(inputs)
-    o_ref, state_ref = forward_reference(inputs)
-    assert_close(o, o_ref, OP, "bfloat16", "o")
-    assert_close(state, state_ref, OP, "bfloat16", "final state")
+    _assert_matches_reference(case, "bfloat16")
 
 
 @pytest.mark.slow
@@ -62,11 +66,7 @@ def test_matches_recurrent_reference_bf16(case: ForwardCase) -> None:
 def test_model_sized_cases(case: ForwardCase) -> None:
     """Model-sized heads, a ragged batch and one long sequence (cut into pieces on the GPU), bf16."""
     _gpu_only()
-    inputs = case.inputs("bfloat16", seed=seed_of(case.id))
-    o, state = MOSAIC.forward(inputs)
-    o_ref, state_ref = forward_reference(inputs)
-    assert_close(o, o_ref, OP, "bfloat16", "o")
-    assert_close(state, state_ref, OP, "bfloat16", "final state")
+    _assert_matches_reference(case, "bfloat16")
 
 
 @pytest.mark.parametrize("pieces", [2, 4])
@@ -117,7 +117,8 @@ def test_gradients_are_the_pallas_backwards() -> None:
 
 
 def test_same_bits_run_to_run() -> None:
-    inputs = MOSAIC_CASES[5].inputs("float16", seed=46)
+    """Sequences of 0 to 5 chunks at K = 128 (STAGES = 2: every stage refilled), twice: the same bits."""
+    inputs = MOSAIC_CASES[8].inputs("float16", seed=46)
     first, second = MOSAIC.forward(inputs), MOSAIC.forward(inputs)
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
@@ -217,3 +218,43 @@ def test_the_default_on_an_sm90_gpu() -> None:
     o_default, _ = chunk_gated_delta_rule(*args, **kwargs)
     o_call, _ = chunk_gated_delta_rule(*args, **kwargs, lowering="triton_call")
     np.testing.assert_array_equal(np.asarray(o_default), np.asarray(o_call))
+
+
+def test_without_the_final_state() -> None:
+    inputs = MOSAIC_CASES[3].inputs("float16", seed=49)
+    o, state = MOSAIC.forward(inputs, output_final_state=False)
+    assert state is None
+    assert_close(o, forward_reference(inputs)[0], OP, "float16", "o")
+
+
+def test_gates_at_their_extremes() -> None:
+    """−∞ gates (a reset: the state starts over) and −80 (everything before decays to nothing) inside chunks and
+    on a chunk's last row: the float64 recurrence's o and final state."""
+    case = ForwardCase(130, 1, 2, 64, 64)
+    inputs = case.inputs("float16", seed=50)
+    g = inputs.arrays["g"].copy()
+    g[:, 10] = -np.inf
+    g[:, 63] = -np.inf
+    g[:, 100] = -80.0
+    inputs = inputs.replace(g=g)
+    o, state = MOSAIC.forward(inputs)
+    o_ref, state_ref = forward_reference(inputs)
+    assert_close(o, o_ref, OP, "float16", "o")
+    assert_close(state, state_ref, OP, "float16", "final state")
+
+
+def test_tokens_without_chunk_rows() -> None:
+    """A device cu_seqlens with an empty chunk_indices (the contract allows it under a caller's jit): no chunk is
+    walked, o is zero and the final state is the initial one, as with the Pallas kernels."""
+    import jax.numpy as jnp
+
+    from gdn.pallas import chunk_gated_delta_rule
+
+    inputs = forward_varlen((5, 3), 1, 2, 64, 64).inputs("float16", seed=51)
+    a = MOSAIC.convert(inputs)
+    calls = {lowering: chunk_gated_delta_rule(
+        *(a[n] for n in ("q", "k", "v", "g", "beta")), initial_state=a["initial_state"], output_final_state=True,
+        cu_seqlens=jnp.asarray(inputs.arrays["cu_seqlens"]), chunk_indices=jnp.zeros((0, 2), jnp.int32),
+        lowering=lowering) for lowering in ("mosaic_gpu", "triton")}
+    for got, expected in zip(calls["mosaic_gpu"], calls["triton"]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

@@ -625,7 +625,8 @@ def chunk_gated_delta_rule(
     alone).
     """
     if lowering is None:
-        dense_inputs = None if cu_seqlens is not None else (np.dtype(q.dtype).name, q.shape[-1], v.shape[-1])
+        arrays = all(isinstance(x, (jax.Array, np.ndarray)) and x.ndim for x in (q, v))  # else the contract says
+        dense_inputs = (np.dtype(q.dtype).name, q.shape[-1], v.shape[-1]) if arrays and cu_seqlens is None else None
         lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold, axis_name=axis_name,
                                             state_indices=state_indices, dense_inputs=dense_inputs)
     elif lowering not in LOWERINGS:
@@ -672,10 +673,11 @@ def default_forward_lowering(interpret: bool | None, scale, softplus_beta, softp
     "triton", the Pallas kernels of this module.
 
     Measured on an H200 (benchmarks/RESULTS.md, bf16, K = V = 128): on every dense shape the Mosaic GPU walk after
-    triton_call's prepare is the fastest JAX path (1.03-1.65x gdn.triton's device time from 8192 tokens on, and
+    triton_call's prepare is the fastest JAX path (0.61-0.96x gdn.triton's device time from 8192 tokens on, and
     ahead of triton_call at B1 T512); on the varlen batch it is slower than triton_call (its chunks are gathered
     into tile-aligned slots). Padding (gdn.pallas.pad_forward_to_bucket) keeps a dense call dense and a varlen call
-    varlen, so a padded call takes the path of the call it stands for."""
+    varlen, so a padded call takes the lowering of the call it stands for (and its bits, unless the padded length
+    cuts the sequences into more pieces: tilings.context_pieces, on every path)."""
     if state_indices is not None or axis_name is not None or is_tracer(softplus_beta) or is_tracer(softplus_threshold):
         return "triton"
     lowering = chunk_o.default_lowering(interpret, scale)

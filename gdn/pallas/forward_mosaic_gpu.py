@@ -294,6 +294,12 @@ def fused_walk(problem: forward_contract.ForwardProblem, q, k, w, u, g_cum, init
     cu_seqlens / chunk_indices int32 when varlen, else None."""
     B, T, H, HV, K, V, N = problem.B, problem.T, problem.H, problem.HV, problem.K, problem.V, problem.N
     BT, BV = spec.CHUNK_SIZE, tilings.MOSAIC_GPU_WALK_BLOCK_V
+    if problem.num_chunks_total == 0:  # tokens but no chunk rows (an empty chunk_indices): no chunk is walked
+        final_state = None
+        if problem.output_final_state:
+            final_state = (jnp.zeros((N, HV, K, V), jnp.float32) if initial_state is None
+                           else initial_state.reshape(N, pieces, HV, K, V)[:, -1])
+        return jnp.zeros(u.shape, u.dtype), final_state
     rows = B * T
     dtype = q.dtype
     q, k = q.reshape(rows, H, K), k.reshape(rows, H, K)
