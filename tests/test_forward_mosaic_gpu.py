@@ -32,8 +32,9 @@ MOSAIC_CASES: list[ForwardCase] = [
     ForwardCase(300, 1, 1, 128, 64),  # K = 128: two input stages, refilled over 5 chunks
     forward_varlen((0, 1, 64, 129, 192, 320), 1, 2, 128, 128),  # 0, 1, 1, 3, 3 and 5 chunks per sequence
 ]
-QUICK_MOSAIC_CASES = (0, 5)
-"""The quick selection on a GPU: T = 1 with grouped heads, and the varlen batch (one head size)."""
+QUICK_MOSAIC_CASES = (0, 5, 8)
+"""The quick selection on a GPU: T = 1 with grouped heads, the varlen batch, and sequences of 0 to 5 chunks at K = 128
+(every input stage refilled: the warpgroups' hand-offs over many chunks)."""
 
 
 def _gpu_only():
