@@ -42,7 +42,7 @@ from gdn.pallas import chunk_gated_delta_rule
 from tests import triton_call_stand_in
 
 triton_call_stand_in.install(90)
-forward_contract.ForwardProblem.pieces = lambda problem, multiprocessors: 2
+forward_contract.ForwardProblem.pieces = lambda problem, multiprocessors, walk_block_v=None: 2
 T, H, HV, K, V, seqlens = json.loads(sys.argv[1])
 cu_seqlens = np.cumsum([0] + seqlens).astype(np.int32)
 q = jnp.zeros((1, T, H, K), jnp.bfloat16)

@@ -629,16 +629,19 @@ def chunk_gated_delta_rule(
         dense_inputs = (np.dtype(q.dtype).name, q.shape[-1], v.shape[-1]) if arrays and cu_seqlens is None else None
         lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold, axis_name=axis_name,
                                             state_indices=state_indices, dense_inputs=dense_inputs)
+        # prepare and the piece maps: by triton_call, which runs wherever the default takes the Mosaic GPU walk
+        stages_lowering = "triton_call" if lowering == "mosaic_gpu" else lowering
     elif lowering not in LOWERINGS:
         raise ValueError(f"{spec.FORWARD_OP}: lowering: expected None or one of {LOWERINGS}; got {lowering!r}")
-    call_scalars = None
-    if lowering == "mosaic_gpu" and axis_name is not None:
-        raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected None with lowering='mosaic_gpu' (the context "
-                         f"parallel path across devices runs the Pallas kernels); got {axis_name!r}")
-    stages_lowering = lowering
-    if lowering == "mosaic_gpu":  # prepare and the piece maps: gdn.triton's kernels where triton_call runs
+    elif lowering == "mosaic_gpu":  # prepare and the piece maps: gdn.triton's kernels where triton_call runs
+        if axis_name is not None:
+            raise ValueError(f"{spec.FORWARD_OP}: axis_name: expected None with lowering='mosaic_gpu' (the context "
+                             f"parallel path across devices runs the Pallas kernels); got {axis_name!r}")
         stages_lowering = default_forward_lowering(interpret, scale, softplus_beta, softplus_threshold,
                                                    axis_name=axis_name, state_indices=state_indices)
+    else:
+        stages_lowering = lowering
+    call_scalars = None
     if stages_lowering == "triton_call":
         call_scalars = triton_call_scalars(scale, softplus_beta, softplus_threshold, interpret=interpret,
                                            axis_name=axis_name, state_indices=state_indices)
@@ -729,15 +732,15 @@ def _chunk_gated_delta_rule_body(q, k, v, g, beta, scale, initial_state, cu_seql
     if scale is None:
         scale = spec.default_scale(problem.K)
     interpret = resolve_interpret(interpret)
-    pieces = problem.pieces(None if interpret else multiprocessor_count())
+    walk_block_v = None
     if walk_lowering == "mosaic_gpu":
         from gdn.pallas import forward_mosaic_gpu  # Mosaic GPU is imported only by a call that asks for it
 
         reason = forward_mosaic_gpu.unsupported_reason(problem, interpret)
         if reason is not None:
             raise ValueError(f"{spec.FORWARD_OP}: {reason}")
-        # pieces enough to fill the GPU with the Mosaic walk's CTAs (BV columns each)
-        pieces = problem.pieces(None if interpret else multiprocessor_count(), tilings.MOSAIC_GPU_WALK_BLOCK_V)
+        walk_block_v = tilings.MOSAIC_GPU_WALK_BLOCK_V  # pieces enough to fill the GPU with its CTAs
+    pieces = problem.pieces(None if interpret else multiprocessor_count(), walk_block_v)
     if axis_name is not None:
         from gdn.pallas import distributed  # imports this module: the context-parallel glue around its stages
 
